@@ -1,0 +1,40 @@
+# Every target is idempotent and works on a fresh machine (CPU only; see README for GPUs).
+PYTHON_BIN ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
+# triton 3.6's interpreter breaks on numpy 2.4
+PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" ninja setuptools wheel
+
+.PHONY: install test check-cuda bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml $(NATIVE_SOURCES)
+	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install -q $(PINNED)
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# Compiles and links the CUDA kernels for sm_90 against a CUDA build of torch, without a GPU,
+# then checks that every native op has its CUDA (and CPU) kernel registered.
+check-cuda: $(CUDA_VENV)/.installed
+	RECLORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$${MAX_JOBS:-2} \
+		$(CUDA_PY) setup.py -q build_ext --build-temp build/cuda/tmp --build-lib build/cuda/lib
+	$(CUDA_PY) scripts/check_cuda_build.py build/cuda/lib
+
+$(CUDA_VENV)/.installed:
+	test -x $(CUDA_PY) || $(PYTHON_BIN) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q torch==2.14.1 ninja "numpy<2.4" setuptools wheel
+	touch $@
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf build reclora_kernels/_C*.so *.egg-info

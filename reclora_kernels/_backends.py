@@ -1,0 +1,90 @@
+"""Which backend runs an op: availability per device, the default choice, and why not.
+
+Backends:
+  torch   the pure-PyTorch reference (any device, any float dtype; the ground truth)
+  cpu     C++ kernels in reclora_kernels._C (CPU tensors)
+  triton  Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, for tests)
+  cuda    CUDA C++ kernels in reclora_kernels._C (CUDA tensors)
+"""
+import importlib.util
+import os
+
+from reclora_kernels import _native
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+# Preferred order when backend=None; the interpreter is never picked automatically.
+_DEFAULT_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says why and how to fix it."""
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device_type):
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'triton>=3.6')"
+    if device_type == "cpu" and not triton_interpreter_enabled():
+        return "Triton kernels run on CUDA tensors; on CPU only under TRITON_INTERPRET=1 (slow, for tests)"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton backend supports cuda (and interpreted cpu) tensors, not {device_type}"
+    return None
+
+
+def _native_reason(backend, device_type):
+    key = {"cpu": "CPU", "cuda": "CUDA"}[backend]
+    if device_type != backend:
+        return f"the {backend} backend runs on {backend} tensors, got {device_type} tensors"
+    if not _native.is_loaded():
+        return f"reclora_kernels._C is not built or failed to load ({_native.LOAD_ERROR}); {_native.BUILD_HINT}"
+    missing = _native.missing_kernels(key)
+    if missing:
+        return (
+            f"reclora_kernels._C was built without {backend} kernels (missing: {', '.join(missing)}); "
+            + _native.BUILD_HINT
+        )
+    return None
+
+
+def _reason(backend, device_type):
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return _triton_reason(device_type)
+    return _native_reason(backend, device_type)
+
+
+# Computed once so that resolve() is plain dictionary work (cheap, and traceable by torch.compile).
+_REASONS = {(b, d): _reason(b, d) for b in BACKENDS for d in ("cpu", "cuda")}
+
+
+def unavailable_reason(backend: str, device_type: str):
+    """None when backend can run on device_type tensors, else a sentence saying why not."""
+    if (backend, device_type) in _REASONS:
+        return _REASONS[(backend, device_type)]
+    if backend == "torch":
+        return None
+    return f"no {backend} kernels for {device_type} tensors"
+
+
+def default_backend(device_type: str) -> str:
+    for backend in _DEFAULT_ORDER.get(device_type, ("torch",)):
+        if unavailable_reason(backend, device_type) is None:
+            return backend
+    return "torch"
+
+
+def resolve(backend, device_type: str) -> str:
+    """The concrete backend to run: backend itself after checks, or the default for the device."""
+    if backend is None:
+        return default_backend(device_type)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}, got {backend!r}")
+    reason = unavailable_reason(backend, device_type)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+    return backend

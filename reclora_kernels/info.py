@@ -1,0 +1,49 @@
+"""`python -m reclora_kernels.info`: versions, and which backends can run here (and why not)."""
+import importlib
+import platform
+import sys
+
+import torch
+
+from reclora_kernels import __version__, _backends, _native
+
+
+def _version(module):
+    try:
+        return importlib.import_module(module).__version__
+    except Exception as exc:  # report, never fail: this is a diagnostic tool
+        return f"not importable ({type(exc).__name__}: {exc})"
+
+
+def report() -> str:
+    lines = [
+        f"reclora_kernels {__version__}",
+        f"python {platform.python_version()} ({sys.executable})",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"triton {_version('triton')}",
+        f"TRITON_INTERPRET={'1' if _backends.triton_interpreter_enabled() else '0'}",
+    ]
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"GPU: {names}")
+    else:
+        lines.append("GPU: none visible")
+    if _native.is_loaded():
+        lines.append(f"native library: {_native._C.__file__}")
+        for key in ("CPU", "CUDA"):
+            missing = _native.missing_kernels(key)
+            state = "all ops" if not missing else f"missing {', '.join(missing)}"
+            lines.append(f"  {key} kernels: {state}")
+    else:
+        lines.append(f"native library: not loaded ({_native.LOAD_ERROR})")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        lines.append(f"backends for {device} tensors (default: {_backends.default_backend(device)}):")
+        for backend in _backends.BACKENDS:
+            reason = _backends.unavailable_reason(backend, device)
+            lines.append(f"  {backend:7s} {'usable' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
