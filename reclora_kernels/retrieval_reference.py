@@ -18,9 +18,12 @@ def valid_positions(batch: int, length: int, lengths, mask, device) -> torch.Ten
     return valid
 
 
-def gather_rows(table_or_dense, ids):
-    """(B, L, d) rows: the dense tensor itself, or the table rows named by ids."""
-    return table_or_dense if ids is None else table_or_dense[ids]
+def gather_rows(table_or_dense, ids, valid):
+    """(B, L, d) rows: the dense tensor itself, or the table rows named by ids.
+
+    Invalid positions may hold any id (padding): they read row 0 and are never selected.
+    """
+    return table_or_dense if ids is None else table_or_dense[ids.masked_fill(~valid, 0)]
 
 
 def score_dtype(dtype):
@@ -35,10 +38,10 @@ def retrieve_topk_reference(query, keys, k: int, ids=None, lengths=None, mask=No
     score -inf and index -1.
     """
     batch = query.shape[0]
-    dense_keys = gather_rows(keys, ids)
-    length = dense_keys.shape[1]
-    scores = scale * torch.einsum("bd,bld->bl", query, dense_keys).to(score_dtype(query.dtype))
+    length = keys.shape[1] if ids is None else ids.shape[1]
     valid = valid_positions(batch, length, lengths, mask, query.device)
+    dense_keys = gather_rows(keys, ids, valid)
+    scores = scale * torch.einsum("bd,bld->bl", query, dense_keys).to(score_dtype(query.dtype))
     ranked = scores.detach().masked_fill(~valid, float("-inf"))
     # A stable descending sort keeps equal scores in position order: the tie rule.
     order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, : min(k, length)]
@@ -69,7 +72,8 @@ def topk_target_attention_reference(
     # Empty rows softmax over zeros, then are masked: no NaN in the forward or the backward.
     safe_scores = torch.where(any_valid, top_scores, torch.zeros_like(top_scores))
     probs = torch.softmax(safe_scores, dim=1) * selected
-    dense_values = gather_rows(values, ids)
+    length = values.shape[1] if ids is None else ids.shape[1]
+    dense_values = gather_rows(values, ids, valid_positions(query.shape[0], length, lengths, mask, query.device))
     if dense_values.shape[1] == 0:
         return dense_values.new_zeros(query.shape[0], dense_values.shape[-1]), index
     picked = torch.gather(dense_values, 1, index.clamp(min=0)[:, :, None].expand(-1, -1, dense_values.shape[-1]))
