@@ -1,0 +1,59 @@
+"""gated_lora on CPU (pytest-benchmark): the fused op against the PyTorch ways, same run.
+
+Run through `python -m benchmarks.run` (ratios and JSON) or directly:
+  pytest benchmarks/bench_gated_lora.py --benchmark-enable --benchmark-only
+"""
+import pytest
+import torch
+
+import reclora_kernels as rk
+from benchmarks import baselines
+from benchmarks.shapes import LORA_SMOLLM2, SCALING, lora_inputs
+
+PASSES = ["forward", "forward+backward"]
+
+
+def implementations(mix):
+    fused = lambda t: rk.gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix=mix, backend="cpu")
+    composed = lambda t: baselines.composed_gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix == "output")
+    impls = {"fused": fused, "composition": composed, "composition_compiled": torch.compile(composed)}
+    if mix == "weight":
+        impls["published"] = lambda t: baselines.published_gated_lora(
+            t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING
+        )
+        impls["fused_linear"] = lambda t: rk.gated_lora_linear(
+            t["x"], t["weight"], None, t["gate"], t["lora_a"], t["lora_b"], SCALING, mix=mix, backend="cpu"
+        )
+        impls["base_linear"] = lambda t: baselines.base_linear(t["x"], t["weight"])
+    return impls
+
+
+CASES = [(mix, name) for mix in ("weight", "output") for name in implementations(mix)]
+
+
+def step(fn, tensors, passes):
+    """One timed step; trainable tensors get fresh gradients (the base weight stays frozen)."""
+    if passes == "forward":
+        with torch.no_grad():
+            return fn(tensors)
+    for name in ("x", "gate", "lora_a", "lora_b"):
+        tensors[name].grad = None
+    out = fn(tensors)
+    out.backward(tensors["grad_out"])
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("mix,impl", CASES)
+def test_gated_lora_cpu(benchmark, mix, impl, passes):
+    if rk.unavailable_reason("cpu", "cpu") and impl.startswith("fused"):
+        pytest.skip(rk.unavailable_reason("cpu", "cpu"))
+    tensors = lora_inputs(**LORA_SMOLLM2)
+    for name in ("x", "gate", "lora_a", "lora_b"):
+        tensors[name].requires_grad_()
+    shape = LORA_SMOLLM2
+    tensors["grad_out"] = torch.randn(shape["batch"], shape["tokens"], shape["d_out"])
+    fn = implementations(mix)[impl]
+    step(fn, tensors, passes)  # warm-up (and compilation)
+    benchmark.group = f"gated_lora mix={mix} {passes}"
+    benchmark.extra_info.update(shape=shape, dtype="float32", mix=mix, impl=impl, passes=passes)
+    benchmark(step, fn, tensors, passes)

@@ -1,0 +1,56 @@
+"""Top-k target attention on CPU (pytest-benchmark): the fused op against the composition, same run.
+
+Run through `python -m benchmarks.run` (ratios, memory, JSON) or directly:
+  pytest benchmarks/bench_retrieval.py --benchmark-enable --benchmark-only
+"""
+import pytest
+import torch
+
+import reclora_kernels as rk
+from benchmarks import baselines
+from benchmarks.shapes import RETRIEVAL_CPU, retrieval_inputs
+
+PASSES = ["forward", "forward+backward"]
+
+
+def implementations():
+    def fused(t):
+        return rk.topk_target_attention(
+            t["query"], t["table"], t["k"], lengths=t["lengths"], ids=t["ids"], scale=t["scale"], backend="cpu"
+        )[0]
+
+    def composed(t):
+        return baselines.composed_topk_attention(t["query"], t["table"], t["ids"], t["lengths"], t["k"], t["scale"])[0]
+
+    return {"fused": fused, "composition": composed}
+
+
+def prepare(shape, device="cpu", dtype=torch.float32):
+    tensors = retrieval_inputs(**shape, device=device, dtype=dtype)
+    tensors["scale"] = shape["dim"] ** -0.5
+    tensors["query"].requires_grad_()
+    tensors["table"].requires_grad_()
+    tensors["grad_out"] = torch.randn(shape["batch"], shape["dim"], device=device, dtype=dtype)
+    return tensors
+
+
+def step(fn, tensors, passes):
+    if passes == "forward":
+        with torch.no_grad():
+            return fn(tensors)
+    tensors["query"].grad = None
+    tensors["table"].grad = None
+    fn(tensors).backward(tensors["grad_out"])
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", list(implementations()))
+def test_topk_attention_cpu(benchmark, impl, passes):
+    if impl == "fused" and rk.unavailable_reason("cpu", "cpu"):
+        pytest.skip(rk.unavailable_reason("cpu", "cpu"))
+    tensors = prepare(RETRIEVAL_CPU)
+    fn = implementations()[impl]
+    step(fn, tensors, passes)
+    benchmark.group = f"topk_target_attention {passes}"
+    benchmark.extra_info.update(shape=RETRIEVAL_CPU, dtype="float32", impl=impl, passes=passes)
+    benchmark(step, fn, tensors, passes)

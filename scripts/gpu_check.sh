@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One GPU session, one script: build the CUDA extension with the machine's own torch, run the
+# CUDA and Triton tests, compute-sanitizer (memcheck, racecheck) on small CUDA calls, and the GPU
+# benchmarks. Everything lands under $OUT (default ./gpu-out); a summary JSON is written last.
+# Each step has its own time limit and a failed step does not stop the later ones.
+#   OUT=/some/dir QUICK=1 bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+declare -A STATUS
+step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, record the exit code
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "[$(date +%T)] $name ..."
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  STATUS[$name]=$?
+  echo "[$(date +%T)] $name: exit ${STATUS[$name]} in $((SECONDS - start)) s"
+  tail -n 3 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$OUT/nvidia-smi.csv" 2>&1
+step build 420 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 RECLORA_FORCE_CUDA=1 "$PY" setup.py build_ext --inplace
+step info 60 "$PY" -m reclora_kernels.info
+step tests 300 "$PY" -m pytest -q -p no:cacheprovider tests -k "cuda or triton or info" --junitxml="$OUT/tests.xml"
+errors() {  # errors TOOL: the count on compute-sanitizer's summary line
+  grep -Eo "ERROR SUMMARY: [0-9]+" "$OUT/sanitizer-$1.log" | grep -Eo "[0-9]+" | tail -n 1
+}
+for tool in memcheck racecheck; do
+  step "sanitizer-$tool" 240 compute-sanitizer --tool "$tool" --target-processes all "$PY" scripts/sanitizer_cases.py
+done
+MEMCHECK=$(errors memcheck)
+RACECHECK=$(errors racecheck)
+step bench 420 "$PY" -m benchmarks.gpu --out "$OUT" ${QUICK:+--quick}
+
+"$PY" - "$OUT" "${MEMCHECK:-null}" "${RACECHECK:-null}" \
+  "${STATUS[build]} ${STATUS[info]} ${STATUS[tests]} ${STATUS[sanitizer-memcheck]:-x} ${STATUS[sanitizer-racecheck]:-x} ${STATUS[bench]}" <<'PYEOF'
+import glob, json, os, sys, xml.etree.ElementTree as ET
+out, memcheck, racecheck, codes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
+summary = {"exit_codes": dict(zip(["build", "info", "tests", "memcheck", "racecheck", "bench"], codes)),
+           "sanitizer_errors": {"memcheck": json.loads(memcheck), "racecheck": json.loads(racecheck)}}
+if os.path.exists(f"{out}/tests.xml"):
+    suite = ET.parse(f"{out}/tests.xml").getroot().find("testsuite")
+    summary["tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+summary["benchmarks"] = [os.path.basename(p) for p in glob.glob(f"{out}/gpu-*.json")]
+json.dump(summary, open(f"{out}/gpu_check.json", "w"), indent=2)
+print(json.dumps(summary, indent=2))
+PYEOF
