@@ -9,12 +9,39 @@ Switches (environment):
 """
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _toolkit_of_nvcc():
+    """The CUDA toolkit root of the nvcc on PATH, as nvcc itself reports it (TOP=...).
+
+    torch guesses it from nvcc's location, which is wrong for wrappers such as a
+    /usr/local/bin/nvcc script (it would look for libcudart under /usr/local).
+    """
+    try:
+        dry = subprocess.run(
+            ["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.normpath(line.split("=", 1)[1].strip())
+    return None
+
+
+if "CUDA_HOME" not in os.environ and shutil.which("nvcc"):
+    _toolkit = _toolkit_of_nvcc()
+    if _toolkit:
+        os.environ["CUDA_HOME"] = _toolkit
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -74,7 +101,19 @@ def extensions():
     ]
 
 
+class Build(BuildExtension):
+    """Drops the -g that Python's own CFLAGS carry: debug info triples compile time and size."""
+
+    def build_extensions(self):
+        if not _flag("RECLORA_DEBUG"):
+            for attr in ("compiler_so", "compiler_cxx", "linker_so"):
+                flags = getattr(self.compiler, attr, None)
+                if flags:
+                    setattr(self.compiler, attr, [f for f in flags if f != "-g"])
+        super().build_extensions()
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )
