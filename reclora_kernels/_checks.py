@@ -33,7 +33,14 @@ def same_dtype(names_values, what):
 
 
 def index_range(name, index, low, high, what):
-    """Every entry of index lies in [low, high). Syncs with the device: index errors must not crash it."""
+    """Every entry of index lies in [low, high).
+
+    Eager: checked on the host (a sync), so a bad index is a ValueError, never a device crash.
+    Inside torch.compile the graph cannot sync: the check becomes a device-side assertion.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(((index >= low) & (index < high)).all(), f"{name} out of range ({what})")
+        return
     if index.numel() == 0:
         return
     lo, hi = int(index.min()), int(index.max())

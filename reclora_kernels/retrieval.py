@@ -94,20 +94,17 @@ def _check_inputs(query, keys, values, k, lengths, mask, ids, scale):
     if lengths is not None:
         _checks.tensor("lengths", lengths, dtypes=(torch.int64, torch.int32), device=device, shape=(batch,))
         lengths = lengths.to(torch.int64).contiguous()
-        if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > length):
-            raise ValueError(
-                f"lengths must lie in [0, L] = [0, {length}], got values in "
-                f"[{int(lengths.min())}, {int(lengths.max())}]"
-            )
+        _checks.index_range("lengths", lengths, 0, length + 1, "valid prefix lengths")
     if mask is not None:
         _checks.tensor("mask", mask, dtypes=(torch.bool,), device=device, shape=(batch, length))
         mask = mask.contiguous()
     if ids is not None:
         # Only positions that are read must name a row: padding may hold anything.
         valid = valid_positions(batch, length, lengths, mask, device)
-        _checks.index_range("ids", ids[valid], 0, keys.shape[0], "rows of keys")
-        if values is not None:
-            _checks.index_range("ids", ids[valid], 0, values.shape[0], "rows of values")
+        read = ids.masked_fill(~valid, 0)
+        for table_name, table in (("keys", keys), ("values", values)):
+            if table is not None:
+                _checks.index_range("ids", read, 0, table.shape[0], f"rows of {table_name}")
     return lengths, mask
 
 

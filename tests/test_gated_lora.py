@@ -225,7 +225,7 @@ def test_opcheck(backend, device, mix):
             torch.library.opcheck(torch.ops.reclora.gated_lora_backward.default, backward_args)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends()[:1])
+@pytest.mark.parametrize("backend,device", kernel_backends()[:2])
 def test_torch_compile_fullgraph(backend, device):
     inputs = make_inputs((2, 3, 4, 2, 12, 10), linear=True)
     t = {n: v.to(device=device, dtype=torch.float32) for n, v in inputs.items()}
@@ -281,3 +281,15 @@ def test_bad_packed_sample_index():
     if rk.unavailable_reason("cpu", "cpu") is None:
         with pytest.raises(TypeError, match="the cpu backend supports float32"):
             rk.gated_lora(**{n: v.double() if v.is_floating_point() else v for n, v in inputs.items()}, backend="cpu")
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends()[:2])
+def test_torch_compile_fullgraph_packed(backend, device):
+    inputs = make_inputs((3, 2, 4, 2, 12, 10), packed=True)
+    t = {n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for n, v in inputs.items()}
+
+    def layer(x, gate, lora_a, lora_b, sample_index):
+        return rk.gated_lora(x, gate, lora_a, lora_b, 2.0, mix="output", sample_index=sample_index, backend=backend)
+
+    args = [t[n] for n in ("x", "gate", "lora_a", "lora_b", "sample_index")]
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(*args), layer(*args))
