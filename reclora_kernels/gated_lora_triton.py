@@ -30,24 +30,32 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ------------------------------------------------------------------------------------------------
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Wide-K tiles: 16-bit operands whose rows are
+# 16-element aligned, pipelined through cp.async into Hopper wgmma (64 rows per warpgroup), up to
+# 192 KB of operands in flight; the thin ones serve the K r wide products. Narrow-K tiles: fp32 (the
+# exact ieee FMA dot) and unaligned rows, where every element has its own 64-bit address and wider
+# tiles spill registers.
+_TILES_WIDE_K = [
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (32, 128, 128, 4, 3),
+    (64, 32, 128, 4, 4),
+]
+_TILES_NARROW_K = [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
+_STRIDE_NAMES = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_a2m", "stride_a2k", "stride_b2k", "stride_b2n")
+
+
 def _matmul_configs():
-    if _INTERPRET:  # one small tile: the interpreter's cost is per program and per statement
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
-    # Hopper (H100/H200) tiles: wgmma wants BLOCK_M a multiple of 64 per warpgroup; the fp32 (ieee,
-    # FMA) ones need BLOCK_K 32 to fit shared memory; the thin ones serve the K r wide shrinks.
-    tiles = [
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 128, 128, 4, 3),
-        (32, 128, 128, 4, 3),
-        (128, 128, 32, 8, 3),
-        (64, 64, 32, 4, 4),
-    ]
+    if _INTERPRET:  # one tile: the interpreter's cost is per program and per statement
+        tiles = [(64, 64, 64, 4, 1)]
+    else:
+        tiles = _TILES_WIDE_K + _TILES_NARROW_K
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in tiles
@@ -55,19 +63,15 @@ def _matmul_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drops tiles much larger than the problem and tiles whose pipeline overflows shared memory."""
+    """Keeps the tile family of the operands (narrow-K ones have BLOCK_K 32), without tiles much
+    larger than the problem."""
+    aligned = all(named_args[name] in (0, 1) or named_args[name] % 16 == 0 for name in _STRIDE_NAMES)
+    narrow = named_args["a_ptr"].dtype == torch.float32 or not aligned
+    own = [c for c in configs if (c.kwargs["BLOCK_K"] == 32) == narrow]
     m_cap = max(32, triton.next_power_of_2(named_args["M"]))
     n_cap = max(32, triton.next_power_of_2(named_args["N"]))
-    elem = named_args["a_ptr"].element_size()
-    fits = [
-        c
-        for c in configs
-        if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem <= 200 * 1024
-    ]
-    sized = [c for c in fits if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-    if sized:
-        return sized
-    return [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    sized = [c for c in own if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
+    return sized or [min(own, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 @triton.jit
@@ -91,7 +95,7 @@ def _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, k_lo, k_hi, stride_am, stride
 
 @triton.autotune(
     configs=_matmul_configs(),
-    key=["M_KEY", "N", "K1", "K2", "k_split", "stride_am", "stride_ak", "stride_bk", "stride_bn"],
+    key=["M_KEY", "N", "K1", "K2", "k_split", *_STRIDE_NAMES],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -127,11 +131,13 @@ def _matmul_kernel(
     k_lo = split * k_split
     acc = _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, k_lo, min(K1, k_lo + k_split),
                       stride_am, stride_ak, stride_bk, stride_bn, BLOCK_K, UPCAST, PRECISION)
+    # The second product and the bias belong to the first split only.
     if HAS_SEG2:
-        acc = _accumulate(acc, a2_ptr, b2_ptr, offs_m, offs_n, 0, K2,
+        acc = _accumulate(acc, a2_ptr, b2_ptr, offs_m, offs_n, 0, tl.where(split == 0, K2, 0),
                           stride_a2m, stride_a2k, stride_b2k, stride_b2n, BLOCK_K, UPCAST, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        if split == 0:
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
 
     c_ptrs = c_ptr + split * stride_cs + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -140,7 +146,7 @@ def _matmul_kernel(
 @functools.lru_cache(maxsize=None)
 def _num_sms(device):
     if device.type != "cuda":
-        return 8
+        return 8  # interpreted CPU runs: only steers _split_for
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -155,7 +161,7 @@ def _split_for(rows, cols, depth, device):
 
 def _matmul(a, b, out, a2=None, b2=None, bias=None, split=1):
     """out = a @ b (+ a2 @ b2) (+ bias) for 2-D views of any strides; split > 1 sums `split` partial
-    products over a @ b's reduction in a fixed order (only without a2 and bias)."""
+    products over a @ b's reduction in a fixed order."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
@@ -187,6 +193,7 @@ def _matmul(a, b, out, a2=None, b2=None, bias=None, split=1):
         stride_cs, stride_cm, stride_cn,
         HAS_SEG2=a2 is not None, HAS_BIAS=bias is not None,
         UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
+        # fp32 is exact like torch's default fp32 matmul (no tf32); 16-bit operands ignore the setting.
         PRECISION="ieee" if a.dtype == torch.float32 or _INTERPRET else "tf32",
     )
     if split > 1:
@@ -202,7 +209,7 @@ def _matmul(a, b, out, a2=None, b2=None, bias=None, split=1):
 @triton.jit
 def _mix_kernel(
     u_ptr, h_ptr, gate_ptr, sample_ptr, v_ptr, z_ptr, c_ptr,
-    M, num_samples, tokens_per_sample, K, R, scaling,
+    M, num_samples, tokens_per_sample, K, R, stride_out, scaling,
     HAS_INDEX: tl.constexpr, OUTPUT_MIX: tl.constexpr, BACKWARD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -221,7 +228,9 @@ def _mix_kernel(
     g = tl.load(gate_ptr + ids.to(tl.int64)[:, None] * K + kk[None, :],
                 mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
     g3 = g[:, :, None]
-    offs = rows[:, None, None] * (K * R) + (kk * R)[None, :, None] + jj[None, None, :]
+    cols = (kk * R)[None, :, None] + jj[None, None, :]
+    offs = rows[:, None, None] * (K * R) + cols
+    out_offs = rows[:, None, None] * stride_out + cols
     mask = (rows < M)[:, None, None] & (kk < K)[None, :, None] & (jj < R)[None, None, :]
 
     u_all = tl.load(u_ptr + offs, mask=mask, other=0.0)
@@ -230,7 +239,7 @@ def _mix_kernel(
     else:
         u = tl.sum(g3 * u_all, axis=1)
         v = g3 * u[:, None, :]
-    tl.store(v_ptr + offs, (scaling * v).to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + out_offs, (scaling * v).to(v_ptr.dtype.element_ty), mask=mask)
     if BACKWARD:
         h_all = tl.load(h_ptr + offs, mask=mask, other=0.0)
         if OUTPUT_MIX:
@@ -240,7 +249,7 @@ def _mix_kernel(
             h = tl.sum(g3 * h_all, axis=1)
             z = g3 * h[:, None, :]
             c = tl.sum(u_all * h[:, None, :], axis=2) + tl.sum(h_all * u[:, None, :], axis=2)
-        tl.store(z_ptr + offs, (scaling * z).to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + out_offs, (scaling * z).to(z_ptr.dtype.element_ty), mask=mask)
         c_offs = rows[:, None] * K + kk[None, :]
         tl.store(c_ptr + c_offs, scaling * c, mask=(rows < M)[:, None] & (kk < K)[None, :])
 
@@ -276,8 +285,10 @@ def _mix(u, h, gate, sample_index, rank, scaling, output_mix, dtype):
     M, width = u.shape
     num_samples, num_loras = gate.shape
     backward = h is not None
-    v = torch.empty((M, width), device=u.device, dtype=dtype)
-    z = torch.empty_like(v) if backward else None
+    # Rows padded to 16 elements: V and Z feed the GEMMs, whose fast tiles need aligned rows.
+    padded = triton.cdiv(width, 16) * 16
+    v = torch.empty((M, padded), device=u.device, dtype=dtype)[:, :width]
+    z = torch.empty((M, padded), device=u.device, dtype=dtype)[:, :width] if backward else None
     c = torch.empty((M, num_loras), device=u.device, dtype=torch.float32) if backward else None
     if M == 0:
         return v, z, c
@@ -287,7 +298,7 @@ def _mix(u, h, gate, sample_index, rank, scaling, output_mix, dtype):
     block_rows = max(1, min(64, 4096 // (block_kp * block_r)))
     _mix_kernel[(triton.cdiv(M, block_rows),)](
         u, h, gate, sample_index, v, z, c,
-        M, num_samples, M // num_samples, num_loras, rank, scaling,
+        M, num_samples, M // num_samples, num_loras, rank, padded, scaling,
         HAS_INDEX=sample_index is not None, OUTPUT_MIX=output_mix, BACKWARD=backward,
         BLOCK_ROWS=block_rows, BLOCK_KP=block_kp, BLOCK_R=block_r,
         num_warps=4,
