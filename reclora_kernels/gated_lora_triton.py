@@ -79,8 +79,9 @@ def _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, k_lo, k_hi, stride_am, stride
                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc += A[offs_m, k_lo:k_hi] @ B[k_lo:k_hi, offs_n] (offs_m / offs_n already wrapped in range)."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
-    b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    first_k = (k_lo + offs_k).to(tl.int64)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + first_k[None, :] * stride_ak
+    b_ptrs = b_ptr + first_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     for k in range(k_lo, k_hi, BLOCK_K):
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_hi - k, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_hi - k, other=0.0)
@@ -139,7 +140,8 @@ def _matmul_kernel(
         if split == 0:
             acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
 
-    c_ptrs = c_ptr + split * stride_cs + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
+    c_ptrs = (c_ptr + split.to(tl.int64) * stride_cs
+              + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
