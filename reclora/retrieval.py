@@ -1,0 +1,133 @@
+"""Long-Short Modality Retriever: the history items most relevant to the target.
+
+For each sample, items of the user's whole earlier history are scored against the target by
+the similarity of their text embeddings (ReLLa's semantic retrieval) with
+reclora_kernels.retrieve_topk over the item-embedding table (gather fused, top k, ties to the
+older item). The top K_long go to the CRM (ids), the top K_short to the LLM prompt (texts);
+both lists are returned in chronological order. strategy="recent" takes the last K instead.
+"""
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import reclora_kernels as rk
+from reclora.data import HistoryBatch, RecDataset
+
+STRATEGIES = ("semantic", "recent")
+EMBEDDERS = ("llm", "bow")
+ITEM_SENTENCE = "Here is a movie. Its title is {title}. The movie's genre is {genres}."
+
+
+@dataclass
+class RetrievedHistories:
+    """long: (B, K_long) for the CRM; short: (B, K_short) for the prompt; chronological, left-aligned."""
+
+    long: HistoryBatch
+    short: HistoryBatch
+
+
+class LongShortRetriever:
+    def __init__(self, dataset: RecDataset, item_embeddings, k_long=60, k_short=10, strategy="semantic", backend=None):
+        """item_embeddings: (I, e) float; rows are L2-normalized so scores are cosine similarities."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not 1 <= k_short <= k_long:
+            raise ValueError(f"need 1 <= k_short <= k_long, got k_short={k_short}, k_long={k_long}")
+        embeddings = torch.as_tensor(item_embeddings, dtype=torch.float32)
+        if embeddings.shape[0] != dataset.n_items:
+            raise ValueError(f"item_embeddings must have {dataset.n_items} rows (one per item), got {tuple(embeddings.shape)}")
+        self.dataset = dataset
+        self.table = torch.nn.functional.normalize(embeddings, dim=-1)
+        self.k_long, self.k_short, self.strategy, self.backend = k_long, k_short, strategy, backend
+
+    def positions(self, samples) -> torch.Tensor:
+        """(B, K_long) positions in each sample's full history, best first; -1 where there are fewer."""
+        full = self.dataset.histories(samples, as_tensor=True)
+        if self.strategy == "recent":
+            newest_first = full.lengths[:, None] - 1 - torch.arange(self.k_long)
+            return newest_first.clamp(min=-1)
+        targets = torch.from_numpy(self.dataset.samples.item[np.asarray(samples, dtype=np.int64)])
+        _, index = rk.retrieve_topk(
+            self.table[targets], self.table, self.k_long, lengths=full.lengths, ids=full.item_ids, backend=self.backend
+        )
+        return index
+
+    def retrieve(self, samples) -> RetrievedHistories:
+        samples = np.asarray(samples, dtype=np.int64)
+        positions = self.positions(samples)
+        return RetrievedHistories(self._gather(samples, positions), self._gather(samples, positions[:, : self.k_short]))
+
+    def _gather(self, samples, positions) -> HistoryBatch:
+        """The items at the given history positions, in chronological order (missing ones last)."""
+        missing = positions < 0
+        ordered = torch.where(missing, torch.iinfo(torch.int64).max, positions).sort(1).values
+        lengths = (~missing).sum(1)
+        valid = torch.arange(positions.shape[1])[None, :] < lengths[:, None]
+        seq = self.dataset.sequences
+        starts = torch.from_numpy(seq.offsets[self.dataset.samples.user[samples]])
+        rows = torch.where(valid, starts[:, None] + ordered, 0).numpy()
+        items = np.where(valid.numpy(), seq.item[rows], 0)
+        ratings = np.where(valid.numpy(), seq.rating[rows], 0).astype(np.float32)
+        return HistoryBatch(torch.from_numpy(items), torch.from_numpy(ratings), lengths)
+
+
+def item_sentences(dataset: RecDataset) -> list:
+    """ReLLa's item description for embedding: title and genres in one sentence."""
+    items = dataset.items
+    return [
+        ITEM_SENTENCE.format(title=items.titles[i], genres=", ".join(items.genres_of(i)) or "unknown")
+        for i in range(len(items))
+    ]
+
+
+@torch.no_grad()
+def llm_embeddings(model, tokenizer, texts, batch_size=64, max_length=64, device="cpu", progress=True) -> np.ndarray:
+    """Mean-pooled last hidden state of a causal LM over each text: (n, hidden) float32."""
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="item embeddings", disable=not progress):
+        encoded = tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        ).to(device)
+        hidden = model(**encoded, output_hidden_states=True).hidden_states[-1].float()
+        mask = encoded["attention_mask"][:, :, None].float()
+        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), dtype=np.float32)
+
+
+def bow_embeddings(texts, dim=512) -> np.ndarray:
+    """Hashed bag of words (a cheap embedder needing no model): (n, dim) float32."""
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in text.lower().replace(",", " ").replace(".", " ").split():
+            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % dim] += 1.0
+    return out
+
+
+def item_embeddings(dataset: RecDataset, embedder="llm", model=None, tokenizer=None, model_name="", cache_dir=None,
+                    device="cpu", progress=True) -> np.ndarray:
+    """(I, e) item text embeddings, computed once per dataset and embedder and cached as .npy."""
+    if embedder not in EMBEDDERS:
+        raise ValueError(f"embedder must be one of {EMBEDDERS}, got {embedder!r}")
+    texts = item_sentences(dataset)
+    key = hashlib.sha256("\n".join([embedder, model_name, *texts]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"item-embeddings-{dataset.name}-{embedder}-{key}.npy") if cache_dir else None
+    if path and os.path.exists(path):
+        return np.load(path)
+    if embedder == "bow":
+        embeddings = bow_embeddings(texts)
+    else:
+        if model is None or tokenizer is None:
+            raise ValueError("the llm embedder needs model and tokenizer")
+        embeddings = llm_embeddings(model, tokenizer, texts, device=device, progress=progress)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npy", delete=False) as tmp:
+            np.save(tmp, embeddings)
+        os.replace(tmp.name, path)  # atomic: a reader never sees half a file
+    return embeddings
