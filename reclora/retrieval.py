@@ -94,8 +94,11 @@ def llm_embeddings(model, tokenizer, texts, batch_size=64, max_length=64, device
         encoded = tokenizer(
             texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
         ).to(device)
-        hidden = model(**encoded, output_hidden_states=True).hidden_states[-1].float()
-        mask = encoded["attention_mask"][:, :, None].float()
+        mask = encoded["attention_mask"]
+        # positions count real tokens, so a text embeds the same whatever its batch's padding
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = model(**encoded, position_ids=positions, output_hidden_states=True).hidden_states[-1].float()
+        mask = mask[:, :, None].float()
         out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), dtype=np.float32)
 

