@@ -82,11 +82,14 @@ def extensions():
     debug = _flag("RECLORA_DEBUG")
     opt = ["-g", "-O0"] if debug else ["-O3"]
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = opt + ["-fvisibility=hidden"]
+    # at::parallel_for is header code: without OpenMP here it runs serially. torch ships its
+    # own libgomp.so.1, which the loader reuses for this library (same soname).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = opt + openmp + ["-fvisibility=hidden"]
     build_cuda, reason = _cuda_decision()
     print(f"reclora: building CUDA kernels: {build_cuda} ({reason})")
     if not build_cuda:
-        return [CppExtension("reclora_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("reclora_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)]
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
@@ -97,6 +100,7 @@ def extensions():
             cpp_sources + cu_sources,
             include_dirs=_nvidia_wheel_includes(),
             extra_compile_args={"cxx": cxx_flags + ["-DRECLORA_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=openmp,
         )
     ]
 

@@ -45,8 +45,8 @@ def step(fn, tensors, passes):
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("mix,impl", CASES)
 def test_gated_lora_cpu(benchmark, mix, impl, passes):
-    if rk.unavailable_reason("cpu", "cpu") and impl.startswith("fused"):
-        pytest.skip(rk.unavailable_reason("cpu", "cpu"))
+    if rk.unavailable_reason("cpu", "cpu", "gated_lora") and impl.startswith("fused"):
+        pytest.skip(rk.unavailable_reason("cpu", "cpu", "gated_lora"))
     tensors = lora_inputs(**LORA_SMOLLM2)
     for name in ("x", "gate", "lora_a", "lora_b"):
         tensors[name].requires_grad_()

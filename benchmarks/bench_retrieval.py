@@ -46,8 +46,8 @@ def step(fn, tensors, passes):
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("impl", list(implementations()))
 def test_topk_attention_cpu(benchmark, impl, passes):
-    if impl == "fused" and rk.unavailable_reason("cpu", "cpu"):
-        pytest.skip(rk.unavailable_reason("cpu", "cpu"))
+    if impl == "fused" and rk.unavailable_reason("cpu", "cpu", "retrieval"):
+        pytest.skip(rk.unavailable_reason("cpu", "cpu", "retrieval"))
     tensors = prepare(RETRIEVAL_CPU)
     fn = implementations()[impl]
     step(fn, tensors, passes)

@@ -187,8 +187,8 @@ def attention_scaling(batch, lengths, backend):
     return rows
 
 
-def usable_backends():
-    return [b for b in ("cuda", "triton") if rk.unavailable_reason(b, "cuda") is None]
+def usable_backends(op):
+    return [b for b in ("cuda", "triton") if rk.unavailable_reason(b, "cuda", op) is None]
 
 
 def main(argv=None):
@@ -198,12 +198,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     env = describe()
-    backends = usable_backends()
+    lora_backends, retrieval_backends = usable_backends("gated_lora"), usable_backends("retrieval")
     card = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-")
-    result = {"environment": env, "device": "cuda", "backends": backends}
-    result["gated_lora"] = [bench_lora(LORA_7B, backends)] + ([] if args.quick else [bench_lora(LORA_SMOLLM2, backends)])
-    result["topk_target_attention"] = [bench_attention(s, backends) for s in RETRIEVAL_GPU[: 1 if args.quick else None]]
-    if backends and not args.quick:
+    result = {"environment": env, "device": "cuda", "backends": {"gated_lora": lora_backends, "retrieval": retrieval_backends}}
+    shapes = [LORA_7B] + ([] if args.quick else [LORA_SMOLLM2])
+    result["gated_lora"] = [bench_lora(shape, lora_backends) for shape in shapes]
+    result["topk_target_attention"] = [
+        bench_attention(s, retrieval_backends) for s in RETRIEVAL_GPU[: 1 if args.quick else None]
+    ]
+    if retrieval_backends and not args.quick:
+        backends = retrieval_backends
         lengths = [512 * 2**i for i in range(8)]
         rows = attention_scaling(1024, lengths, backends[0])
         png = os.path.join(args.out, f"gpu-scaling-{card}-{env['date']}.png")

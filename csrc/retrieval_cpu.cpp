@@ -7,48 +7,21 @@
 // row order, every row summed by one thread in a fixed order, so all results are the same
 // for any thread count.
 #include <ATen/ATen.h>
-#include <torch/csrc/stable/c/shim.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <functional>
 #include <limits>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 namespace {
-
-// at::parallel_for is header code that runs serially unless this file is compiled with
-// OpenMP; torch_parallel_for (torch >= 2.10) runs the same loop inside libtorch, on ATen's
-// intra-op thread pool.
-template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
-  struct Call {
-    const F& f;
-    std::exception_ptr error;
-    std::mutex lock;
-  } call{f, nullptr, {}};
-  // Exceptions must not cross the C interface: keep the first, rethrow it here.
-  auto run = [](int64_t chunk_begin, int64_t chunk_end, void* context) {
-    Call& c = *static_cast<Call*>(context);
-    try {
-      c.f(chunk_begin, chunk_end);
-    } catch (...) {
-      std::lock_guard<std::mutex> guard(c.lock);
-      if (!c.error) c.error = std::current_exception();
-    }
-  };
-  TORCH_CHECK(torch_parallel_for(begin, end, grain_size, run, &call) == AOTI_TORCH_SUCCESS,
-              "reclora: torch_parallel_for failed");
-  if (call.error) std::rethrow_exception(call.error);
-}
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 // One portable binary: the loader picks the AVX-512 or AVX2 build of the hot loops (ifunc).
@@ -472,7 +445,7 @@ RECLORA_ISA_CLONES void write_grad_rows(const RowAccumulation<T>& a, int64_t beg
 template <typename T>
 void write_grad(const RowAccumulation<T>& a, int64_t rows) {
   if (rows * a.width == 0) return;
-  parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(a.width);
     write_grad_rows(a, begin, end, acc.data());
   });
@@ -630,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk(const char* op, const at::Tensor&
                          static_cast<float>(scale),
                          scores.data_ptr<float>(),
                          index.data_ptr<int64_t>()};
-    parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> query_row(key_rows.width);
       TopK top(std::min(k, length));
       const int64_t bad = select_rows(s, begin, end, query_row.data(), top);
@@ -683,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_forward(
                        k,
                        probs.data_ptr<float>(),
                        pooled.data_ptr<T>()};
-    parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(p.values.width);
       pool_rows(p, begin, end, acc.data());
     });
@@ -719,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_backward(const at::Tensor& grad
     const RowGroups groups = group_selected_rows(key_rows, index_c.data_ptr<int64_t>(), batch, k, key_rows.count, op);
     const QueryGrad<T> q{key_rows, key_rows, index_c.data_ptr<int64_t>(), k, static_cast<float>(scale), nullptr,
                          nullptr, coef.data_ptr<float>(), grad_query.data_ptr<T>()};
-    parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(key_rows.width);
       query_grad_rows(q, begin, end, acc.data(), nullptr);
     });
@@ -760,7 +733,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward(
     const QueryGrad<T> q{key_rows, value_rows, index_c.data_ptr<int64_t>(), k, static_cast<float>(scale),
                          grad_pooled_c.data_ptr<T>(), probs_c.data_ptr<float>(), coef.data_ptr<float>(),
                          grad_query.data_ptr<T>()};
-    parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(key_rows.width), grad_pooled_row(value_rows.width);
       query_grad_rows(q, begin, end, acc.data(), grad_pooled_row.data());
     });

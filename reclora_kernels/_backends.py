@@ -35,13 +35,13 @@ def _triton_reason(device_type):
     return None
 
 
-def _native_reason(backend, device_type):
+def _native_reason(backend, device_type, op):
     key = {"cpu": "CPU", "cuda": "CUDA"}[backend]
     if device_type != backend:
         return f"the {backend} backend runs on {backend} tensors, got {device_type} tensors"
     if not _native.is_loaded():
         return f"reclora_kernels._C is not built or failed to load ({_native.LOAD_ERROR}); {_native.BUILD_HINT}"
-    missing = _native.missing_kernels(key)
+    missing = _native.missing_kernels(key, op)
     if missing:
         return (
             f"reclora_kernels._C was built without {backend} kernels (missing: {', '.join(missing)}); "
@@ -50,41 +50,45 @@ def _native_reason(backend, device_type):
     return None
 
 
-def _reason(backend, device_type):
+def _reason(backend, device_type, op):
     if backend == "torch":
         return None
     if backend == "triton":
         return _triton_reason(device_type)
-    return _native_reason(backend, device_type)
+    return _native_reason(backend, device_type, op)
 
 
 # Computed once so that resolve() is plain dictionary work (cheap, and traceable by torch.compile).
-_REASONS = {(b, d): _reason(b, d) for b in BACKENDS for d in ("cpu", "cuda")}
+_OPS = (None, *_native.OP_KERNELS)
+_REASONS = {(b, d, op): _reason(b, d, op) for b in BACKENDS for d in ("cpu", "cuda") for op in _OPS}
 
 
-def unavailable_reason(backend: str, device_type: str):
-    """None when backend can run on device_type tensors, else a sentence saying why not."""
-    if (backend, device_type) in _REASONS:
-        return _REASONS[(backend, device_type)]
+def unavailable_reason(backend: str, device_type: str, op=None):
+    """None when backend can run op ("gated_lora", "retrieval"; None: every op) on device_type tensors.
+
+    Otherwise a sentence saying why not.
+    """
+    if (backend, device_type, op) in _REASONS:
+        return _REASONS[(backend, device_type, op)]
     if backend == "torch":
         return None
     return f"no {backend} kernels for {device_type} tensors"
 
 
-def default_backend(device_type: str) -> str:
+def default_backend(device_type: str, op=None) -> str:
     for backend in _DEFAULT_ORDER.get(device_type, ("torch",)):
-        if unavailable_reason(backend, device_type) is None:
+        if unavailable_reason(backend, device_type, op) is None:
             return backend
     return "torch"
 
 
-def resolve(backend, device_type: str) -> str:
-    """The concrete backend to run: backend itself after checks, or the default for the device."""
+def resolve(backend, device_type: str, op=None) -> str:
+    """The concrete backend to run op: backend itself after checks, or the default for the device."""
     if backend is None:
-        return default_backend(device_type)
+        return default_backend(device_type, op)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}, got {backend!r}")
-    reason = unavailable_reason(backend, device_type)
+    reason = unavailable_reason(backend, device_type, op)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
     return backend

@@ -14,14 +14,17 @@ BUILD_HINT = (
     "the CUDA kernels need a CUDA build of torch and nvcc (see README, 'Backends')"
 )
 
-NATIVE_OPS = (
-    "gated_lora_forward",
-    "gated_lora_backward",
-    "retrieve_topk_forward",
-    "retrieve_topk_backward",
-    "topk_attention_forward",
-    "topk_attention_backward",
-)
+# The native kernels behind each public op family.
+OP_KERNELS = {
+    "gated_lora": ("gated_lora_forward", "gated_lora_backward"),
+    "retrieval": (
+        "retrieve_topk_forward",
+        "retrieve_topk_backward",
+        "topk_attention_forward",
+        "topk_attention_backward",
+    ),
+}
+NATIVE_OPS = tuple(kernel for kernels in OP_KERNELS.values() for kernel in kernels)
 
 _C = None
 _SPEC = importlib.util.find_spec("reclora_kernels._C")
@@ -46,5 +49,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"reclora::{op}", dispatch_key)
 
 
-def missing_kernels(dispatch_key: str) -> list:
-    return [op for op in NATIVE_OPS if not has_kernel(op, dispatch_key)]
+def missing_kernels(dispatch_key: str, op=None) -> list:
+    """Native kernels without a dispatch_key implementation: of one op family, or of all (op None)."""
+    kernels = NATIVE_OPS if op is None else OP_KERNELS[op]
+    return [kernel for kernel in kernels if not has_kernel(kernel, dispatch_key)]

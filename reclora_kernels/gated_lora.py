@@ -43,7 +43,7 @@ def gated_lora_linear(
 
 def _apply(x, weight, bias, gate, lora_a, lora_b, scaling, mix, sample_index, backend):
     x2d, sample_index = _check_inputs(x, weight, bias, gate, lora_a, lora_b, scaling, mix, sample_index)
-    backend = _backends.resolve(backend, x.device.type)
+    backend = _backends.resolve(backend, x.device.type, "gated_lora")
     output_mix = mix == "output"
     if backend == "torch":
         ids = sample_ids_for(x2d.shape[0], gate.shape[0], sample_index, x.device)

@@ -38,10 +38,12 @@ def report() -> str:
         lines.append(f"native library: not loaded ({_native.LOAD_ERROR})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        lines.append(f"backends for {device} tensors (default: {_backends.default_backend(device)}):")
-        for backend in _backends.BACKENDS:
-            reason = _backends.unavailable_reason(backend, device)
-            lines.append(f"  {backend:7s} {'usable' if reason is None else 'unavailable: ' + reason}")
+        lines.append(f"backends for {device} tensors:")
+        for op in _native.OP_KERNELS:
+            lines.append(f"  {op} (default: {_backends.default_backend(device, op)})")
+            for backend in _backends.BACKENDS:
+                reason = _backends.unavailable_reason(backend, device, op)
+                lines.append(f"    {backend:7s} {'usable' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
 

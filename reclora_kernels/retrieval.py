@@ -60,7 +60,7 @@ def topk_target_attention(
 
 
 def _resolve(backend, query):
-    backend = _backends.resolve(backend, query.device.type)
+    backend = _backends.resolve(backend, query.device.type, "retrieval")
     if backend != "torch" and query.dtype not in _checks.KERNEL_DTYPES:
         raise TypeError(
             f"query has dtype {query.dtype}: the {backend} backend supports float32, float16 and "

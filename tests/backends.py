@@ -5,12 +5,12 @@ import torch
 import reclora_kernels as rk
 
 
-def kernel_backends():
-    """pytest params (backend, device) for every kernel backend; unavailable ones skip with the reason."""
+def kernel_backends(op=None):
+    """pytest params (backend, device) for every kernel backend of op; unavailable ones skip with the reason."""
     params = []
     gpu = torch.cuda.is_available()
     for backend, device in (("cpu", "cpu"), ("triton", "cuda" if gpu else "cpu"), ("cuda", "cuda")):
-        reason = rk.unavailable_reason(backend, device)
+        reason = rk.unavailable_reason(backend, device, op)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(backend, device, id=backend, marks=marks))
     return params

@@ -83,7 +83,7 @@ def inputs_dtype(name, dtype):
     return torch.float32 if name == "gate" else dtype
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mix", ["weight", "output"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -93,7 +93,7 @@ def test_gated_lora_matches_reference(backend, device, dtype, mix, shape):
     check_against_reference(make_inputs(shape), backend, device, dtype, mix)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mix", ["weight", "output"])
 @pytest.mark.parametrize("bias", [True, False])
@@ -102,7 +102,7 @@ def test_gated_lora_linear_matches_reference(backend, device, dtype, mix, bias):
         check_against_reference(make_inputs(shape, linear=True, bias=bias), backend, device, dtype, mix)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 @pytest.mark.parametrize("mix", ["weight", "output"])
 @pytest.mark.parametrize("linear", [False, True])
 def test_packed_tokens_with_empty_sample(backend, device, mix, linear):
@@ -110,7 +110,7 @@ def test_packed_tokens_with_empty_sample(backend, device, mix, linear):
     check_against_reference(inputs, backend, device, torch.float32, mix)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 def test_one_token_per_sample_and_raw_gate(backend, device):
     """x: (B, d_in); the gate need not be a softmax."""
     inputs = make_inputs((5, 1, 4, 2, 19, 23), softmax_gate=False)
@@ -118,7 +118,7 @@ def test_one_token_per_sample_and_raw_gate(backend, device):
     check_against_reference(inputs, backend, device, torch.float32, "weight")
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 @pytest.mark.parametrize("mix", ["weight", "output"])
 @pytest.mark.parametrize("batch", [0, 3])
 def test_no_tokens(backend, device, mix, batch):
@@ -134,7 +134,7 @@ def test_no_tokens(backend, device, mix, batch):
         assert torch.count_nonzero(grads[name]) == 0, name
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 @given(
     batch=st.integers(1, 4),
     tokens=st.integers(1, 5),
@@ -172,7 +172,7 @@ def test_reference_matches_per_sample_definition():
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 def test_single_lora_matches_peft(backend, device):
     """K = 1 with gate 1 is an ordinary LoRA: cross-check against PEFT on the same weights."""
     peft = pytest.importorskip("peft")
@@ -199,7 +199,7 @@ def test_single_lora_matches_peft(backend, device):
     torch.testing.assert_close(ours.cpu(), expected.detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
 @pytest.mark.parametrize("mix", ["weight", "output"])
 def test_opcheck(backend, device, mix):
     inputs = make_inputs((2, 3, 3, 4, 10, 9), linear=True)
@@ -225,7 +225,7 @@ def test_opcheck(backend, device, mix):
             torch.library.opcheck(torch.ops.reclora.gated_lora_backward.default, backward_args)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends()[:2])
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora")[:2])
 def test_torch_compile_fullgraph(backend, device):
     inputs = make_inputs((2, 3, 4, 2, 12, 10), linear=True)
     t = {n: v.to(device=device, dtype=torch.float32) for n, v in inputs.items()}
@@ -278,12 +278,12 @@ def test_bad_packed_sample_index():
         rk.gated_lora(**{**inputs, "sample_index": bad.int()})
     with pytest.raises(ValueError, match="weight must have shape"):
         rk.gated_lora_linear(**{**inputs, "weight": torch.zeros(6, 7), "bias": None})
-    if rk.unavailable_reason("cpu", "cpu") is None:
+    if rk.unavailable_reason("cpu", "cpu", "gated_lora") is None:
         with pytest.raises(TypeError, match="the cpu backend supports float32"):
             rk.gated_lora(**{n: v.double() if v.is_floating_point() else v for n, v in inputs.items()}, backend="cpu")
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends()[:2])
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora")[:2])
 def test_torch_compile_fullgraph_packed(backend, device):
     inputs = make_inputs((3, 2, 4, 2, 12, 10), packed=True)
     t = {n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for n, v in inputs.items()}

@@ -31,8 +31,8 @@ def test_info_reports_every_backend():
     out = python("import runpy; runpy.run_module('reclora_kernels.info', run_name='__main__')")
     assert f"torch {torch.__version__}" in out
     for backend in rk.BACKENDS:
-        assert f"  {backend} " in out
-    assert "backends for cpu tensors (default: cpu)" in out
+        assert f"    {backend} " in out
+    assert "  gated_lora (default: cpu)" in out and "  retrieval (default: cpu)" in out
 
 
 def test_triton_on_cpu_needs_the_interpreter():

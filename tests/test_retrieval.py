@@ -100,7 +100,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -114,7 +114,7 @@ def test_matches_reference(backend, device, op, dtype, case, filters):
     check_against_reference(op, inputs, k, backend, device, dtype)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("table_rows", [None, 4])
 def test_ties_go_to_smaller_position(backend, device, op, table_rows):
@@ -122,7 +122,7 @@ def test_ties_go_to_smaller_position(backend, device, op, table_rows):
     check_against_reference(op, inputs, 10, backend, device, torch.float32, scale=1.0, exact_index=True)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @pytest.mark.parametrize("op", OPS)
 def test_repeated_ids_accumulate(backend, device, op):
     """Rows selected several times (within a row and across rows) sum their gradients."""
@@ -131,7 +131,7 @@ def test_repeated_ids_accumulate(backend, device, op):
     check_against_reference(op, inputs, 6, backend, device, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 def test_gradients_are_deterministic(backend, device):
     inputs = make_inputs(8, 40, 16, table_rows=5, dim_v=7)
     runs = [run(rk.topk_target_attention, inputs, 9, backend, device, torch.float32, 0.5)[2] for _ in range(2)]
@@ -145,7 +145,7 @@ def test_gradients_are_deterministic(backend, device):
         torch.testing.assert_close(runs[0][name], runs[2][name])
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @pytest.mark.parametrize("op", OPS)
 def test_empty_and_masked_rows_give_zeros_not_nan(backend, device, op):
     inputs = make_inputs(3, 5, 4, lengths=True, mask=True)
@@ -161,7 +161,7 @@ def test_empty_and_masked_rows_give_zeros_not_nan(backend, device, op):
     assert torch.count_nonzero(grads["query"][:2]) == 0
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @pytest.mark.parametrize("op", OPS)
 def test_no_positions(backend, device, op):
     """L = 0: every slot is missing."""
@@ -170,7 +170,7 @@ def test_no_positions(backend, device, op):
     assert index.shape == (2, 2) and (index == -1).all()
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @pytest.mark.parametrize("op", OPS)
 def test_large_k(backend, device, op):
     length = 300 if not interpreted(backend, device) else 260
@@ -178,7 +178,7 @@ def test_large_k(backend, device, op):
     check_against_reference(op, inputs, 256, backend, device, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @given(
     batch=st.integers(1, 5),
     length=st.integers(0, 40),
@@ -208,7 +208,7 @@ def test_reference_tie_rule_and_padding():
     assert scores[0, :3].tolist() == [3.0, 2.0, 2.0] and torch.isneginf(scores[0, 3:]).all()
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 def test_opcheck(backend, device):
     inputs = make_inputs(3, 10, 6, table_rows=8, dim_v=5, lengths=True, mask=True)
     t = {n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for n, v in inputs.items()}
@@ -279,7 +279,7 @@ def test_bad_values_and_padding_ids():
         rk.topk_target_attention(**dense, values=torch.zeros(2, 5, 3))
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends()[:2])
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval")[:2])
 def test_torch_compile_fullgraph(backend, device):
     inputs = make_inputs(3, 10, 6, table_rows=8, dim_v=5, lengths=True, mask=True)
     t = {n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for n, v in inputs.items()}
