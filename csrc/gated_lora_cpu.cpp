@@ -29,6 +29,10 @@ namespace {
 // Tokens per tile: the tile's rows of x and grad_out (2 x 32 x d floats) stay in L2.
 constexpr int64_t kTile = 32;
 
+#define RECLORA_DISPATCH_KERNEL_DTYPES(TYPE, NAME, ...)                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -40,6 +44,9 @@ int64_t ceil_div(int64_t a, int64_t b) {
 
 template <int W>
 constexpr int kWideBlock = W >= 16 ? 4 : 2;
+
+// Floats of a kernel's reused operand that should stay in L2 (most x86 cores have >= 1 MiB).
+constexpr int64_t kCacheFloats = 128 * 1024;
 
 // out[t * ldo + j] (+)= alpha * <rows[t], q_j> for t < n, j < R; q_j = q + j * ldq, length len.
 template <int W>
@@ -63,12 +70,12 @@ struct RowDots {
 
   template <int NT, int NJ>
   static RECLORA_INLINE void block(
-      const float* const* rows, const float* q, int64_t ldq, int64_t len, float alpha, float* out, int64_t ldo,
-      bool accumulate) {
+      const float* const* rows, const float* q, int64_t ldq, int64_t begin, int64_t end, float alpha, float* out,
+      int64_t ldo, bool accumulate) {
     vec acc[NT][NJ] = {};
-    int64_t i = 0;
-    for (; i + W <= len; i += W) step<NT, NJ, false>(acc, rows, q, ldq, i, 0);
-    if (i < len) step<NT, NJ, true>(acc, rows, q, ldq, i, len - i);
+    int64_t i = begin;
+    for (; i + W <= end; i += W) step<NT, NJ, false>(acc, rows, q, ldq, i, 0);
+    if (i < end) step<NT, NJ, true>(acc, rows, q, ldq, i, end - i);
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
 #pragma GCC unroll 8
@@ -83,12 +90,21 @@ struct RowDots {
   RECLORA_INLINE void operator()(
       const float* const* rows, int64_t n, const float* q, int64_t ldq, int64_t R, int64_t len, float alpha,
       float* out, int64_t ldo, bool accumulate) const {
-    cpu::for_blocks<kWideBlock<W>>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
-      cpu::for_blocks<4>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
-        block<decltype(nt)::value, decltype(nj)::value>(
-            rows + t, q + j * ldq, ldq, len, alpha, out + t * ldo + j, ldo, accumulate);
+    // When all R rows of q would not stay in L2, go through the length in chunks that do.
+    const int64_t chunks = std::max<int64_t>(1, R * len / kCacheFloats);
+    const int64_t chunk = std::max<int64_t>(W, ceil_div(ceil_div(len, chunks), W) * W);
+    int64_t begin = 0;
+    do {
+      const int64_t end = std::min(len, begin + chunk);
+      const bool add = accumulate || begin > 0;
+      cpu::for_blocks<kWideBlock<W>>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        cpu::for_blocks<4>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+          block<decltype(nt)::value, decltype(nj)::value>(
+              rows + t, q + j * ldq, ldq, begin, end, alpha, out + t * ldo + j, ldo, add);
+        });
       });
-    });
+      begin = end;
+    } while (begin < len);
   }
 };
 
@@ -128,16 +144,20 @@ struct RowCombine {
   RECLORA_INLINE void operator()(
       float* const* outs, int64_t n, const float* c, int64_t ldc, const float* q, int64_t ldq, int64_t R,
       int64_t len, bool accumulate) const {
+    // Columns outer: the R x (a few vectors) block of q stays in L1 across all rows.
     const int64_t full = len / W;
-    cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
-      constexpr int NT = decltype(nt)::value;
-      cpu::for_blocks<kWideBlock<W>>(0, full, [&](auto nv, int64_t v) RECLORA_INLINE_LAMBDA {
-        block<NT, decltype(nv)::value, false>(outs + t, c + t * ldc, ldc, q, ldq, R, v * W, 0, accumulate);
+    cpu::for_blocks<kWideBlock<W>>(0, full, [&](auto nv, int64_t v) RECLORA_INLINE_LAMBDA {
+      cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        block<decltype(nt)::value, decltype(nv)::value, false>(
+            outs + t, c + t * ldc, ldc, q, ldq, R, v * W, 0, accumulate);
       });
-      if (full * W < len) {
-        block<NT, 1, true>(outs + t, c + t * ldc, ldc, q, ldq, R, full * W, len - full * W, accumulate);
-      }
     });
+    if (full * W < len) {
+      cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        block<decltype(nt)::value, 1, true>(
+            outs + t, c + t * ldc, ldc, q, ldq, R, full * W, len - full * W, accumulate);
+      });
+    }
   }
 };
 
@@ -178,18 +198,20 @@ struct RankUpdate {
   RECLORA_INLINE void operator()(
       float* out, int64_t ldo, int64_t R, int64_t len, const float* c, int64_t c_ts, int64_t c_js,
       const float* const* rows, int64_t n, bool accumulate) const {
+    // Columns outer: the n x (two vectors) block of the rows stays in L1 across all of R.
     const int64_t full = len / W;
-    cpu::for_blocks<2 * kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
-      constexpr int NJ = decltype(nj)::value;
-      float* out_j = out + j * ldo;
-      const float* c_j = c + j * c_js;
-      cpu::for_blocks<2>(0, full, [&](auto nv, int64_t v) RECLORA_INLINE_LAMBDA {
-        block<NJ, decltype(nv)::value, false>(out_j, ldo, c_j, c_ts, c_js, rows, n, v * W, 0, accumulate);
+    cpu::for_blocks<2>(0, full, [&](auto nv, int64_t v) RECLORA_INLINE_LAMBDA {
+      cpu::for_blocks<2 * kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+        block<decltype(nj)::value, decltype(nv)::value, false>(
+            out + j * ldo, ldo, c + j * c_js, c_ts, c_js, rows, n, v * W, 0, accumulate);
       });
-      if (full * W < len) {
-        block<NJ, 1, true>(out_j, ldo, c_j, c_ts, c_js, rows, n, full * W, len - full * W, accumulate);
-      }
     });
+    if (full * W < len) {
+      cpu::for_blocks<2 * kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+        block<decltype(nj)::value, 1, true>(
+            out + j * ldo, ldo, c + j * c_js, c_ts, c_js, rows, n, full * W, len - full * W, accumulate);
+      });
+    }
   }
 };
 
@@ -226,6 +248,22 @@ void mix_rows(
   });
 }
 
+// out[k][j][i] = in[k][i][j]: (K, rows, cols) -> (K, cols, rows).
+void transpose_inner(const float* in, float* out, int64_t K, int64_t rows, int64_t cols) {
+  const int64_t size = rows * cols;
+  at::parallel_for(0, K, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, size)), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      // Blocks of 16 rows: the reads stay in a few cache lines while the writes run contiguously.
+      for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+        const int64_t i1 = std::min(rows, i0 + 16);
+        for (int64_t j = 0; j < cols; ++j) {
+          for (int64_t i = i0; i < i1; ++i) out[k * size + j * rows + i] = in[k * size + i * cols + j];
+        }
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token grouping
 
@@ -241,7 +279,8 @@ struct Grouping {
   }
 };
 
-Grouping group_tokens(const c10::optional<at::Tensor>& sample_index, int64_t M, int64_t B, int64_t threads) {
+// piece: the most tokens per piece.
+Grouping group_tokens(const c10::optional<at::Tensor>& sample_index, int64_t M, int64_t B, int64_t piece) {
   Grouping grouping;
   std::vector<int64_t> offsets(B + 1, 0);
   if (sample_index.has_value()) {
@@ -258,8 +297,6 @@ Grouping group_tokens(const c10::optional<at::Tensor>& sample_index, int64_t M, 
   } else {
     for (int64_t b = 0; b < B; ++b) offsets[b + 1] = offsets[b] + M / B;
   }
-  // Enough pieces to balance the threads, each long enough to amortize its fixed costs.
-  const int64_t piece = std::max(kTile, ceil_div(ceil_div(M, 4 * threads), kTile) * kTile);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t begin = offsets[b]; begin < offsets[b + 1]; begin += piece) {
       grouping.pieces.push_back({b, begin, std::min(begin + piece, offsets[b + 1])});
@@ -268,13 +305,29 @@ Grouping group_tokens(const c10::optional<at::Tensor>& sample_index, int64_t M, 
   return grouping;
 }
 
-// Runs fn(piece, worker) for every piece; workers take pieces from a shared counter, so uneven
-// pieces (unsorted sample_index, samples of any length) still balance.
+// Runs fn(piece, worker) for every piece, worker < workers. dynamic: workers take pieces from a
+// shared counter, which balances uneven pieces. Otherwise worker w runs the pieces that start in
+// tokens [w M / workers, (w + 1) M / workers): what a worker accumulates, and so the result, is
+// the same from run to run.
 template <class F>
-void for_each_piece(int64_t pieces, int64_t workers, const F& fn) {
+void for_each_piece(const Grouping& grouping, int64_t M, int64_t workers, bool dynamic, const F& fn) {
+  const std::vector<Piece>& pieces = grouping.pieces;
+  const int64_t count = pieces.size();
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t worker, int64_t) {
-    for (int64_t p; (p = next.fetch_add(1)) < pieces;) fn(p, worker);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    if (dynamic) {
+      for (int64_t p; (p = next.fetch_add(1)) < count;) fn(p, begin);
+      return;
+    }
+    auto first_piece = [&](int64_t worker) {
+      const int64_t token = M * worker / workers;
+      return std::lower_bound(pieces.begin(), pieces.end(), token,
+                              [](const Piece& piece, int64_t t) { return piece.begin < t; }) -
+             pieces.begin();
+    };
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t p = first_piece(worker); p < first_piece(worker + 1); ++p) fn(p, worker);
+    }
   });
 }
 
@@ -398,9 +451,13 @@ Problem make_problem(
   pb.gate = gate.data_ptr<float>();
   pb.a = lora_a.to(at::kFloat);
   pb.bt = at::empty({pb.K, pb.r, pb.d_out}, lora_b.options().dtype(at::kFloat));
-  pb.bt.copy_(lora_b.transpose(1, 2));
+  transpose_inner(lora_b.to(at::kFloat).data_ptr<float>(), pb.bt.data_ptr<float>(), pb.K, pb.d_out, pb.r);
   const int64_t threads = at::get_num_threads();
-  pb.grouping = group_tokens(sample_index, pb.M, pb.B, threads);
+  // Weight-mix pieces carry gradient accumulators: few, long ones (yet enough to balance the
+  // threads). Output-mix pieces carry none: tiles, for an even static split.
+  const int64_t piece =
+      output_mix ? kTile : std::max(kTile, ceil_div(ceil_div(pb.M, 4 * threads), kTile) * kTile);
+  pb.grouping = group_tokens(sample_index, pb.M, pb.B, piece);
   pb.workers = std::min<int64_t>(threads, pb.grouping.pieces.size());
   if (!output_mix) {
     // A_p and B_p^T of every sample: (B, r d) = gate (B, K) @ (K, r d).
@@ -436,7 +493,7 @@ void forward_pieces(const Problem& pb, const scalar_t* x, scalar_t* y, bool accu
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t stride = kTile * (pb.R + pb.d_in + pb.d_out);
   std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
-  for_each_piece(pb.grouping.pieces.size(), pb.workers, [&](int64_t p, int64_t worker) {
+  for_each_piece(pb.grouping, pb.M, pb.workers, true, [&](int64_t p, int64_t worker) {
     const Piece& piece = pb.grouping.pieces[p];
     float* u = scratch.get() + worker * stride;
     float* x_buf = u + kTile * pb.R;
@@ -458,10 +515,6 @@ void forward_pieces(const Problem& pb, const scalar_t* x, scalar_t* y, bool accu
     }
   });
 }
-
-#define RECLORA_DISPATCH_KERNEL_DTYPES(TYPE, NAME, ...)           \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 at::Tensor gated_lora_forward_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -510,7 +563,8 @@ void backward_pieces(
   const int64_t stride = kTile * (2 * R + 2 * d_in + d_out);
   std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
   const int64_t acc_ld = R * (d_in + d_out);
-  for_each_piece(pb.grouping.pieces.size(), pb.workers, [&](int64_t p, int64_t worker) {
+  // Output-mix accumulators are per worker: a static split keeps the gradients deterministic.
+  for_each_piece(pb.grouping, pb.M, pb.workers, !pb.output_mix, [&](int64_t p, int64_t worker) {
     const Piece& piece = pb.grouping.pieces[p];
     float* u = scratch.get() + worker * stride;
     float* h = u + kTile * R;
@@ -631,9 +685,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   }
   const int64_t r = pb.r;
   at::Tensor grad_lora_a = grad_a.view({K, r, d_in}).to(lora_a.scalar_type());
-  at::Tensor grad_lora_b = at::empty_like(lora_b);
-  grad_lora_b.copy_(grad_bt.view({K, r, d_out}).transpose(1, 2));
-  return {grad_x, grad_gate, grad_lora_a, grad_lora_b};
+  at::Tensor grad_lora_b = at::empty({K, d_out, r}, float_options);
+  transpose_inner(grad_bt.data_ptr<float>(), grad_lora_b.data_ptr<float>(), K, r, d_out);
+  return {grad_x, grad_gate, grad_lora_a, grad_lora_b.to(lora_b.scalar_type())};
 }
 
 }  // namespace
