@@ -1,0 +1,700 @@
+// CPU kernels of reclora::gated_lora_forward / gated_lora_backward (schemas in registration.cpp,
+// semantics in reclora_kernels/gated_lora_reference.py).
+//
+// Both mixes run one token-tile pipeline on effective factors A_e (R, d_in) and B_e^T (R, d_out):
+//   weight mix: A_p and B_p^T of the token's sample (R = r), mixed once per call from the gate;
+//   output mix: the concatenated A_cat and B_cat^T (R = K r); the gate scales the K blocks of the
+//   rank-R activations of each token.
+// Tokens are grouped by sample (a counting sort when sample_index is given) and cut into pieces
+// of one sample, which threads take from a shared counter. A piece goes through tiles of kTile
+// tokens whose rows of x and grad_out are read once and then stay in cache for three skinny
+// kernels on 16-float vectors: row_dots (u = A_e x), row_combine (y += B_e u) and rank_update
+// (dA_e += h x^T). Weight-mix gradients of A_p, B_p are kept per piece and reduced over pieces
+// with the gate at the end, so nothing per token of size r * d is ever formed.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "cpu_utils.h"
+
+namespace reclora {
+namespace {
+
+// Tokens per tile: the tile's rows of x and grad_out (2 x 32 x d floats) stay in L2.
+constexpr int64_t kTile = 32;
+
+#define RECLORA_DISPATCH_KERNEL_DTYPES(TYPE, NAME, ...)                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Skinny kernels on float32 rows given by pointers (gathered or converted tokens cost nothing).
+// Block sizes keep the accumulators, plus the operands of one step, in registers: 16 vectors
+// with AVX-512's 32 registers, 8 with the 16 of AVX2 and SSE.
+
+template <int W>
+constexpr int kWideBlock = W >= 16 ? 4 : 2;
+
+// Floats of a kernel's reused operand that should stay in L2 (most x86 cores have >= 1 MiB).
+constexpr int64_t kCacheFloats = 128 * 1024;
+
+// out[t * ldo + j] (+)= alpha * <rows[t], q_j> for t < n, j < R; q_j = q + j * ldq, length len.
+template <int W>
+struct RowDots {
+  using S = cpu::Simd<W>;
+  using vec = typename S::vec;
+
+  template <int NT, int NJ, bool kTail>
+  static RECLORA_INLINE void step(
+      vec (&acc)[NT][NJ], const float* const* rows, const float* q, int64_t ldq, int64_t i, int64_t count) {
+    vec qv[NJ];
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) qv[j] = S::template load_n<kTail>(q + j * ldq + i, count);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const vec xv = S::template load_n<kTail>(rows[t] + i, count);
+#pragma GCC unroll 8
+      for (int j = 0; j < NJ; ++j) acc[t][j] += xv * qv[j];
+    }
+  }
+
+  template <int NT, int NJ>
+  static RECLORA_INLINE void block(
+      const float* const* rows, const float* q, int64_t ldq, int64_t begin, int64_t end, float alpha, float* out,
+      int64_t ldo, bool accumulate) {
+    vec acc[NT][NJ] = {};
+    int64_t i = begin;
+    for (; i + W <= end; i += W) step<NT, NJ, false>(acc, rows, q, ldq, i, 0);
+    if (i < end) step<NT, NJ, true>(acc, rows, q, ldq, i, end - i);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NJ; ++j) {
+        const float value = alpha * S::hsum(acc[t][j]);
+        float& o = out[t * ldo + j];
+        o = accumulate ? o + value : value;
+      }
+    }
+  }
+
+  RECLORA_INLINE void operator()(
+      const float* const* rows, int64_t n, const float* q, int64_t ldq, int64_t R, int64_t len, float alpha,
+      float* out, int64_t ldo, bool accumulate) const {
+    // When all R rows of q would not stay in L2, go through the length in chunks that do.
+    const int64_t chunks = std::max<int64_t>(1, R * len / kCacheFloats);
+    const int64_t chunk = std::max<int64_t>(W, ceil_div(ceil_div(len, chunks), W) * W);
+    int64_t begin = 0;
+    do {
+      const int64_t end = std::min(len, begin + chunk);
+      const bool add = accumulate || begin > 0;
+      cpu::for_blocks<kWideBlock<W>>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        cpu::for_blocks<4>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+          block<decltype(nt)::value, decltype(nj)::value>(
+              rows + t, q + j * ldq, ldq, begin, end, alpha, out + t * ldo + j, ldo, add);
+        });
+      });
+      begin = end;
+    } while (begin < len);
+  }
+};
+
+// outs[t][:len] (+)= sum_j c[t * ldc + j] * q_j for t < n, j < R; q_j = q + j * ldq.
+template <int W>
+struct RowCombine {
+  using S = cpu::Simd<W>;
+  using vec = typename S::vec;
+
+  template <int NT, int NV, bool kTail>
+  static RECLORA_INLINE void block(
+      float* const* outs, const float* c, int64_t ldc, const float* q, int64_t ldq, int64_t R, int64_t o,
+      int64_t count, bool accumulate) {
+    vec acc[NT][NV] = {};
+    for (int64_t j = 0; j < R; ++j) {
+      vec qv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) qv[v] = S::template load_n<kTail>(q + j * ldq + o + v * W, count);
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) {
+        const vec cv = S::splat(c[t * ldc + j]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[t][v] += cv * qv[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        float* p = outs[t] + o + v * W;
+        if (accumulate) acc[t][v] += S::template load_n<kTail>(p, count);
+        S::template store_n<kTail>(p, acc[t][v], count);
+      }
+    }
+  }
+
+  RECLORA_INLINE void operator()(
+      float* const* outs, int64_t n, const float* c, int64_t ldc, const float* q, int64_t ldq, int64_t R,
+      int64_t len, bool accumulate) const {
+    // Columns outer: the R x (a few vectors) block of q stays in L1 across all rows.
+    const int64_t full = len / W;
+    cpu::for_blocks<kWideBlock<W>>(0, full, [&](auto nv, int64_t v) RECLORA_INLINE_LAMBDA {
+      cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        block<decltype(nt)::value, decltype(nv)::value, false>(
+            outs + t, c + t * ldc, ldc, q, ldq, R, v * W, 0, accumulate);
+      });
+    });
+    if (full * W < len) {
+      cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        block<decltype(nt)::value, 1, true>(
+            outs + t, c + t * ldc, ldc, q, ldq, R, full * W, len - full * W, accumulate);
+      });
+    }
+  }
+};
+
+// out[j * ldo : +len] (+)= sum_t c[t * c_ts + j * c_js] * rows[t][:len] for j < R, t < n.
+template <int W>
+struct RankUpdate {
+  using S = cpu::Simd<W>;
+  using vec = typename S::vec;
+
+  template <int NJ, int NV, bool kTail>
+  static RECLORA_INLINE void block(
+      float* out, int64_t ldo, const float* c, int64_t c_ts, int64_t c_js, const float* const* rows, int64_t n,
+      int64_t o, int64_t count, bool accumulate) {
+    vec acc[NJ][NV] = {};
+    for (int64_t t = 0; t < n; ++t) {
+      vec pv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) pv[v] = S::template load_n<kTail>(rows[t] + o + v * W, count);
+      const float* ct = c + t * c_ts;
+#pragma GCC unroll 8
+      for (int j = 0; j < NJ; ++j) {
+        const vec cv = S::splat(ct[j * c_js]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[j][v] += cv * pv[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        float* p = out + j * ldo + o + v * W;
+        if (accumulate) acc[j][v] += S::template load_n<kTail>(p, count);
+        S::template store_n<kTail>(p, acc[j][v], count);
+      }
+    }
+  }
+
+  RECLORA_INLINE void operator()(
+      float* out, int64_t ldo, int64_t R, int64_t len, const float* c, int64_t c_ts, int64_t c_js,
+      const float* const* rows, int64_t n, bool accumulate) const {
+    // Columns outer: the n x (two vectors) block of the rows stays in L1 across all of R.
+    const int64_t full = len / W;
+    cpu::for_blocks<2>(0, full, [&](auto nv, int64_t v) RECLORA_INLINE_LAMBDA {
+      cpu::for_blocks<2 * kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+        block<decltype(nj)::value, decltype(nv)::value, false>(
+            out + j * ldo, ldo, c + j * c_js, c_ts, c_js, rows, n, v * W, 0, accumulate);
+      });
+    });
+    if (full * W < len) {
+      cpu::for_blocks<2 * kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+        block<decltype(nj)::value, 1, true>(
+            out + j * ldo, ldo, c + j * c_js, c_ts, c_js, rows, n, full * W, len - full * W, accumulate);
+      });
+    }
+  }
+};
+
+void row_dots(
+    const float* const* rows, int64_t n, const float* q, int64_t ldq, int64_t R, int64_t len, float alpha,
+    float* out, int64_t ldo, bool accumulate) {
+  cpu::run_simd<RowDots>(rows, n, q, ldq, R, len, alpha, out, ldo, accumulate);
+}
+
+void row_combine(
+    float* const* outs, int64_t n, const float* c, int64_t ldc, const float* q, int64_t ldq, int64_t R, int64_t len,
+    bool accumulate) {
+  cpu::run_simd<RowCombine>(outs, n, c, ldc, q, ldq, R, len, accumulate);
+}
+
+void rank_update(
+    float* out, int64_t ldo, int64_t R, int64_t len, const float* c, int64_t c_ts, int64_t c_js,
+    const float* const* rows, int64_t n, bool accumulate) {
+  cpu::run_simd<RankUpdate>(out, ldo, R, len, c, c_ts, c_js, rows, n, accumulate);
+}
+
+// out[j][:len] = sum_t c[t * c_ts + j * c_js] * (base + t * ld)[:len] for j < R, t < T; threads
+// split the columns. Mixes meta-LoRAs by the gate, and per-piece gradients back into meta-LoRAs.
+void mix_rows(
+    const float* c, int64_t c_ts, int64_t c_js, int64_t T, const float* base, int64_t ld, int64_t R,
+    int64_t len, float* out, int64_t ldo) {
+  constexpr int64_t kCols = 64;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, T * R * kCols));
+  at::parallel_for(0, ceil_div(len, kCols), grain, [&](int64_t begin, int64_t end) {
+    const int64_t col = begin * kCols;
+    std::vector<const float*> rows(T);
+    for (int64_t t = 0; t < T; ++t) rows[t] = base + t * ld + col;
+    rank_update(out + col, ldo, R, std::min(len, end * kCols) - col, c, c_ts, c_js, rows.data(), T, false);
+  });
+}
+
+// out[k][j][i] = in[k][i][j]: (K, rows, cols) -> (K, cols, rows).
+void transpose_inner(const float* in, float* out, int64_t K, int64_t rows, int64_t cols) {
+  const int64_t size = rows * cols;
+  at::parallel_for(0, K, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, size)), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      // Blocks of 16 rows: the reads stay in a few cache lines while the writes run contiguously.
+      for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+        const int64_t i1 = std::min(rows, i0 + 16);
+        for (int64_t j = 0; j < cols; ++j) {
+          for (int64_t i = i0; i < i1; ++i) out[k * size + j * rows + i] = in[k * size + i * cols + j];
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token grouping
+
+struct Piece {
+  int64_t sample, begin, end;  // positions [begin, end) of the grouped token order
+};
+
+struct Grouping {
+  std::vector<int64_t> order;  // row of x at each grouped position; empty when already grouped
+  std::vector<Piece> pieces;
+  int64_t row(int64_t position) const {
+    return order.empty() ? position : order[position];
+  }
+};
+
+// piece: the most tokens per piece.
+Grouping group_tokens(const c10::optional<at::Tensor>& sample_index, int64_t M, int64_t B, int64_t piece) {
+  Grouping grouping;
+  std::vector<int64_t> offsets(B + 1, 0);
+  if (sample_index.has_value()) {
+    const int64_t* ids = sample_index->data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      TORCH_CHECK(ids[m] >= 0 && ids[m] < B, "gated_lora (cpu): sample_index[", m, "] = ", ids[m],
+                  " is not a row of gate (B = ", B, ")");
+      ++offsets[ids[m] + 1];
+    }
+    for (int64_t b = 0; b < B; ++b) offsets[b + 1] += offsets[b];
+    std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+    grouping.order.resize(M);
+    for (int64_t m = 0; m < M; ++m) grouping.order[next[ids[m]]++] = m;
+  } else {
+    for (int64_t b = 0; b < B; ++b) offsets[b + 1] = offsets[b] + M / B;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t begin = offsets[b]; begin < offsets[b + 1]; begin += piece) {
+      grouping.pieces.push_back({b, begin, std::min(begin + piece, offsets[b + 1])});
+    }
+  }
+  return grouping;
+}
+
+// Runs fn(piece, worker) for every piece, worker < workers. dynamic: workers take pieces from a
+// shared counter, which balances uneven pieces. Otherwise worker w runs the pieces that start in
+// tokens [w M / workers, (w + 1) M / workers): what a worker accumulates, and so the result, is
+// the same from run to run.
+template <class F>
+void for_each_piece(const Grouping& grouping, int64_t M, int64_t workers, bool dynamic, const F& fn) {
+  const std::vector<Piece>& pieces = grouping.pieces;
+  const int64_t count = pieces.size();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    if (dynamic) {
+      for (int64_t p; (p = next.fetch_add(1)) < count;) fn(p, begin);
+      return;
+    }
+    auto first_piece = [&](int64_t worker) {
+      const int64_t token = M * worker / workers;
+      return std::lower_bound(pieces.begin(), pieces.end(), token,
+                              [](const Piece& piece, int64_t t) { return piece.begin < t; }) -
+             pieces.begin();
+    };
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t p = first_piece(worker); p < first_piece(worker + 1); ++p) fn(p, worker);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles of token rows in float32
+
+// Float rows of a tile of an (M, d) tensor: the rows themselves for float32, converted copies in buf
+// otherwise.
+template <typename scalar_t>
+void read_rows(const scalar_t* base, int64_t d, const int64_t* rows, int64_t n, float* buf, const float** out) {
+  for (int64_t t = 0; t < n; ++t) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      out[t] = base + rows[t] * d;
+    } else {
+      out[t] = buf + t * d;
+    }
+  }
+  if constexpr (!std::is_same_v<scalar_t, float>) cpu::run_simd<cpu::GatherRows>(base, rows, n, d, buf);
+}
+
+// Where kernels write a tile of an (M, d) output: in place for float32, else buf for write_rows.
+template <typename scalar_t>
+void output_rows(scalar_t* base, int64_t d, const int64_t* rows, int64_t n, float* buf, float** out) {
+  for (int64_t t = 0; t < n; ++t) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      out[t] = base + rows[t] * d;
+    } else {
+      out[t] = buf + t * d;
+    }
+  }
+}
+
+template <typename scalar_t>
+void write_rows(scalar_t* base, int64_t d, const int64_t* rows, int64_t n, const float* buf, bool accumulate) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    cpu::run_simd<cpu::ScatterRows>(buf, base, rows, n, d, accumulate);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem setup shared by forward and backward
+
+struct Problem {
+  int64_t M, B, K, r, d_in, d_out;
+  float scaling;
+  bool output_mix;
+  int64_t R;  // rank of the effective factors: r (weight mix) or K r (output mix)
+  const float* gate;
+  at::Tensor a;      // float (K, r, d_in): A_k, i.e. A_cat as (K r, d_in)
+  at::Tensor bt;     // float (K, r, d_out): B_k^T, i.e. B_cat^T as (K r, d_out)
+  at::Tensor mixed;  // weight mix: float (B, r (d_in + d_out)), [A_p | B_p^T] of each sample
+  Grouping grouping;
+  int64_t workers;
+
+  int64_t mixed_ld() const {
+    return r * (d_in + d_out);
+  }
+  const float* a_eff(int64_t sample) const {
+    return output_mix ? a.data_ptr<float>() : mixed.data_ptr<float>() + sample * mixed_ld();
+  }
+  const float* bt_eff(int64_t sample) const {
+    return output_mix ? bt.data_ptr<float>() : mixed.data_ptr<float>() + sample * mixed_ld() + r * d_in;
+  }
+};
+
+void check_inputs(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& gate, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const c10::optional<at::Tensor>& sample_index) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "gated_lora (cpu): x must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(x.dim() == 2, "gated_lora (cpu): x must be (M, d_in), got ", x.sizes());
+  TORCH_CHECK(gate.dim() == 2 && gate.scalar_type() == at::kFloat && gate.size(1) >= 1,
+              "gated_lora (cpu): gate must be float32 (B, K) with K >= 1, got ", gate.scalar_type(), " ",
+              gate.sizes());
+  const int64_t K = gate.size(1);
+  TORCH_CHECK(lora_a.dim() == 3 && lora_a.size(0) == K && lora_a.size(1) >= 1 && lora_a.size(2) == x.size(1),
+              "gated_lora (cpu): lora_a must be (K, r, d_in) = (", K, ", r, ", x.size(1), "), got ", lora_a.sizes());
+  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(0) == K && lora_b.size(2) == lora_a.size(1),
+              "gated_lora (cpu): lora_b must be (K, d_out, r) = (", K, ", d_out, ", lora_a.size(1), "), got ",
+              lora_b.sizes());
+  TORCH_CHECK(lora_a.scalar_type() == dtype && lora_b.scalar_type() == dtype,
+              "gated_lora (cpu): lora_a and lora_b must have x's dtype ", dtype);
+  std::vector<const at::Tensor*> tensors = {&x, &gate, &lora_a, &lora_b};
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == lora_b.size(1) && weight->size(1) == x.size(1),
+                "gated_lora (cpu): weight must be (d_out, d_in) = (", lora_b.size(1), ", ", x.size(1), "), got ",
+                weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == dtype, "gated_lora (cpu): weight must have x's dtype ", dtype);
+    tensors.push_back(&*weight);
+  }
+  if (sample_index.has_value()) {
+    TORCH_CHECK(sample_index->dim() == 1 && sample_index->size(0) == x.size(0) &&
+                    sample_index->scalar_type() == at::kLong,
+                "gated_lora (cpu): sample_index must be int64 (M,) with M = ", x.size(0), ", got ",
+                sample_index->scalar_type(), " ", sample_index->sizes());
+    tensors.push_back(&*sample_index);
+  } else {
+    const int64_t B = gate.size(0), M = x.size(0);
+    TORCH_CHECK(B > 0 ? M % B == 0 : M == 0, "gated_lora (cpu): without sample_index the M = ", M,
+                " tokens must split evenly over the B = ", B, " samples");
+  }
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "gated_lora (cpu): all inputs must be contiguous CPU tensors");
+  }
+}
+
+Problem make_problem(
+    const at::Tensor& x, const at::Tensor& gate, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const c10::optional<at::Tensor>& sample_index, double scaling, bool output_mix) {
+  Problem pb;
+  pb.M = x.size(0);
+  pb.B = gate.size(0);
+  pb.K = gate.size(1);
+  pb.r = lora_a.size(1);
+  pb.d_in = lora_a.size(2);
+  pb.d_out = lora_b.size(1);
+  pb.scaling = static_cast<float>(scaling);
+  pb.output_mix = output_mix;
+  pb.R = output_mix ? pb.K * pb.r : pb.r;
+  pb.gate = gate.data_ptr<float>();
+  pb.a = lora_a.to(at::kFloat);
+  pb.bt = at::empty({pb.K, pb.r, pb.d_out}, lora_b.options().dtype(at::kFloat));
+  transpose_inner(lora_b.to(at::kFloat).data_ptr<float>(), pb.bt.data_ptr<float>(), pb.K, pb.d_out, pb.r);
+  const int64_t threads = at::get_num_threads();
+  // Weight-mix pieces carry gradient accumulators: few, long ones (yet enough to balance the
+  // threads). Output-mix pieces carry none: tiles, for an even static split.
+  const int64_t piece =
+      output_mix ? kTile : std::max(kTile, ceil_div(ceil_div(pb.M, 4 * threads), kTile) * kTile);
+  pb.grouping = group_tokens(sample_index, pb.M, pb.B, piece);
+  pb.workers = std::min<int64_t>(threads, pb.grouping.pieces.size());
+  if (!output_mix) {
+    // A_p and B_p^T of every sample: (B, r d) = gate (B, K) @ (K, r d).
+    pb.mixed = at::empty({pb.B, pb.mixed_ld()}, pb.a.options());
+    float* mixed = pb.mixed.data_ptr<float>();
+    mix_rows(pb.gate, 1, pb.K, pb.K, pb.a.data_ptr<float>(), pb.r * pb.d_in, pb.B, pb.r * pb.d_in, mixed,
+             pb.mixed_ld());
+    mix_rows(pb.gate, 1, pb.K, pb.K, pb.bt.data_ptr<float>(), pb.r * pb.d_out, pb.B, pb.r * pb.d_out,
+             mixed + pb.r * pb.d_in, pb.mixed_ld());
+  }
+  return pb;
+}
+
+// Grouped positions [begin, begin + n) as rows of x.
+void tile_rows(const Grouping& grouping, int64_t begin, int64_t n, int64_t* rows) {
+  for (int64_t t = 0; t < n; ++t) rows[t] = grouping.row(begin + t);
+}
+
+// Output mix: the gate scales block k (r entries) of each token's rank-K r activations.
+void scale_blocks(float* u, int64_t n, int64_t K, int64_t r, const float* g) {
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < r; ++j) u[(t * K + k) * r + j] *= g[k];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t>
+void forward_pieces(const Problem& pb, const scalar_t* x, scalar_t* y, bool accumulate) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const int64_t stride = kTile * (pb.R + pb.d_in + pb.d_out);
+  std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
+  for_each_piece(pb.grouping, pb.M, pb.workers, true, [&](int64_t p, int64_t worker) {
+    const Piece& piece = pb.grouping.pieces[p];
+    float* u = scratch.get() + worker * stride;
+    float* x_buf = u + kTile * pb.R;
+    float* y_buf = x_buf + kTile * pb.d_in;
+    const float* a_eff = pb.a_eff(piece.sample);
+    const float* bt_eff = pb.bt_eff(piece.sample);
+    int64_t rows[kTile];
+    const float* x_rows[kTile];
+    float* y_rows[kTile];
+    for (int64_t begin = piece.begin; begin < piece.end; begin += kTile) {
+      const int64_t n = std::min(kTile, piece.end - begin);
+      tile_rows(pb.grouping, begin, n, rows);
+      read_rows(x, pb.d_in, rows, n, x_buf, x_rows);
+      row_dots(x_rows, n, a_eff, pb.d_in, pb.R, pb.d_in, pb.scaling, u, pb.R, false);
+      if (pb.output_mix) scale_blocks(u, n, pb.K, pb.r, pb.gate + piece.sample * pb.K);
+      output_rows(y, pb.d_out, rows, n, y_buf, y_rows);
+      row_combine(y_rows, n, u, pb.R, bt_eff, pb.d_out, pb.R, pb.d_out, kFloat && accumulate);
+      write_rows(y, pb.d_out, rows, n, y_buf, accumulate);
+    }
+  });
+}
+
+at::Tensor gated_lora_forward_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& gate, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const c10::optional<at::Tensor>& sample_index, double scaling, bool output_mix) {
+  check_inputs(x, weight, gate, lora_a, lora_b, sample_index);
+  const int64_t d_out = lora_b.size(1);
+  at::Tensor y;
+  if (weight.has_value()) {
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out && bias->scalar_type() == x.scalar_type() &&
+                      bias->device().is_cpu(),
+                  "gated_lora (cpu): bias must be (d_out,) = (", d_out, ",) with x's dtype, got ", bias->sizes());
+      y = at::addmm(*bias, x, weight->t());
+    } else {
+      y = at::mm(x, weight->t());
+    }
+  } else {
+    TORCH_CHECK(!bias.has_value(), "gated_lora (cpu): bias needs weight");
+    y = at::empty({x.size(0), d_out}, x.options());
+  }
+  if (x.size(0) == 0) return y;
+  const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling, output_mix);
+  RECLORA_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "gated_lora_forward_cpu", [&] {
+    forward_pieces<scalar_t>(pb, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), weight.has_value());
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// Gradient accumulators [dA_e | dB_e^T], float (rows, R (d_in + d_out)): one row per piece (weight
+// mix: dA_p, dB_p^T of the piece's sample) or per worker (output mix: gate already applied).
+struct Accumulators {
+  at::Tensor data;
+  std::vector<char> written;
+};
+
+template <typename scalar_t>
+void backward_pieces(
+    const Problem& pb, const scalar_t* grad_out, const scalar_t* x, scalar_t* grad_x, bool accumulate_x,
+    Accumulators& acc, float* dgate_pieces) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const int64_t R = pb.R, d_in = pb.d_in, d_out = pb.d_out;
+  const int64_t stride = kTile * (2 * R + 2 * d_in + d_out);
+  std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
+  const int64_t acc_ld = R * (d_in + d_out);
+  // Output-mix accumulators are per worker: a static split keeps the gradients deterministic.
+  for_each_piece(pb.grouping, pb.M, pb.workers, !pb.output_mix, [&](int64_t p, int64_t worker) {
+    const Piece& piece = pb.grouping.pieces[p];
+    float* u = scratch.get() + worker * stride;
+    float* h = u + kTile * R;
+    float* x_buf = h + kTile * R;
+    float* g_buf = x_buf + kTile * d_in;
+    float* dx_buf = g_buf + kTile * d_out;
+    const float* a_eff = pb.a_eff(piece.sample);
+    const float* bt_eff = pb.bt_eff(piece.sample);
+    const float* gate = pb.gate + piece.sample * pb.K;
+    const int64_t slot = pb.output_mix ? worker : p;
+    float* acc_a = acc.data.data_ptr<float>() + slot * acc_ld;
+    float* acc_bt = acc_a + R * d_in;
+    int64_t rows[kTile];
+    const float* x_rows[kTile];
+    const float* g_rows[kTile];
+    float* dx_rows[kTile];
+    for (int64_t begin = piece.begin; begin < piece.end; begin += kTile) {
+      const int64_t n = std::min(kTile, piece.end - begin);
+      tile_rows(pb.grouping, begin, n, rows);
+      read_rows(x, d_in, rows, n, x_buf, x_rows);
+      read_rows(grad_out, d_out, rows, n, g_buf, g_rows);
+      // u = s A_e x; h = B_e^T G (times s in the weight mix, where it is final).
+      row_dots(x_rows, n, a_eff, d_in, R, d_in, pb.scaling, u, R, false);
+      row_dots(g_rows, n, bt_eff, d_out, R, d_out, pb.output_mix ? 1.f : pb.scaling, h, R, false);
+      if (pb.output_mix) {
+        // dgate_k += <s A_k x, B_k^T G>; then h -> s g_k B_k^T G and u -> s g_k A_k x per block k.
+        float* dgate = dgate_pieces + p * pb.K;
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t k = 0; k < pb.K; ++k) {
+            float* ub = u + t * R + k * pb.r;
+            float* hb = h + t * R + k * pb.r;
+            float dot = 0.f;
+            for (int64_t j = 0; j < pb.r; ++j) dot += ub[j] * hb[j];
+            dgate[k] += dot;
+            for (int64_t j = 0; j < pb.r; ++j) {
+              ub[j] *= gate[k];
+              hb[j] *= pb.scaling * gate[k];
+            }
+          }
+        }
+      }
+      output_rows(grad_x, d_in, rows, n, dx_buf, dx_rows);
+      row_combine(dx_rows, n, h, R, a_eff, d_in, R, d_in, kFloat && accumulate_x);
+      write_rows(grad_x, d_in, rows, n, dx_buf, accumulate_x);
+      const bool first = !acc.written[slot];
+      rank_update(acc_a, d_in, R, d_in, h, R, 1, x_rows, n, !first);
+      rank_update(acc_bt, d_out, R, d_out, u, R, 1, g_rows, n, !first);
+      acc.written[slot] = 1;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& gate,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const c10::optional<at::Tensor>& sample_index, double scaling,
+    bool output_mix) {
+  check_inputs(x, weight, gate, lora_a, lora_b, sample_index);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == lora_b.size(1) &&
+                  grad_out.scalar_type() == x.scalar_type() && grad_out.device().is_cpu() &&
+                  grad_out.is_contiguous(),
+              "gated_lora (cpu): grad_out must be contiguous (M, d_out) = (", x.size(0), ", ", lora_b.size(1),
+              ") with x's dtype, got ", grad_out.sizes());
+  const int64_t B = gate.size(0), K = gate.size(1);
+  at::Tensor grad_x = weight.has_value() ? at::mm(grad_out, *weight) : at::empty_like(x);
+  at::Tensor grad_gate = at::zeros({B, K}, gate.options());
+  if (x.size(0) == 0) return {grad_x, grad_gate, at::zeros_like(lora_a), at::zeros_like(lora_b)};
+
+  const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling, output_mix);
+  const int64_t P = pb.grouping.pieces.size(), R = pb.R, d_in = pb.d_in, d_out = pb.d_out;
+  const auto float_options = gate.options();
+  Accumulators acc;
+  const int64_t slots = output_mix ? pb.workers : P;
+  acc.data = at::empty({slots, R * (d_in + d_out)}, float_options);
+  acc.written.assign(slots, 0);
+  std::vector<float> dgate_pieces(P * K, 0.f);
+  RECLORA_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "gated_lora_backward_cpu", [&] {
+    backward_pieces<scalar_t>(pb, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                              grad_x.data_ptr<scalar_t>(), weight.has_value(), acc, dgate_pieces.data());
+  });
+
+  at::Tensor grad_a, grad_bt;  // float (K r, d_in), (K r, d_out)
+  const int64_t ld = R * (d_in + d_out);
+  if (output_mix) {
+    for (int64_t w = 0; w < slots; ++w) {
+      if (!acc.written[w]) acc.data[w].zero_();
+    }
+    at::Tensor total = slots == 1 ? acc.data[0] : acc.data.sum(0);
+    grad_a = total.narrow(0, 0, R * d_in);
+    grad_bt = total.narrow(0, R * d_in, R * d_out);
+  } else {
+    // dA_k = sum_p g[b(p), k] dA_p, likewise dB_k; dgate[b(p), k] += <dA_p, A_k> + <dB_p, B_k>.
+    std::vector<float> piece_gate(P * K);
+    for (int64_t p = 0; p < P; ++p) {
+      std::copy_n(pb.gate + pb.grouping.pieces[p].sample * K, K, piece_gate.begin() + p * K);
+    }
+    grad_a = at::empty({K * R * d_in}, float_options);
+    grad_bt = at::empty({K * R * d_out}, float_options);
+    const float* acc_base = acc.data.data_ptr<float>();
+    mix_rows(piece_gate.data(), K, 1, P, acc_base, ld, K, R * d_in, grad_a.data_ptr<float>(), R * d_in);
+    mix_rows(piece_gate.data(), K, 1, P, acc_base + R * d_in, ld, K, R * d_out, grad_bt.data_ptr<float>(),
+             R * d_out);
+    const float* a = pb.a.data_ptr<float>();
+    const float* bt = pb.bt.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * ld));
+    at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+      std::vector<const float*> rows(end - begin);
+      for (int64_t p = begin; p < end; ++p) rows[p - begin] = acc_base + p * ld;
+      float* out = dgate_pieces.data() + begin * K;
+      row_dots(rows.data(), end - begin, a, R * d_in, K, R * d_in, 1.f, out, K, false);
+      for (auto& row : rows) row += R * d_in;
+      row_dots(rows.data(), end - begin, bt, R * d_out, K, R * d_out, 1.f, out, K, true);
+    });
+  }
+  float* dgate = grad_gate.data_ptr<float>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t b = pb.grouping.pieces[p].sample;
+    for (int64_t k = 0; k < K; ++k) dgate[b * K + k] += dgate_pieces[p * K + k];
+  }
+  const int64_t r = pb.r;
+  at::Tensor grad_lora_a = grad_a.view({K, r, d_in}).to(lora_a.scalar_type());
+  at::Tensor grad_lora_b = at::empty({K, d_out, r}, float_options);
+  transpose_inner(grad_bt.data_ptr<float>(), grad_lora_b.data_ptr<float>(), K, r, d_out);
+  return {grad_x, grad_gate, grad_lora_a, grad_lora_b.to(lora_b.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reclora, CPU, m) {
+  m.impl("gated_lora_forward", &gated_lora_forward_cpu);
+  m.impl("gated_lora_backward", &gated_lora_backward_cpu);
+}
+
+}  // namespace reclora
