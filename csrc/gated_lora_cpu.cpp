@@ -6,11 +6,12 @@
 //   output mix: the concatenated A_cat and B_cat^T (R = K r); the gate scales the K blocks of the
 //   rank-R activations of each token.
 // Tokens are grouped by sample (a counting sort when sample_index is given) and cut into pieces
-// of one sample, which threads take from a shared counter. A piece goes through tiles of kTile
-// tokens whose rows of x and grad_out are read once and then stay in cache for three skinny
-// kernels on 16-float vectors: row_dots (u = A_e x), row_combine (y += B_e u) and rank_update
-// (dA_e += h x^T). Weight-mix gradients of A_p, B_p are kept per piece and reduced over pieces
-// with the gate at the end, so nothing per token of size r * d is ever formed.
+// of one sample, which threads share out. A piece goes through tiles of kTile tokens whose rows
+// of x and grad_out are read (and converted to float32) once, then stay in cache for three skinny
+// SIMD kernels: row_dots (u = A_e x), row_combine (y += B_e u) and rank_update (dA_e += h x^T).
+// Weight-mix gradients of A_p, B_p are kept per piece and reduced over pieces with the gate at
+// the end; output-mix gradients are gated per token and kept per thread. Nothing per token of
+// size r * d is ever formed, and results do not depend on how threads pick up pieces.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <memory>
 #include <vector>
 
@@ -233,18 +235,34 @@ void rank_update(
   cpu::run_simd<RankUpdate>(out, ldo, R, len, c, c_ts, c_js, rows, n, accumulate);
 }
 
-// out[j][:len] = sum_t c[t * c_ts + j * c_js] * (base + t * ld)[:len] for j < R, t < T; threads
-// split the columns. Mixes meta-LoRAs by the gate, and per-piece gradients back into meta-LoRAs.
-void mix_rows(
-    const float* c, int64_t c_ts, int64_t c_js, int64_t T, const float* base, int64_t ld, int64_t R,
-    int64_t len, float* out, int64_t ldo) {
+// Column range of a mix: row t of the source is base + t * ld, row j of the result out + j * ldo.
+struct MixPart {
+  const float* base;
+  int64_t ld;
+  float* out;
+  int64_t ldo;
+  int64_t len;
+};
+
+// For each part: out_j[:len] = sum_t c[t * c_ts + j * c_js] * base_t[:len] for j < R, t < T. Mixes
+// meta-LoRAs by the gate, and per-piece gradients back into meta-LoRAs; threads split the columns
+// of all parts at once.
+void mix_rows(const float* c, int64_t c_ts, int64_t c_js, int64_t T, int64_t R, std::initializer_list<MixPart> parts) {
   constexpr int64_t kCols = 64;
+  std::vector<int64_t> first_block = {0};
+  for (const MixPart& part : parts) first_block.push_back(first_block.back() + ceil_div(part.len, kCols));
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, T * R * kCols));
-  at::parallel_for(0, ceil_div(len, kCols), grain, [&](int64_t begin, int64_t end) {
-    const int64_t col = begin * kCols;
+  at::parallel_for(0, first_block.back(), grain, [&](int64_t begin, int64_t end) {
     std::vector<const float*> rows(T);
-    for (int64_t t = 0; t < T; ++t) rows[t] = base + t * ld + col;
-    rank_update(out + col, ldo, R, std::min(len, end * kCols) - col, c, c_ts, c_js, rows.data(), T, false);
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const MixPart& part = parts.begin()[i];
+      const int64_t block = std::max(begin, first_block[i]), block_end = std::min(end, first_block[i + 1]);
+      if (block >= block_end) continue;
+      const int64_t col = (block - first_block[i]) * kCols;
+      const int64_t cols = std::min(part.len, (block_end - first_block[i]) * kCols) - col;
+      for (int64_t t = 0; t < T; ++t) rows[t] = part.base + t * part.ld + col;
+      rank_update(part.out + col, part.ldo, R, cols, c, c_ts, c_js, rows.data(), T, false);
+    }
   });
 }
 
@@ -463,10 +481,9 @@ Problem make_problem(
     // A_p and B_p^T of every sample: (B, r d) = gate (B, K) @ (K, r d).
     pb.mixed = at::empty({pb.B, pb.mixed_ld()}, pb.a.options());
     float* mixed = pb.mixed.data_ptr<float>();
-    mix_rows(pb.gate, 1, pb.K, pb.K, pb.a.data_ptr<float>(), pb.r * pb.d_in, pb.B, pb.r * pb.d_in, mixed,
-             pb.mixed_ld());
-    mix_rows(pb.gate, 1, pb.K, pb.K, pb.bt.data_ptr<float>(), pb.r * pb.d_out, pb.B, pb.r * pb.d_out,
-             mixed + pb.r * pb.d_in, pb.mixed_ld());
+    mix_rows(pb.gate, 1, pb.K, pb.K, pb.B,
+             {{pb.a.data_ptr<float>(), pb.r * pb.d_in, mixed, pb.mixed_ld(), pb.r * pb.d_in},
+              {pb.bt.data_ptr<float>(), pb.r * pb.d_out, mixed + pb.r * pb.d_in, pb.mixed_ld(), pb.r * pb.d_out}});
   }
   return pb;
 }
@@ -663,9 +680,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
     grad_a = at::empty({K * R * d_in}, float_options);
     grad_bt = at::empty({K * R * d_out}, float_options);
     const float* acc_base = acc.data.data_ptr<float>();
-    mix_rows(piece_gate.data(), K, 1, P, acc_base, ld, K, R * d_in, grad_a.data_ptr<float>(), R * d_in);
-    mix_rows(piece_gate.data(), K, 1, P, acc_base + R * d_in, ld, K, R * d_out, grad_bt.data_ptr<float>(),
-             R * d_out);
+    mix_rows(piece_gate.data(), K, 1, P, K,
+             {{acc_base, ld, grad_a.data_ptr<float>(), R * d_in, R * d_in},
+              {acc_base + R * d_in, ld, grad_bt.data_ptr<float>(), R * d_out, R * d_out}});
     const float* a = pb.a.data_ptr<float>();
     const float* bt = pb.bt.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * ld));
