@@ -8,6 +8,7 @@ import torch
 
 import reclora_kernels as rk
 from benchmarks import baselines
+from benchmarks import shapes
 from benchmarks.shapes import LORA_SMOLLM2, SCALING, lora_inputs
 
 PASSES = ["forward", "forward+backward"]
@@ -31,15 +32,11 @@ def implementations(mix):
 CASES = [(mix, name) for mix in ("weight", "output") for name in implementations(mix)]
 
 
+TRAINABLE = ("x", "gate", "lora_a", "lora_b")  # the base weight stays frozen, as in LoRA tuning
+
+
 def step(fn, tensors, passes):
-    """One timed step; trainable tensors get fresh gradients (the base weight stays frozen)."""
-    if passes == "forward":
-        with torch.no_grad():
-            return fn(tensors)
-    for name in ("x", "gate", "lora_a", "lora_b"):
-        tensors[name].grad = None
-    out = fn(tensors)
-    out.backward(tensors["grad_out"])
+    return shapes.step(fn, tensors, passes, TRAINABLE)
 
 
 @pytest.mark.parametrize("passes", PASSES)
@@ -48,7 +45,7 @@ def test_gated_lora_cpu(benchmark, mix, impl, passes):
     if rk.unavailable_reason("cpu", "cpu", "gated_lora") and impl.startswith("fused"):
         pytest.skip(rk.unavailable_reason("cpu", "cpu", "gated_lora"))
     tensors = lora_inputs(**LORA_SMOLLM2)
-    for name in ("x", "gate", "lora_a", "lora_b"):
+    for name in TRAINABLE:
         tensors[name].requires_grad_()
     shape = LORA_SMOLLM2
     tensors["grad_out"] = torch.randn(shape["batch"], shape["tokens"], shape["d_out"])

@@ -8,6 +8,7 @@ import torch
 
 import reclora_kernels as rk
 from benchmarks import baselines
+from benchmarks import shapes
 from benchmarks.shapes import RETRIEVAL_CPU, retrieval_inputs
 
 PASSES = ["forward", "forward+backward"]
@@ -28,19 +29,17 @@ def implementations():
 def prepare(shape, device="cpu", dtype=torch.float32):
     tensors = retrieval_inputs(**shape, device=device, dtype=dtype)
     tensors["scale"] = shape["dim"] ** -0.5
-    tensors["query"].requires_grad_()
-    tensors["table"].requires_grad_()
+    for name in TRAINABLE:
+        tensors[name].requires_grad_()
     tensors["grad_out"] = torch.randn(shape["batch"], shape["dim"], device=device, dtype=dtype)
     return tensors
 
 
+TRAINABLE = ("query", "table")
+
+
 def step(fn, tensors, passes):
-    if passes == "forward":
-        with torch.no_grad():
-            return fn(tensors)
-    tensors["query"].grad = None
-    tensors["table"].grad = None
-    fn(tensors).backward(tensors["grad_out"])
+    return shapes.step(fn, tensors, passes, TRAINABLE)
 
 
 @pytest.mark.parametrize("passes", PASSES)

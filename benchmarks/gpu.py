@@ -13,11 +13,11 @@ import torch
 import triton.testing
 
 import reclora_kernels as rk
-from benchmarks import baselines
+from benchmarks import baselines, bench_gated_lora, bench_retrieval
 from benchmarks.environment import describe
 from benchmarks.memory import peak_bytes
 from benchmarks.run import RESULTS, plot_scaling
-from benchmarks.shapes import LORA_7B, LORA_SMOLLM2, RETRIEVAL_GPU, SCALING, lora_inputs, retrieval_inputs
+from benchmarks.shapes import LORA_7B, LORA_SMOLLM2, RETRIEVAL_GPU, SCALING, lora_inputs
 
 # dense bf16 tensor-core FLOP/s and HBM bytes/s from NVIDIA's data sheets
 PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12)}
@@ -37,16 +37,7 @@ def timed(fn):
 
 
 def lora_step(fn, tensors, passes):
-    def run():
-        if passes == "forward":
-            with torch.no_grad():
-                fn(tensors)
-            return
-        for name in ("x", "gate", "lora_a", "lora_b"):
-            tensors[name].grad = None
-        fn(tensors).backward(tensors["grad_out"])
-
-    return run
+    return lambda: bench_gated_lora.step(fn, tensors, passes)
 
 
 def lora_impls(backends):
@@ -72,7 +63,7 @@ def lora_impls(backends):
 
 def bench_lora(shape, backends):
     tensors = lora_inputs(**shape, device="cuda", dtype=torch.bfloat16)
-    for name in ("x", "gate", "lora_a", "lora_b"):
+    for name in bench_gated_lora.TRAINABLE:
         tensors[name].requires_grad_()
     tensors["grad_out"] = torch.randn(shape["batch"], shape["tokens"], shape["d_out"], device="cuda", dtype=torch.bfloat16)
     table = {}
@@ -115,25 +106,11 @@ def attention_impls(backends):
 
 
 def attention_step(fn, tensors, passes):
-    def run():
-        if passes == "forward":
-            with torch.no_grad():
-                fn(tensors)
-            return
-        tensors["query"].grad = None
-        tensors["table"].grad = None
-        fn(tensors).backward(tensors["grad_out"])
-
-    return run
+    return lambda: bench_retrieval.step(fn, tensors, passes)
 
 
 def attention_tensors(shape):
-    tensors = retrieval_inputs(**shape, device="cuda", dtype=torch.bfloat16)
-    tensors["scale"] = shape["dim"] ** -0.5
-    tensors["query"].requires_grad_()
-    tensors["table"].requires_grad_()
-    tensors["grad_out"] = torch.randn(shape["batch"], shape["dim"], device="cuda", dtype=torch.bfloat16)
-    return tensors
+    return bench_retrieval.prepare(shape, device="cuda", dtype=torch.bfloat16)
 
 
 def bench_attention(shape, backends):

@@ -91,7 +91,7 @@ def median_ms(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def retrieval_scaling(batch, lengths, repeats=5):
+def retrieval_scaling(batch, lengths, repeats=3):
     """Forward+backward time against history length L, fused and composed, same shapes otherwise."""
     rows = []
     for length in lengths:

@@ -1,4 +1,4 @@
-"""Benchmark shapes (from the issues) and input builders shared by the CPU and GPU benchmarks."""
+"""Benchmark shapes (from the issues), input builders and the timed step, shared by the CPU and GPU benchmarks."""
 import torch
 
 # SmolLM2-135M q_proj / v_proj: d = 576; RecLoRA's K = 16 meta-LoRAs of rank 8, lora_alpha 16
@@ -38,3 +38,13 @@ def retrieval_inputs(batch, length, dim, k, table_rows, device="cpu", dtype=torc
         lengths=torch.randint(length // 2, length + 1, (batch,), generator=gen, device=device),
         k=k,
     )
+
+
+def step(fn, tensors, passes, trainable):
+    """One timed call: forward under no_grad, or forward+backward with fresh gradients for trainable."""
+    if passes == "forward":
+        with torch.no_grad():
+            return fn(tensors)
+    for name in trainable:
+        tensors[name].grad = None
+    fn(tensors).backward(tensors["grad_out"])
