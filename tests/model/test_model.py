@@ -1,5 +1,4 @@
 """The RecLoRA model end to end on tiny-llama and synthetic data: data flow, freezing, readout."""
-import numpy as np
 import pytest
 import torch
 
