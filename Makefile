@@ -8,7 +8,7 @@ NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 # triton 3.6's interpreter breaks on numpy 2.4
 PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" ninja setuptools wheel
 
-.PHONY: install test check-cuda bench clean
+.PHONY: install test check-cuda bench train clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,15 @@ $(CUDA_VENV)/.installed:
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# Few2Many on the synthetic default with SmolLM2-135M: the CRM, then reclora and lora on the same
+# budget; prints the comparison table. About 15 minutes on 2 CPU cores.
+TRAIN_RUNS := runs/make-train
+train: install
+	$(PY) -m reclora.train --config configs/make-train.yaml --method sim --out $(TRAIN_RUNS)/sim --overwrite
+	$(PY) -m reclora.train --config configs/make-train.yaml --method reclora --out $(TRAIN_RUNS)/reclora --overwrite
+	$(PY) -m reclora.train --config configs/make-train.yaml --method lora --out $(TRAIN_RUNS)/lora --overwrite
+	$(PY) -m reclora.train.report $(TRAIN_RUNS)
 
 clean:
 	rm -rf build reclora_kernels/_C*.so *.egg-info

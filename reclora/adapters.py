@@ -197,13 +197,20 @@ class GatedLoRALinear(nn.Module):
             gate = x.new_ones(x.shape[0], 1)
         else:
             gate = self.gate_context.slot(self.slot)
+        weight, bias = self.weight, self.bias
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Custom ops get no autocast rule: cast as autocast would for the F.linear this replaces.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         lora_a, lora_b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
         options = dict(scaling=self.scaling, mix=self.mix, backend=self.backend)
         if self.training and self.lora_dropout.p > 0:
             # The LoRA path reads a dropped-out x, so it cannot share the kernel's read of x.
             delta = reclora_kernels.gated_lora(self.lora_dropout(x), gate, lora_a, lora_b, **options)
-            return F.linear(x, self.weight, self.bias) + delta
-        return reclora_kernels.gated_lora_linear(x, self.weight, self.bias, gate, lora_a, lora_b, **options)
+            return F.linear(x, weight, bias) + delta
+        return reclora_kernels.gated_lora_linear(x, weight, bias, gate, lora_a, lora_b, **options)
 
     def extra_repr(self) -> str:
         num_loras, rank, _ = self.lora_a.shape
@@ -267,8 +274,10 @@ class PersonalizedLLM(nn.Module):
         try:
             return self.llm(**llm_inputs).logits[:, -1]
         finally:
-            if self.gate_context is not None:
-                self.gate_context.alpha = None  # the model does not keep the batch's graph alive
+            # The model does not keep the batch's graph alive, except under gradient
+            # checkpointing: the backward pass reruns the layers, which read alpha again.
+            if self.gate_context is not None and not (self.training and _recomputes_in_backward(self.llm)):
+                self.gate_context.alpha = None
 
     def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The trainable parameters: every slot's lora_a, lora_b, then the gate bank's."""
@@ -295,6 +304,14 @@ class PersonalizedLLM(nn.Module):
                     saved, expected = tuple(state[name].shape), tuple(parameter.shape)
                     raise ValueError(f"{name}: saved shape {saved}, the model has {expected}")
                 parameter.copy_(state[name])
+
+
+def _recomputes_in_backward(llm: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing; read the new name first (the old one warns)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(llm), name) or hasattr(llm, name):
+            return bool(getattr(llm, name))
+    return False
 
 
 def _inject(llm: nn.Module, config: AdapterConfig, gate_context: Optional[GateContext]) -> list[str]:

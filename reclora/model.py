@@ -3,7 +3,9 @@
 Data flow for a batch of sample indices:
   retriever: the K_long history items most relevant to the target (CRM input) and the K_short
     ones (prompt), both chronological;
-  CRM (frozen, eval mode): its last hidden layer h (B, hidden), detached;
+  CRM (frozen, eval mode): its last hidden layer h (B, hidden), detached; it reads the history it
+    was trained on (SIM: its own top K_long of the whole history; DIN: the last K_long). With
+    gate_input="user-embedding" a trainable user embedding replaces h (the no-CRM ablation);
   prompt: user attributes, the K_short behaviours with ratings, the target, the question;
   PersonalizedLLM: gates alpha = softmax(gate(h) / T) mix each slot's K meta-LoRAs; the logits
     at the answer position give P(Yes) = softmax([No, Yes])[Yes].
@@ -25,24 +27,31 @@ from reclora.readout import YesNoReadout
 from reclora.retrieval import LongShortRetriever
 
 METHODS = ("reclora", "lora", "rella", "zero-shot")
+GATE_INPUTS = ("crm", "user-embedding")
 
 
 class RecLoRAModel(nn.Module):
     def __init__(self, method, dataset: RecDataset, llm, tokenizer, retriever: LongShortRetriever,
-                 crm=None, crm_inputs: CrmInputs = None, adapter_config: AdapterConfig = None, max_prompt_length=1024):
-        """crm / crm_inputs: the trained CRM and its batch builder (reclora only).
+                 crm=None, crm_inputs: CrmInputs = None, adapter_config: AdapterConfig = None, max_prompt_length=1024,
+                 gate_input="crm"):
+        """crm / crm_inputs: the trained CRM and its batch builder (reclora with gate_input "crm").
 
         retriever: its strategy decides the prompt's history ("recent" for lora, "semantic" for
-        reclora and rella); for reclora its long list is the CRM's history unless the CRM
-        retrieves for itself (SIM, crm_inputs.history_slots None).
+        reclora and rella).
+        gate_input: "crm" (the paper), or "user-embedding": a trainable (n_users, gate_input_dim)
+        embedding feeds the gates instead, the ablation that removes the CRM's knowledge.
         """
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method == "reclora" and (crm is None or crm_inputs is None):
-            raise ValueError("method 'reclora' needs a trained crm and its crm_inputs")
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
+        uses_crm = method == "reclora" and gate_input == "crm"
+        if uses_crm and (crm is None or crm_inputs is None):
+            raise ValueError("method 'reclora' needs a trained crm and its crm_inputs (or gate_input='user-embedding')")
         self.method, self.dataset, self.retriever, self.crm_inputs = method, dataset, retriever, crm_inputs
-        self.crm = crm.eval().requires_grad_(False) if method == "reclora" else None
+        self.crm = crm.eval().requires_grad_(False) if uses_crm else None
+        self.user_embedding = None
         if method == "zero-shot":
             llm.requires_grad_(False)
             self.llm = llm
@@ -51,6 +60,8 @@ class RecLoRAModel(nn.Module):
             if method != "reclora":
                 config = dataclasses.replace(config, num_loras=1, gated=False)
             self.llm = PersonalizedLLM(llm, config)
+            if method == "reclora" and gate_input == "user-embedding":
+                self.user_embedding = nn.Embedding(dataset.n_users, config.gate_input_dim, device=llm.device)
         self.prompts = PromptBuilder(tokenizer, max_length=max_prompt_length)
         self.readout = YesNoReadout.from_tokenizer(tokenizer)
 
@@ -72,8 +83,9 @@ class RecLoRAModel(nn.Module):
         batch = {name: t.to(self.device) for name, t in batch.items()}
         batch["label"] = torch.from_numpy(self.dataset.samples.label[samples].astype(np.float32)).to(self.device)
         if self.crm is not None:
-            history = retrieved.long if self.crm_inputs.history_slots is not None else None
-            batch["crm"] = self.crm_inputs.batch(samples, self.device, history=history)
+            batch["crm"] = self.crm_inputs.batch(samples, self.device)
+        if self.user_embedding is not None:
+            batch["user"] = torch.from_numpy(self.dataset.samples.user[samples]).to(self.device)
         return batch
 
     def _prompt(self, sample, short, row) -> PromptInput:
@@ -96,9 +108,11 @@ class RecLoRAModel(nn.Module):
                            logits_to_keep=1, use_cache=False)
             return out.logits[:, -1]
         features = None
-        if self.method == "reclora":
+        if self.crm is not None:
             with torch.no_grad():
                 features = self.crm.represent(batch["crm"])
+        elif self.user_embedding is not None:
+            features = self.user_embedding(batch["user"])
         return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=features)
 
     def yes_probability(self, batch) -> torch.Tensor:

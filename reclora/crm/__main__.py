@@ -7,17 +7,10 @@ import json
 
 import torch
 
-from reclora.crm import DIN, SIM
+from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
 from reclora.crm.train import CrmTrainConfig, train_crm
 from reclora.data import load_dataset, print_statistics
-
-
-def build_crm(kind, inputs: CrmInputs, embed_dim=64, hidden=256, k_long=60, search="soft", dropout=0.1):
-    arguments = dict(inputs.model_arguments(), embed_dim=embed_dim, hidden=hidden, dropout=dropout)
-    if kind == "din":
-        return DIN(**arguments)
-    return SIM(**arguments, k_long=k_long, search=search)
 
 
 def main(argv=None):

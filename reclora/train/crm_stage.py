@@ -1,0 +1,98 @@
+"""Stage 1 of Few2Many: the CRM trained on the whole training split, or the one trained before.
+
+A trained CRM is kept in the run's crm/ directory and in the cache under a key of the data and
+the CRM's settings, so methods sharing data and settings train it once (rank 0 trains, the
+other ranks wait and load it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reclora.crm import build_crm
+from reclora.crm.features import CrmInputs
+from reclora.crm.train import CrmTrainConfig, train_crm
+from reclora.data import RecDataset
+from reclora.llm import atomic_directory, default_cache_dir
+from reclora.train.config import TrainConfig
+from reclora.train.distributed import Processes
+
+CRM_SETTINGS = ("crm", "crm_search", "crm_epochs", "crm_batch_size", "crm_lr", "crm_embed_dim", "crm_hidden",
+                "crm_dropout", "k_long", "seed")
+WEIGHTS, INFO = "crm.pt", "crm.json"
+
+
+def dataset_fingerprint(dataset: RecDataset) -> str:
+    """A hash of the samples, their split and the item and user counts."""
+    digest = hashlib.sha256(json.dumps([dataset.name, dataset.split_sizes, dataset.n_users, dataset.n_items]).encode())
+    for array in (dataset.samples.user, dataset.samples.item, dataset.samples.label, dataset.samples.history_length):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def crm_key(config: TrainConfig, dataset: RecDataset) -> str:
+    settings = json.dumps(config.fingerprint(*CRM_SETTINGS), sort_keys=True)
+    return f"{dataset.name}-{config.crm}-{hashlib.sha256((dataset_fingerprint(dataset) + settings).encode()).hexdigest()[:16]}"
+
+
+def crm_inputs(config: TrainConfig, dataset: RecDataset) -> CrmInputs:
+    return CrmInputs(dataset, history_slots=config.k_long if config.crm == "din" else None)
+
+
+def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, processes: Processes, log=print):
+    """Returns (crm in eval mode on the device, its CrmInputs, info: key, cached, train_seconds, metrics)."""
+    inputs = crm_inputs(config, dataset)
+    key = crm_key(config, dataset)
+    cache = Path(config.cache_dir or default_cache_dir()) / "crms" / key
+    found = next((d for d in (run_crm_dir, cache) if _holds(d, key)), None)
+    if found is None and processes.is_main:
+        _train_and_save(config, inputs, key, [run_crm_dir, cache], processes.device, log)
+    processes.barrier()  # the other ranks wait for rank 0's CRM
+    source = found or run_crm_dir
+    info = json.loads((source / INFO).read_text())
+    info["cached"] = found is not None
+    if found is not None:
+        log(f"stage 1: the CRM ({config.crm}) trained before is in {found}")
+        if found != run_crm_dir and processes.is_main:
+            _copy(found, run_crm_dir)
+    model = build_crm(config.crm, inputs, config.crm_embed_dim, config.crm_hidden, config.k_long, config.crm_search,
+                      config.crm_dropout)
+    model.load_state_dict(torch.load(source / WEIGHTS, map_location="cpu", weights_only=True))
+    return model.to(processes.device).eval(), inputs, info
+
+
+def _holds(directory: Path, key: str) -> bool:
+    try:
+        return json.loads((directory / INFO).read_text())["key"] == key and (directory / WEIGHTS).exists()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directories: list, device, log) -> None:
+    log(f"stage 1: training the CRM ({config.crm}) on the whole training split ({inputs.dataset.split_sizes['train']:,} samples)")
+    torch.manual_seed(config.seed)
+    model = build_crm(config.crm, inputs, config.crm_embed_dim, config.crm_hidden, config.k_long, config.crm_search,
+                      config.crm_dropout)
+    train_config = CrmTrainConfig(epochs=config.crm_epochs, batch_size=config.crm_batch_size, lr=config.crm_lr,
+                                  seed=config.seed, device=str(device), progress=config.progress)
+    start = time.perf_counter()
+    result = train_crm(model, inputs, train_config, log=lambda line: log(f"  CRM {line}"))
+    info = {"key": key, "kind": config.crm, "settings": config.fingerprint(*CRM_SETTINGS), "best_epoch": result["best_epoch"],
+            "epochs": result["epochs"], "valid": result["valid"], "test": result["test"],
+            "train_seconds": time.perf_counter() - start, "train_samples": inputs.dataset.split_sizes["train"]}
+    state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    for directory in directories:
+        with atomic_directory(directory) as staging:
+            torch.save(state, staging / WEIGHTS)
+            (staging / INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _copy(source: Path, target: Path) -> None:
+    with atomic_directory(target) as staging:
+        for name in (WEIGHTS, INFO):
+            (staging / name).write_bytes((source / name).read_bytes())

