@@ -35,8 +35,11 @@ $(CUDA_VENV)/.installed:
 	$(CUDA_PY) -m pip install -q torch==2.14.1 ninja "numpy<2.4" setuptools wheel
 	touch $@
 
+# Kernel benchmarks, then end to end (SmolLM2-135M, fp32, batch 8 x 128) and the Long-Short scaling study
 bench: install
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.e2e --llm smollm2-135m --batch-size 8 --seq-len 128 --steps 5 --warmup 1
+	$(PY) -m benchmarks.scaling --llm smollm2-135m --batch-size 1 --steps 3 --warmup 1 --max-seconds 30
 
 # Few2Many on the synthetic default with SmolLM2-135M: the CRM, then reclora and lora on the same
 # budget; prints the comparison table. About 15 minutes on 2 CPU cores.

