@@ -41,7 +41,7 @@ from benchmarks.environment import describe
 from benchmarks.memory import peak_bytes
 from benchmarks.published_reclora import PublishedRecLoRA
 from reclora.adapters import AdapterConfig, PersonalizedLLM
-from reclora.crm.__main__ import build_crm
+from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
 from reclora.llm import load_llm, load_tokenizer, position_ids, SMOLLM2

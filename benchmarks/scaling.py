@@ -35,7 +35,7 @@ import reclora_kernels as rk
 from benchmarks.e2e import DTYPES, RECLORA, RESULTS, build_llm, history_prompt, stats, synthetic_history, timed_ms
 from benchmarks.environment import describe
 from reclora.adapters import AdapterConfig, PersonalizedLLM
-from reclora.crm.__main__ import build_crm
+from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
 from reclora.llm import SMOLLM2
