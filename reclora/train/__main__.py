@@ -1,7 +1,7 @@
 """`python -m reclora.train --help`: the command line of reclora.train.run.
 
 Exit codes: 0 done; 2 bad settings or input (nothing half-written); 3 the loss diverged (the
-last good checkpoint is kept).
+last good checkpoint is kept); 130 interrupted (resume with --resume).
 """
 import sys
 
@@ -20,6 +20,9 @@ def main(argv=None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

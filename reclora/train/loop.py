@@ -103,12 +103,13 @@ def predict(model: RecLoRAModel, samples: np.ndarray, config: TrainConfig, proce
     return processes.gather(np.concatenate(out))
 
 
-def evaluate(model, samples, config, processes, desc) -> dict:
+def evaluate(model, samples, config, processes, desc) -> tuple[dict, np.ndarray]:
+    """(metrics with the seconds taken, P(Yes) per sample)."""
     data = model.dataset.samples
     start = time.perf_counter()
     probs = predict(model, samples, config, processes, desc)
     metrics = ctr_metrics(data.label[samples], probs, users=data.user[samples])
-    return dict(metrics, seconds=time.perf_counter() - start, samples=len(samples))
+    return dict(metrics, seconds=time.perf_counter() - start, samples=len(samples)), probs
 
 
 class Trainer:
@@ -170,8 +171,8 @@ class Trainer:
         order = np.random.default_rng([self.config.seed, epoch]).permutation(self.train_samples)
         return order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
 
-    def train_step(self, step: int) -> float:
-        """One optimizer step; returns the batch's mean loss over all processes."""
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step; returns the batch's mean loss over all processes, and its size."""
         config, processes = self.config, self.processes
         torch.manual_seed(hash((config.seed, step, processes.rank)) % 2**62)  # dropout masks independent of resume
         batch = self.batch_of_step(step)
@@ -201,7 +202,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss
+        return mean_loss, len(batch)
 
     def _checkpoint_step(self):
         if not self.run.checkpoint.exists():
@@ -211,7 +212,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def validate(self) -> dict:
         state = self.state
-        metrics = evaluate(self.model, self.valid_samples, self.config, self.processes, "validate")
+        metrics, _ = evaluate(self.model, self.valid_samples, self.config, self.processes, "validate")
         row = {
             "epoch": math.ceil(state.step / self.steps_per_epoch), "step": state.step,
             "train_loss": state.loss_sum / max(1, state.loss_samples), "lr": self.scheduler.get_last_lr()[0],
@@ -242,9 +243,8 @@ class Trainer:
                    disable=not (config.progress and self.processes.is_main))
         while state.step < self.total_steps and not state.stopped_early:
             start = time.perf_counter()
-            loss = self.train_step(state.step)
+            loss, batch_size = self.train_step(state.step)
             state.step += 1
-            batch_size = len(self.batch_of_step(state.step - 1))
             state.loss_sum += loss * batch_size
             state.loss_samples += batch_size
             state.trained_samples += batch_size

@@ -5,6 +5,7 @@
   checkpoints/last.pt   the training state to resume from
   crm/              the trained CRM (stage 1)
   results.json      the final metrics and costs
+  predictions.npz   the test samples' indices, users, labels and predicted P(click) (for bootstraps)
   curve.png         training loss and validation AUC against optimizer steps
   ../results.csv    one row per finished run, shared by the runs beside this one
 """
@@ -17,6 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CSV_COLUMNS = (
@@ -65,16 +67,22 @@ class RunDirectory:
     crm = property(lambda self: self.path / "crm")
     shared_csv = property(lambda self: self.path.parent / "results.csv")
 
+    predictions = property(lambda self: self.path / "predictions.npz")
+
     def holds_a_run(self) -> bool:
         return any(p.exists() for p in (self.checkpoint, self.results, self.metrics))
 
     def clear(self) -> None:
-        for path in (self.checkpoint, self.results, self.metrics, self.curve, self.config):
+        for path in (self.checkpoint, self.results, self.metrics, self.curve, self.config, self.predictions):
             path.unlink(missing_ok=True)
 
     def write_metrics(self, history: list) -> None:
         """The whole history each time: a resumed run rewrites the lines it had, never duplicates them."""
         atomic_write(self.metrics, lambda f: f.writelines(json.dumps(row) + "\n" for row in history))
+
+    def write_predictions(self, dataset, samples, probs) -> None:
+        arrays = dict(sample=samples, user=dataset.samples.user[samples], label=dataset.samples.label[samples], prob=probs)
+        atomic_write(self.predictions, lambda f: np.savez(f, **arrays), mode="wb")
 
     def append_csv_row(self, results: dict) -> None:
         """Appends under an exclusive lock: runs sharing the parent may finish at the same time."""

@@ -92,7 +92,7 @@ def _run(config: TrainConfig, processes, log) -> dict:
     if config.is_llm_method:
         results = _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds)
     else:
-        results = _crm_results(config, crm, inputs, parts, crm_info, processes, log, seconds)
+        results = _crm_results(config, crm, inputs, parts, crm_info, processes, run_dir, log, seconds)
     results.update(_run_facts(config, dataset, parts, processes, crm_info, seconds, time.perf_counter() - started))
     log(f"test ({len(parts['test']):,} samples) {format_metrics(results)}")
     if processes.is_main:
@@ -120,9 +120,11 @@ def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, sec
                        **{k: v for k, v in best.items() if k.startswith("valid_")})
         if processes.is_main:
             run_dir.plot_curve(state.history, f"{config.method} on {config.dataset} ({config.llm})")
-    metrics = evaluate(model, parts["test"], config, processes, "test")
+    metrics, probs = evaluate(model, parts["test"], config, processes, "test")
     seconds["eval"] = metrics.pop("seconds")
     results.update(metrics, eval_samples_per_second=len(parts["test"]) / max(seconds["eval"], 1e-9))
+    if processes.is_main:
+        run_dir.write_predictions(dataset, parts["test"], probs)
     return results
 
 
@@ -154,13 +156,15 @@ def _retrieval_backend(config):
     return config.backend if config.backend in ("torch", "cpu") else None
 
 
-def _crm_results(config, crm, inputs, parts, crm_info, processes, log, seconds) -> dict:
+def _crm_results(config, crm, inputs, parts, crm_info, processes, run_dir, log, seconds) -> dict:
     predict_config = CrmTrainConfig(device=str(processes.device), progress=False)
     data = inputs.dataset.samples
     start = time.perf_counter()
     probs = crm_predict(crm, inputs, parts["test"], predict_config)
     seconds["eval"] = time.perf_counter() - start
     seconds["train"] = crm_info["train_seconds"]
+    if processes.is_main:
+        run_dir.write_predictions(inputs.dataset, parts["test"], probs)
     valid = crm_predict(crm, inputs, parts["valid"], predict_config)
     valid_metrics = ctr_metrics(data.label[parts["valid"]], valid, users=data.user[parts["valid"]])
     return dict(

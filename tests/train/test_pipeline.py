@@ -2,10 +2,12 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from reclora.llm import smollm2_available
+from reclora.metrics import auc
 from reclora.train import ConfigError, TrainConfig, make_config, run
 from reclora.train.config import config_from_args
 from reclora.train.report import format_table, latest_rows
@@ -39,6 +41,9 @@ def test_every_method_gives_metrics_and_files(runs):
         on_disk = json.loads((root / method / "results.json").read_text())
         assert on_disk["auc"] == pytest.approx(result["auc"])
         assert json.loads((root / method / "config.json").read_text())["method"] == method
+        predictions = np.load(root / method / "predictions.npz")
+        assert len(predictions["prob"]) == 16
+        assert auc(predictions["label"], predictions["prob"]) == pytest.approx(result["auc"])
     for method in ("reclora", "lora", "rella"):
         lines = (root / method / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 4  # 2 epochs x 2 validations
