@@ -95,7 +95,9 @@ class TrainConfig:
     crm_hidden: int = _option(256, "CRM hidden width; its last hidden layer is the gates' input")
     crm_dropout: float = _option(0.1, "CRM dropout")
     # running
-    seed: int = _option(0, "seed for the data subsets, data order, initialization and dropout")
+    seed: int = _option(0, "seed for the training subset, data order, initialization and dropout")
+    eval_seed: int = _option(0, "seed for the validation and test subsets: kept apart from --seed so that runs over "
+                             "several seeds are scored on the same samples")
     out: Optional[str] = _option(None, "output directory (default: runs/<dataset>-<method>-seed<seed>)")
     resume: bool = _option(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _option(False, "start afresh even if --out holds an earlier run")

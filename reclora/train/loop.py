@@ -33,7 +33,7 @@ from reclora.train.outputs import RunDirectory, save_torch
 # Settings a checkpoint must share with the run resuming it.
 RESUME_SETTINGS = ("method", "dataset", "llm", "train_size", "valid_size", "epochs", "batch_size", "lr",
                    "weight_decay", "warmup_steps", "num_loras", "rank", "lora_alpha", "temperature", "mix",
-                   "gate_input", "k_long", "k_short", "crm", "seed", "evals_per_epoch")
+                   "gate_input", "k_long", "k_short", "crm", "seed", "eval_seed", "evals_per_epoch")
 
 
 class TrainingDiverged(RuntimeError):

@@ -28,18 +28,19 @@ GAUC_WEIGHTING = "mean of per-user AUCs weighted by each user's number of evalua
 
 
 def subsets(config: TrainConfig, dataset) -> dict:
-    """The seeded random subsets: LLM training (train_size), validation and test."""
+    """The seeded random subsets: LLM training (train_size, by seed), validation and test (by eval_seed)."""
     sizes = {"train": config.train_size, "valid": config.eval_size if config.valid_size is None else config.valid_size,
              "test": config.eval_size}
     out = {}
     for offset, (split, size) in enumerate(sizes.items()):
+        seed = config.seed if split == "train" else config.eval_seed
         samples = dataset.split(split)
         if size > len(samples):
             option = {"train": "--train-size", "valid": "--valid-size", "test": "--eval-size"}[split]
             raise ConfigError(f"{option} {size} is larger than the {split} split ({len(samples):,} samples); "
                               f"use at most {len(samples)} or 0 for all of it")
         if size and size < len(samples):
-            samples = np.sort(np.random.default_rng([config.seed, offset]).choice(samples, size, replace=False))
+            samples = np.sort(np.random.default_rng([seed, offset]).choice(samples, size, replace=False))
         out[split] = samples
     return out
 
@@ -182,7 +183,7 @@ def _run_facts(config, dataset, parts, processes, crm_info, seconds, total) -> d
     train_size = dataset.split_sizes["train"] if not config.is_llm_method else len(parts["train"])
     return {
         "method": config.method, "dataset": config.dataset, "llm": config.llm if config.is_llm_method else "",
-        "seed": config.seed, "train_size": 0 if config.method == "zero-shot" else train_size,
+        "seed": config.seed, "eval_seed": config.eval_seed, "train_size": 0 if config.method == "zero-shot" else train_size,
         "valid_size": len(parts["valid"]), "test_size": len(parts["test"]),
         "gauc_weighting": GAUC_WEIGHTING,
         "train_seconds": seconds.get("train", 0.0), "eval_seconds": seconds.get("eval", 0.0),

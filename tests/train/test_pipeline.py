@@ -140,3 +140,18 @@ def test_bf16_autocast_runs(tmp_path):
     result = run(make_config(tiny_settings(tmp_path, method="lora", bf16=True, epochs=1, evals_per_epoch=1,
                                            out=str(tmp_path / "bf16"))), log=lambda line: None)
     assert 0 <= result["auc"] <= 1 and torch.isfinite(torch.tensor(result["logloss"]))
+
+
+def test_seeds_change_the_training_subset_not_the_evaluation_subsets(tmp_path):
+    from reclora.data import load_dataset
+    from reclora.train.pipeline import subsets
+
+    settings = tiny_settings(tmp_path)
+    dataset = load_dataset("synthetic", cache_dir=tmp_path / "data", progress=False, **settings["dataset_options"])
+    first, second = (subsets(make_config(dict(settings, seed=seed)), dataset) for seed in (0, 1))
+    assert not np.array_equal(first["train"], second["train"])
+    for split in ("valid", "test"):
+        assert np.array_equal(first[split], second[split])
+        assert set(first[split]) <= set(dataset.split(split))
+    other_eval = subsets(make_config(dict(settings, eval_seed=1)), dataset)
+    assert not np.array_equal(first["test"], other_eval["test"])

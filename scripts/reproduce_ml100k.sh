@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The MovieLens 100K study (docs/RESULTS.md): the CRMs, the LLM methods over seeds, the reclora
+# ablations and the Few2Many curve, all with SmolLM2-135M; then the summary (bootstrap intervals,
+# seed spread, the plot). Every run resumes where it stopped, and a finished run is skipped, so the
+# script can be interrupted and rerun. Budget by environment (defaults: the CPU study):
+#   DATA=../shared/data/ml-100k OUT=runs/ml100k TRAIN_SIZE=2000 EVAL_SIZE=3000 VALID_SIZE=500 \
+#   SEEDS="0 1 2" CURVE_SIZES="250 500 1000" DEVICE=cpu bash scripts/reproduce_ml100k.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+DATA=${DATA:-../shared/data/ml-100k}
+OUT=${OUT:-runs/ml100k}
+TRAIN_SIZE=${TRAIN_SIZE:-2000}
+EVAL_SIZE=${EVAL_SIZE:-3000}
+VALID_SIZE=${VALID_SIZE:-500}
+SEEDS=${SEEDS:-0 1 2}
+CURVE_SIZES=${CURVE_SIZES:-250 500 1000}
+COMMON=(--dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size "$EVAL_SIZE" --valid-size "$VALID_SIZE"
+        ${DEVICE:+--device "$DEVICE"} ${EXTRA:-})
+
+train() {  # train NAME OPTIONS...: one run into $OUT/NAME, skipped when it has finished
+  local name=$1; shift
+  if [[ -f "$OUT/$name/results.json" ]]; then echo "== $name: done"; return; fi
+  echo "== $name"
+  "$PY" -m reclora.train "${COMMON[@]}" --out "$OUT/$name" --resume "$@"
+}
+
+for crm in din sim; do train "$crm" --method "$crm" --seed 0; done
+train zero-shot --method zero-shot
+for seed in $SEEDS; do
+  for method in lora rella reclora; do
+    train "$method-seed$seed" --method "$method" --train-size "$TRAIN_SIZE" --seed "$seed"
+  done
+done
+# Ablations of reclora (seed 0, the main budget)
+train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
+train ablation-mix-output --method reclora --mix output --train-size "$TRAIN_SIZE"
+train ablation-user-gate --method reclora --gate-input user-embedding --train-size "$TRAIN_SIZE"
+train ablation-crm-recent60 --method reclora --crm din --train-size "$TRAIN_SIZE"
+# The Few2Many curve: lora and reclora on smaller training subsets (the main budget is the last point)
+for size in $CURVE_SIZES; do
+  for method in lora reclora; do train "curve-$method-$size" --method "$method" --train-size "$size"; done
+done
+"$PY" scripts/summarize_study.py "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
