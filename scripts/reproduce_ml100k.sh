@@ -4,7 +4,9 @@
 # seed spread, the plot). Every run resumes where it stopped, and a finished run is skipped, so the
 # script can be interrupted and rerun. Budget by environment (defaults: the CPU study):
 #   DATA=../shared/data/ml-100k OUT=runs/ml100k TRAIN_SIZE=2000 EVAL_SIZE=3000 VALID_SIZE=500 \
-#   SEEDS="0 1 2" CURVE_SIZES="250 500 1000" DEVICE=cpu bash scripts/reproduce_ml100k.sh
+#   SEEDS="0 1 2" CURVE_SIZES="250 500 1000" DEVICE=cpu BF16=1 bash scripts/reproduce_ml100k.sh
+# BF16=1 (the default) runs the LLM under bf16 autocast: 2.5x faster on CPUs with AVX512-BF16 (the
+# loss of a SmolLM2 batch agrees with float32 to 1e-3); BF16= runs float32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -15,8 +17,9 @@ EVAL_SIZE=${EVAL_SIZE:-3000}
 VALID_SIZE=${VALID_SIZE:-500}
 SEEDS=${SEEDS:-0 1 2}
 CURVE_SIZES=${CURVE_SIZES:-250 500 1000}
+BF16=${BF16-1}
 COMMON=(--dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size "$EVAL_SIZE" --valid-size "$VALID_SIZE"
-        ${DEVICE:+--device "$DEVICE"} ${EXTRA:-})
+        ${DEVICE:+--device "$DEVICE"} ${BF16:+--bf16} ${EXTRA:-})
 
 train() {  # train NAME OPTIONS...: one run into $OUT/NAME, skipped when it has finished
   local name=$1; shift
