@@ -73,3 +73,25 @@ def test_lora_prompt_uses_recent_items(parts):
     text = model.prompts.render(model._prompt(sample, model.retriever.retrieve([sample]).short, 0))
     positions = [text.index(t) for t in titles]
     assert positions == sorted(positions)  # chronological
+
+
+def test_user_embedding_gate_needs_no_crm(parts):
+    """The no-CRM ablation: a trainable user embedding feeds the gates and is trained with them."""
+    dataset, _, _, embeddings = parts
+    llm, tokenizer = load_llm("tiny-llama", seed=0)
+    retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3)
+    config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
+    model = RecLoRAModel("reclora", dataset, llm, tokenizer, retriever, adapter_config=config, max_prompt_length=512,
+                         gate_input="user-embedding").train()
+    assert model.crm is None
+    batch = model.prepare(dataset.split("train")[:4])
+    assert "crm" not in batch and batch["user"].shape == (4,)
+    with torch.no_grad():
+        for name, p in model.llm.named_adapter_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(std=0.1)
+    model.loss(batch).backward()
+    assert model.user_embedding.weight.grad.abs().sum() > 0
+    assert any(p is model.user_embedding.weight for p in model.trainable_parameters())
+    with pytest.raises(ValueError, match="needs a trained crm"):
+        RecLoRAModel("reclora", dataset, llm, tokenizer, retriever, adapter_config=config)
