@@ -72,7 +72,8 @@ def start(device: str | None) -> Processes:
     else:
         target = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if wants_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        # Generous: the other ranks wait in a barrier while rank 0 trains the CRM on the whole split.
+        dist.init_process_group("nccl" if wants_cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return Processes(rank=dist.get_rank(), world_size=dist.get_world_size(), device=target)
 
 
