@@ -89,8 +89,10 @@ def compare(runs, seeds, over_seeds) -> dict:
         mean = float(np.mean(differences))
         ci = interval(np.mean(boots, axis=0))
         spread = max(filter(None, [over_seeds["reclora"]["auc_std"], over_seeds.get(other, {}).get("auc_std")]), default=None)
+        # with one seed the spread is unknown, and so is the verdict
+        verdict = None if spread is None else bool((ci[0] > 0 or ci[1] < 0) and abs(mean) > spread)
         out[other] = {"auc_difference": mean, "paired_bootstrap_95": ci, "seed_spread": spread,
-                      "larger_than_both": bool((ci[0] > 0 or ci[1] < 0) and (spread is None or abs(mean) > spread))}
+                      "larger_than_both": verdict}
     return out
 
 
@@ -140,7 +142,7 @@ def markdown(summary: dict) -> str:
     for other, c in summary["reclora_vs"].items():
         spread = "n/a" if c["seed_spread"] is None else f"{c['seed_spread']:.4f}"
         lines.append(f"| {other} | {c['auc_difference']:+.4f} | [{c['paired_bootstrap_95'][0]:+.4f}, "
-                     f"{c['paired_bootstrap_95'][1]:+.4f}] | {spread} | {'yes' if c['larger_than_both'] else 'no'} |")
+                     f"{c['paired_bootstrap_95'][1]:+.4f}] | {spread} | {{True: 'yes', False: 'no', None: 'n/a (one seed)'}}[c['larger_than_both']]} |")
     return "\n".join(lines)
 
 
