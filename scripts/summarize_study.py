@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reclora.metrics import auc  # noqa: E402
 
 BOOTSTRAP = 1000
+VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
 
 
 def load_runs(directory: Path) -> dict:
@@ -142,7 +143,7 @@ def markdown(summary: dict) -> str:
     for other, c in summary["reclora_vs"].items():
         spread = "n/a" if c["seed_spread"] is None else f"{c['seed_spread']:.4f}"
         lines.append(f"| {other} | {c['auc_difference']:+.4f} | [{c['paired_bootstrap_95'][0]:+.4f}, "
-                     f"{c['paired_bootstrap_95'][1]:+.4f}] | {spread} | {{True: 'yes', False: 'no', None: 'n/a (one seed)'}}[c['larger_than_both']]} |")
+                     f"{c['paired_bootstrap_95'][1]:+.4f}] | {spread} | {VERDICT[c['larger_than_both']]} |")
     return "\n".join(lines)
 
 
