@@ -82,11 +82,27 @@ class RecLoRAModel(nn.Module):
         batch = self.prompts.encode([self._prompt(s, retrieved.short, row) for row, s in enumerate(samples)])
         batch = {name: t.to(self.device) for name, t in batch.items()}
         batch["label"] = torch.from_numpy(self.dataset.samples.label[samples].astype(np.float32)).to(self.device)
-        if self.crm is not None:
-            batch["crm"] = self.crm_inputs.batch(samples, self.device)
-        if self.user_embedding is not None:
-            batch["user"] = torch.from_numpy(self.dataset.samples.user[samples]).to(self.device)
+        batch.update(self.gate_batch(samples))
         return batch
+
+    def gate_batch(self, samples) -> dict:
+        """The gates' inputs for a batch of sample indices: the CRM's ("crm") or the user ids ("user")."""
+        samples = np.asarray(samples, dtype=np.int64)
+        if self.crm is not None:
+            return {"crm": self.crm_inputs.batch(samples, self.device)}
+        if self.user_embedding is not None:
+            return {"user": torch.from_numpy(self.dataset.samples.user[samples]).to(self.device)}
+        return {}
+
+    def gate_features(self, batch) -> torch.Tensor:
+        """What the gates read, (B, gate_input_dim): the frozen CRM's last hidden layer or the user
+        embedding; None for the methods without gates."""
+        if self.crm is not None:
+            with torch.no_grad():
+                return self.crm.represent(batch["crm"])
+        if self.user_embedding is not None:
+            return self.user_embedding(batch["user"])
+        return None
 
     def _prompt(self, sample, short, row) -> PromptInput:
         items, n = self.dataset.items, int(short.lengths[row])
@@ -107,13 +123,7 @@ class RecLoRAModel(nn.Module):
             out = self.llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
                            logits_to_keep=1, use_cache=False)
             return out.logits[:, -1]
-        features = None
-        if self.crm is not None:
-            with torch.no_grad():
-                features = self.crm.represent(batch["crm"])
-        elif self.user_embedding is not None:
-            features = self.user_embedding(batch["user"])
-        return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=features)
+        return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=self.gate_features(batch))
 
     def yes_probability(self, batch) -> torch.Tensor:
         """P(Yes) per sample: (B,) float32."""

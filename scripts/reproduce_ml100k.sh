@@ -4,7 +4,8 @@
 # seed spread, the plot). Every run resumes where it stopped, and a finished run is skipped, so the
 # script can be interrupted and rerun. Budget by environment (defaults: the CPU study):
 #   DATA=../shared/data/ml-100k OUT=runs/ml100k TRAIN_SIZE=2000 EVAL_SIZE=3000 VALID_SIZE=500 \
-#   SEEDS="0 1 2" CURVE_SIZES="250 500 1000" DEVICE=cpu BF16=1 bash scripts/reproduce_ml100k.sh
+#   SEEDS="0 1 2" CURVE_SIZES="500 1000" DEVICE=cpu BF16=1 bash scripts/reproduce_ml100k.sh
+# ONLY="reclora-seed1 ablation-k1" runs just those runs (in the script's order) and skips the summary.
 # BF16=1 (the default) runs the LLM under bf16 autocast: 2.5x faster on CPUs with AVX512-BF16 (the
 # loss of a SmolLM2 batch agrees with float32 to 1e-3); BF16= runs float32.
 set -euo pipefail
@@ -16,13 +17,14 @@ TRAIN_SIZE=${TRAIN_SIZE:-2000}
 EVAL_SIZE=${EVAL_SIZE:-3000}
 VALID_SIZE=${VALID_SIZE:-500}
 SEEDS=${SEEDS:-0 1 2}
-CURVE_SIZES=${CURVE_SIZES:-250 500 1000}
+CURVE_SIZES=${CURVE_SIZES:-500 1000}
 BF16=${BF16-1}
 COMMON=(--dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size "$EVAL_SIZE" --valid-size "$VALID_SIZE"
         ${DEVICE:+--device "$DEVICE"} ${BF16:+--bf16} ${EXTRA:-})
 
 train() {  # train NAME OPTIONS...: one run into $OUT/NAME, skipped when it has finished
   local name=$1; shift
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
   if [[ -f "$OUT/$name/results.json" ]]; then echo "== $name: done"; return; fi
   echo "== $name"
   "$PY" -m reclora.train "${COMMON[@]}" --out "$OUT/$name" --resume "$@"
@@ -40,8 +42,16 @@ train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
 train ablation-mix-output --method reclora --mix output --train-size "$TRAIN_SIZE"
 train ablation-user-gate --method reclora --gate-input user-embedding --train-size "$TRAIN_SIZE"
 train ablation-crm-recent60 --method reclora --crm din --train-size "$TRAIN_SIZE"
+# Attempts at closing reclora's gap to the CRMs (docs/RESULTS.md, "What we tried")
+train attempt-reclora-recent-prompt --method reclora --prompt-history recent --train-size "$TRAIN_SIZE"
+train attempt-reclora-t1 --method reclora --temperature 1 --train-size "$TRAIN_SIZE"
 # The Few2Many curve: lora and reclora on smaller training subsets (the main budget is the last point)
 for size in $CURVE_SIZES; do
   for method in lora reclora; do train "curve-$method-$size" --method "$method" --train-size "$size"; done
+done
+[[ -n "${ONLY:-}" ]] && exit 0
+# The gates of every reclora run (gates.json: are the mixes personalized or collapsed?)
+for dir in "$OUT"/reclora-seed* "$OUT"/ablation-* "$OUT"/attempt-* "$OUT"/curve-reclora-*; do
+  if [[ -f "$dir/results.json" && ! -f "$dir/gates.json" ]]; then "$PY" -m reclora.train.gates "$dir"; fi
 done
 "$PY" scripts/summarize_study.py "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png

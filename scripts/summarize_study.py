@@ -4,7 +4,10 @@ For each run: test AUC with a bootstrap 95% interval (resampling the test sample
 method run over several seeds: mean and spread (sample standard deviation) of AUC and LogLoss.
 For reclora against each other method: the mean AUC difference, its paired bootstrap interval
 (the methods share the test subset) and whether it exceeds both the seed spread and the interval.
-The Few2Many plot: test AUC against the training-subset size for lora and reclora.
+For each ablation-* and attempt-* run: its AUC minus reclora-seed0's (same seed and test samples),
+paired bootstrap interval. For each run with a gates.json (python -m reclora.train.gates): the
+trained gates' statistics. The Few2Many plot: test AUC against the training-subset size for lora
+and reclora (the mean and spread over seeds where there are several), the CRMs as lines.
 
   python scripts/summarize_study.py runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
 """
@@ -62,7 +65,7 @@ def summarize(runs: dict) -> dict:
         over_seeds[method] = {"runs": names, "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
                               "logloss_mean": float(losses.mean()), "logloss_std": float(losses.std(ddof=1)) if len(losses) > 1 else None}
     return {"runs": table, "over_seeds": over_seeds, "reclora_vs": compare(runs, seeds, over_seeds),
-            "few2many": curve(runs)}
+            "against_reclora_seed0": against_reclora(runs), "few2many": curve(runs, over_seeds)}
 
 
 def compare(runs, seeds, over_seeds) -> dict:
@@ -78,34 +81,75 @@ def compare(runs, seeds, over_seeds) -> dict:
             partner = f"{other}-seed{seed}" if other in seeds else other
             if partner not in runs:
                 continue
-            mine, theirs = runs[name][1], runs[partner][1]
-            if not np.array_equal(mine["sample"], theirs["sample"]):
+            boot = paired_bootstrap(runs[name][1], runs[partner][1], seed=int(seed))
+            if boot is None:
                 continue  # not the same test samples: no paired comparison
-            rng = np.random.default_rng(int(seed))
-            draws = rng.integers(0, len(mine["label"]), size=(BOOTSTRAP, len(mine["label"])))
-            boots.append([auc(mine["label"][d], mine["prob"][d]) - auc(theirs["label"][d], theirs["prob"][d]) for d in draws])
+            boots.append(boot)
             differences.append(runs[name][0]["auc"] - runs[partner][0]["auc"])
         if not differences:
             continue
         mean = float(np.mean(differences))
         ci = interval(np.mean(boots, axis=0))
-        spread = max(filter(None, [over_seeds["reclora"]["auc_std"], over_seeds.get(other, {}).get("auc_std")]), default=None)
-        # with one seed the spread is unknown, and so is the verdict
+        # The CRMs are one deterministic run each: reclora's spread is the spread. A method of the
+        # seed sweep run with one seed has an unknown spread, and so is the verdict.
+        spreads = [over_seeds["reclora"]["auc_std"]] + ([over_seeds[other]["auc_std"]] if other in seeds else [])
+        spread = None if None in spreads else max(spreads)
         verdict = None if spread is None else bool((ci[0] > 0 or ci[1] < 0) and abs(mean) > spread)
         out[other] = {"auc_difference": mean, "paired_bootstrap_95": ci, "seed_spread": spread,
                       "larger_than_both": verdict}
     return out
 
 
-def curve(runs) -> dict:
+def paired_bootstrap(mine, theirs, seed=0):
+    """Bootstrap draws of AUC(mine) - AUC(theirs) resampling the shared test samples; None if not shared."""
+    if not np.array_equal(mine["sample"], theirs["sample"]):
+        return None
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(mine["label"]), size=(BOOTSTRAP, len(mine["label"])))
+    return [auc(mine["label"][d], mine["prob"][d]) - auc(theirs["label"][d], theirs["prob"][d]) for d in draws]
+
+
+def against_reclora(runs) -> dict:
+    """Each ablation-* / attempt-* run minus reclora-seed0 (both seed 0, the same test samples)."""
+    if "reclora-seed0" not in runs:
+        return {}
+    base = runs["reclora-seed0"]
+    out = {}
+    for name, (results, predictions) in runs.items():
+        if not name.startswith(("ablation-", "attempt-")):
+            continue
+        boot = paired_bootstrap(predictions, base[1])
+        if boot is not None:
+            out[name] = {"auc_difference": results["auc"] - base[0]["auc"], "paired_bootstrap_95": interval(boot)}
+    return out
+
+
+def gates(directory: Path, names) -> dict:
+    """The trained gates' statistics of the runs with a gates.json."""
+    out = {}
+    for name in names:
+        path = directory / name / "gates.json"
+        if path.exists():
+            report = json.loads(path.read_text())
+            out[name] = {when: {k: report[when][k] for k in ("entropy", "top", "spread", "usage")}
+                         for when in ("initial", "trained")}
+            out[name]["num_loras"], out[name]["temperature"] = report["num_loras"], report["temperature"]
+    return out
+
+
+def curve(runs, over_seeds) -> dict:
+    """method -> [(training samples, AUC, AUC sd or None)]: the curve-* runs and the main runs' seed mean."""
     points = defaultdict(list)
     for name, (results, _) in runs.items():
         match = re.fullmatch(r"curve-(\w+)-(\d+)", name)
         if match:
-            points[match.group(1)].append((int(match.group(2)), results["auc"]))
-        elif name in ("lora-seed0", "reclora-seed0"):
-            points[name.split("-")[0]].append((results["train_size"], results["auc"]))
-    return {method: sorted(p) for method, p in points.items()}
+            points[match.group(1)].append((int(match.group(2)), results["auc"], None))
+    for method in ("lora", "reclora"):
+        if method in over_seeds:
+            size = runs[over_seeds[method]["runs"][0]][0]["train_size"]
+            points[method].append((size, over_seeds[method]["auc_mean"], over_seeds[method]["auc_std"]))
+    crms = {name: runs[name][0]["auc"] for name in ("din", "sim") if name in runs}
+    return {"llm": {method: sorted(p) for method, p in points.items()}, "crm": crms}
 
 
 def plot(few2many: dict, path: Path) -> None:
@@ -114,10 +158,12 @@ def plot(few2many: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    for method, points in sorted(few2many.items()):
-        sizes, aucs = zip(*points)
-        axis.plot(sizes, aucs, "o-", label=method)
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for method, points in sorted(few2many["llm"].items()):
+        sizes, aucs, sds = zip(*points)
+        axis.errorbar(sizes, aucs, yerr=[sd or 0 for sd in sds], fmt="o-", capsize=3, label=method)
+    for (name, value), style in zip(sorted(few2many["crm"].items()), (":", "--")):
+        axis.axhline(value, color="gray", linestyle=style, label=f"{name} (CRM, whole training split)")
     axis.set_xscale("log")
     axis.set_xlabel("LLM training samples (Few2Many subset)")
     axis.set_ylabel("test AUC")
@@ -129,11 +175,15 @@ def plot(few2many: dict, path: Path) -> None:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| run | train | test | AUC [95% bootstrap] | LogLoss | accuracy | train s | eval s | device |", "|" + "---|" * 9]
+    lines = ["| run | train | test | AUC [95% bootstrap] | LogLoss | accuracy | train s | train samples/s | eval s | "
+             "eval samples/s | device |", "|" + "---|" * 11]
+    rate = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
     for name, r in summary["runs"].items():
         lo, hi = r["auc_95"]
         lines.append(f"| {name} | {r['train_size']} | {r['test_size']} | {r['auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
-                     f"{r['logloss']:.4f} | {r['accuracy']:.4f} | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['device']} |")
+                     f"{r['logloss']:.4f} | {r['accuracy']:.4f} | {r['train_seconds']:.0f} | "
+                     f"{rate(r['train_samples_per_second'])} | {r['eval_seconds']:.0f} | "
+                     f"{rate(r['eval_samples_per_second'])} | {r['device']} |")
     lines += ["", "| method | seeds | AUC mean ± sd | LogLoss mean ± sd |", "|---|---|---|---|"]
     for method, s in summary["over_seeds"].items():
         sd = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -144,6 +194,17 @@ def markdown(summary: dict) -> str:
         spread = "n/a" if c["seed_spread"] is None else f"{c['seed_spread']:.4f}"
         lines.append(f"| {other} | {c['auc_difference']:+.4f} | [{c['paired_bootstrap_95'][0]:+.4f}, "
                      f"{c['paired_bootstrap_95'][1]:+.4f}] | {spread} | {VERDICT[c['larger_than_both']]} |")
+    if summary["against_reclora_seed0"]:
+        lines += ["", "| run | AUC minus reclora-seed0 | paired 95% interval |", "|---|---|---|"]
+        for name, c in summary["against_reclora_seed0"].items():
+            lo, hi = c["paired_bootstrap_95"]
+            lines.append(f"| {name} | {c['auc_difference']:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+    if summary.get("gates"):
+        lines += ["", "| run | K | T | entropy | top alpha | spread | usage |", "|---|---|---|---|---|---|---|"]
+        for name, g in summary["gates"].items():
+            t = g["trained"]
+            lines.append(f"| {name} | {g['num_loras']} | {g['temperature']:g} | {t['entropy']:.4f} | {t['top']:.4f} | "
+                         f"{t['spread']:.4f} | {t['usage']:.4f} |")
     return "\n".join(lines)
 
 
@@ -158,11 +219,12 @@ def main(argv=None) -> int:
         print(f"error: no finished run (results.json) under {args.directory}", file=sys.stderr)
         return 2
     summary = summarize(runs)
+    summary["gates"] = gates(args.directory, runs)
     print(markdown(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    if args.plot and summary["few2many"]:
+    if args.plot and summary["few2many"]["llm"]:
         plot(summary["few2many"], args.plot)
     return 0
 

@@ -1,0 +1,99 @@
+"""scripts/summarize_study.py on a hand-made study directory: intervals, seed verdicts, ablations, plot."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reclora.metrics import auc
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_study.py"
+N = 400
+
+
+@pytest.fixture(scope="module")
+def summarize_study():
+    spec = importlib.util.spec_from_file_location("summarize_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(root: Path, name: str, method: str, quality: float, seed=0, train_size=2000, samples=None):
+    """A finished run whose P(Yes) separates the labels by `quality` (0: chance)."""
+    rng = np.random.default_rng([seed, int(quality * 1000), len(name)])
+    label = np.random.default_rng(7).integers(0, 2, N)  # the shared test samples
+    prob = 1 / (1 + np.exp(-(quality * (2 * label - 1) + rng.normal(size=N))))
+    run = root / name
+    run.mkdir(parents=True)
+    np.savez(run / "predictions.npz", sample=np.arange(N) if samples is None else samples, label=label, prob=prob)
+    results = dict(method=method, seed=seed, train_size=train_size, test_size=N, auc=auc(label, prob), logloss=0.6,
+                   accuracy=0.7, gauc=0.6, train_seconds=10.0, eval_seconds=2.0, train_samples_per_second=200.0,
+                   eval_samples_per_second=200.0, device="cpu (2 cores)")
+    (run / "results.json").write_text(json.dumps(results))
+    return results
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    for seed in range(3):
+        write_run(root, f"reclora-seed{seed}", "reclora", 1.5, seed)
+        write_run(root, f"lora-seed{seed}", "lora", 0.5, seed)
+    write_run(root, "din", "din", 1.5, train_size=70000)
+    write_run(root, "ablation-k1", "reclora", 0.5)
+    write_run(root, "attempt-elsewhere", "reclora", 1.0, samples=np.arange(N) + 1)  # other test samples
+    write_run(root, "curve-lora-500", "lora", 0.2, train_size=500)
+    write_run(root, "curve-reclora-500", "reclora", 0.8, train_size=500)
+    gates = {"num_loras": 16, "temperature": 5.0, **{when: dict(entropy=0.9, top=0.1, spread=0.05, usage=0.99)
+                                                    for when in ("initial", "trained")}}
+    (root / "reclora-seed0" / "gates.json").write_text(json.dumps(gates))
+    return root
+
+
+def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
+    out_json, out_plot = tmp_path / "summary.json", tmp_path / "plot.png"
+    assert summarize_study.main([str(study), "--json", str(out_json), "--plot", str(out_plot)]) == 0
+    summary = json.loads(out_json.read_text())
+    runs = summary["runs"]
+    for name, run in runs.items():
+        low, high = run["auc_95"]
+        assert low < run["auc"] < high, name
+    assert set(summary["over_seeds"]) == {"reclora", "lora"} and summary["over_seeds"]["lora"]["auc_std"] > 0
+    versus = summary["reclora_vs"]
+    assert versus["lora"]["larger_than_both"] is True and versus["lora"]["auc_difference"] > 0.1
+    assert versus["din"]["paired_bootstrap_95"][0] < 0 < versus["din"]["paired_bootstrap_95"][1]
+    assert versus["din"]["larger_than_both"] is False
+    # ablations: against reclora-seed0 on the same samples; a run on other samples is left out
+    assert list(summary["against_reclora_seed0"]) == ["ablation-k1"]
+    assert summary["against_reclora_seed0"]["ablation-k1"]["paired_bootstrap_95"][1] < 0
+    few2many = summary["few2many"]
+    assert [size for size, _, _ in few2many["llm"]["reclora"]] == [500, 2000]
+    assert few2many["llm"]["reclora"][1][1] == pytest.approx(summary["over_seeds"]["reclora"]["auc_mean"])
+    assert set(few2many["crm"]) == {"din"}
+    assert summary["gates"]["reclora-seed0"]["trained"]["spread"] == 0.05
+    assert out_plot.read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "| ablation-k1 |" in printed and "| reclora-seed0 | 16 | 5 |" in printed
+
+
+def test_one_seed_gives_no_verdict(summarize_study, tmp_path):
+    write_run(tmp_path, "reclora-seed0", "reclora", 1.5)
+    write_run(tmp_path, "lora-seed0", "lora", 0.5)
+    summary = summarize_study.summarize(summarize_study.load_runs(tmp_path))
+    assert summary["reclora_vs"]["lora"]["larger_than_both"] is None
+
+
+def test_a_method_run_with_fewer_seeds_gives_no_verdict(summarize_study, tmp_path):
+    for seed in range(2):
+        write_run(tmp_path, f"reclora-seed{seed}", "reclora", 1.5, seed)
+    write_run(tmp_path, "rella-seed0", "rella", 0.5)
+    summary = summarize_study.summarize(summarize_study.load_runs(tmp_path))
+    assert summary["reclora_vs"]["rella"]["seed_spread"] is None
+    assert summary["reclora_vs"]["rella"]["larger_than_both"] is None
+
+
+def test_an_empty_directory_is_an_error(summarize_study, tmp_path, capsys):
+    assert summarize_study.main([str(tmp_path)]) == 2
+    assert "no finished run" in capsys.readouterr().err
