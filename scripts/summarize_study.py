@@ -6,7 +6,7 @@ For reclora against each other method: the mean AUC difference, its paired boots
 (the methods share the test subset) and whether it exceeds both the seed spread and the interval.
 For each ablation-* and attempt-* run: its AUC minus reclora-seed0's (same seed and test samples),
 paired bootstrap interval. For each run with a gates.json (python -m reclora.train.gates): the
-trained gates' statistics. The Few2Many plot: test AUC against the training-subset size for lora
+trained gates' statistics. For each run, the rank correlation of its predictions with SIM's. The Few2Many plot: test AUC against the training-subset size for lora
 and reclora (the mean and spread over seeds where there are several), the CRMs as lines.
 
   python scripts/summarize_study.py runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
@@ -41,6 +41,11 @@ def bootstrap_aucs(labels, probs, seed=0) -> np.ndarray:
     return np.array([auc(labels[d], probs[d]) for d in draws])
 
 
+def rank_correlation(a, b) -> float:
+    """Spearman's correlation (ties broken by position): how far a run only relays the CRM's ranking."""
+    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+
+
 def interval(values) -> list:
     return [float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5))]
 
@@ -53,6 +58,8 @@ def summarize(runs: dict) -> dict:
                                                     "accuracy", "gauc", "train_seconds", "eval_seconds",
                                                     "train_samples_per_second", "eval_samples_per_second", "device")}
         table[name]["auc_95"] = interval(boot)
+        if "sim" in runs and np.array_equal(predictions["sample"], runs["sim"][1]["sample"]):
+            table[name]["rank_correlation_with_sim"] = rank_correlation(predictions["prob"], runs["sim"][1]["prob"])
     seeds = defaultdict(list)
     for name in runs:
         match = re.fullmatch(r"(.+)-seed(\d+)", name)
@@ -176,14 +183,15 @@ def plot(few2many: dict, path: Path) -> None:
 
 def markdown(summary: dict) -> str:
     lines = ["| run | train | test | AUC [95% bootstrap] | LogLoss | accuracy | train s | train samples/s | eval s | "
-             "eval samples/s | device |", "|" + "---|" * 11]
+             "eval samples/s | rank corr. with sim | device |", "|" + "---|" * 12]
     rate = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+    corr = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     for name, r in summary["runs"].items():
         lo, hi = r["auc_95"]
         lines.append(f"| {name} | {r['train_size']} | {r['test_size']} | {r['auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
                      f"{r['logloss']:.4f} | {r['accuracy']:.4f} | {r['train_seconds']:.0f} | "
                      f"{rate(r['train_samples_per_second'])} | {r['eval_seconds']:.0f} | "
-                     f"{rate(r['eval_samples_per_second'])} | {r['device']} |")
+                     f"{rate(r['eval_samples_per_second'])} | {corr(r.get('rank_correlation_with_sim'))} | {r['device']} |")
     lines += ["", "| method | seeds | AUC mean ± sd | LogLoss mean ± sd |", "|---|---|---|---|"]
     for method, s in summary["over_seeds"].items():
         sd = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

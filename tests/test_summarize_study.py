@@ -60,6 +60,7 @@ def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
     for name, run in runs.items():
         low, high = run["auc_95"]
         assert low < run["auc"] < high, name
+    assert "rank_correlation_with_sim" not in runs["din"]  # no sim run here
     assert set(summary["over_seeds"]) == {"reclora", "lora"} and summary["over_seeds"]["lora"]["auc_std"] > 0
     versus = summary["reclora_vs"]
     assert versus["lora"]["larger_than_both"] is True and versus["lora"]["auc_difference"] > 0.1
@@ -97,3 +98,13 @@ def test_a_method_run_with_fewer_seeds_gives_no_verdict(summarize_study, tmp_pat
 def test_an_empty_directory_is_an_error(summarize_study, tmp_path, capsys):
     assert summarize_study.main([str(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_rank_correlation_with_sim(summarize_study, tmp_path):
+    write_run(tmp_path, "sim", "sim", 1.5, train_size=70000)
+    write_run(tmp_path, "reclora-seed0", "reclora", 1.5)
+    write_run(tmp_path, "elsewhere", "lora", 1.5, samples=np.arange(N) + 1)
+    runs = summarize_study.summarize(summarize_study.load_runs(tmp_path))["runs"]
+    assert runs["sim"]["rank_correlation_with_sim"] == pytest.approx(1)
+    assert 0.3 < runs["reclora-seed0"]["rank_correlation_with_sim"] < 1  # both follow the labels, with own noise
+    assert "rank_correlation_with_sim" not in runs["elsewhere"]  # other test samples
