@@ -54,4 +54,6 @@ done
 for dir in "$OUT"/reclora-seed* "$OUT"/ablation-* "$OUT"/attempt-* "$OUT"/curve-reclora-*; do
   if [[ -f "$dir/results.json" && ! -f "$dir/gates.json" ]]; then "$PY" -m reclora.train.gates "$dir"; fi
 done
+# The bar the prompt sets without any model: the AUC of its mean star rating (recent and semantic history)
+"$PY" scripts/prompt_baseline.py --data-dir "$DATA" --eval-size "$EVAL_SIZE" --json docs/results/ml100k-prompt-baseline.json
 "$PY" scripts/summarize_study.py "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png

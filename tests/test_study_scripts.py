@@ -1,4 +1,5 @@
-"""scripts/summarize_study.py on a hand-made study directory: intervals, seed verdicts, ablations, plot."""
+"""The study scripts: summarize_study.py on a hand-made study directory (intervals, seed verdicts,
+ablations, plot), prompt_baseline.py on a tiny synthetic dataset."""
 import importlib.util
 import json
 from pathlib import Path
@@ -12,12 +13,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_study.py"
 N = 400
 
 
-@pytest.fixture(scope="module")
-def summarize_study():
-    spec = importlib.util.spec_from_file_location("summarize_study", SCRIPT)
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def summarize_study():
+    return load_script(SCRIPT)
 
 
 def write_run(root: Path, name: str, method: str, quality: float, seed=0, train_size=2000, samples=None):
@@ -108,3 +113,15 @@ def test_rank_correlation_with_sim(summarize_study, tmp_path):
     assert runs["sim"]["rank_correlation_with_sim"] == pytest.approx(1)
     assert 0.3 < runs["reclora-seed0"]["rank_correlation_with_sim"] < 1  # both follow the labels, with own noise
     assert "rank_correlation_with_sim" not in runs["elsewhere"]  # other test samples
+
+
+def test_prompt_baseline_scores_both_prompt_histories(tmp_path):
+    module = load_script(SCRIPT.parent / "prompt_baseline.py")
+    from reclora.train import make_config
+    from tests.train.helpers import tiny_settings
+
+    config = make_config(tiny_settings(tmp_path, method="lora", eval_size=0))  # the whole test split
+    result = module.prompt_baseline(config)
+    assert result["test_size"] > 100 and result["k_short"] == 3
+    for strategy in ("recent", "semantic"):
+        assert 0 <= result[strategy]["mean_rating_auc"] <= 1 and 0 <= result[strategy]["positive_share_auc"] <= 1

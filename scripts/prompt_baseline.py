@@ -1,0 +1,68 @@
+"""How much does the prompt give away without any model? The AUC of its mean star rating.
+
+The prompt lists K_short history items with their ratings. Scoring a test sample by the mean
+rating of those items (and by their share rated >= 4) needs no training; it is the bar an LLM
+reading the prompt should clear. Both prompt histories are scored: "recent" (lora) and
+"semantic" (rella, reclora), on the same seeded test subset as the trainer's runs.
+
+  python scripts/prompt_baseline.py --data-dir ../shared/data/ml-100k --eval-size 3000 --json docs/results/ml100k-prompt-baseline.json
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reclora.data import load_dataset  # noqa: E402
+from reclora.llm import load_llm  # noqa: E402
+from reclora.metrics import auc  # noqa: E402
+from reclora.retrieval import STRATEGIES, LongShortRetriever, item_embeddings  # noqa: E402
+from reclora.train import make_config  # noqa: E402
+from reclora.train.pipeline import _cache, subsets  # noqa: E402
+
+
+def prompt_baseline(config) -> dict:
+    dataset = load_dataset(config.dataset, config.data_dir, cache_dir=_cache(config, "datasets"), progress=False,
+                           **config.dataset_options)
+    test = subsets(config, dataset)["test"]
+    llm = tokenizer = None
+    if config.embedder == "llm":
+        llm, tokenizer = load_llm(config.llm, device="cpu", cache_dir=config.cache_dir)
+    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
+                                 cache_dir=_cache(config, "embeddings"), progress=False)
+    labels = dataset.samples.label[test]
+    out = {"test_size": len(test), "eval_seed": config.eval_seed, "k_short": config.k_short}
+    for strategy in STRATEGIES:
+        short = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, strategy).retrieve(test).short
+        ratings, lengths = short.ratings.numpy(), np.maximum(short.lengths.numpy(), 1)
+        out[strategy] = {"mean_rating_auc": auc(labels, ratings.sum(1) / lengths),
+                         "positive_share_auc": auc(labels, (ratings >= 4).sum(1) / lengths)}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--llm", default="smollm2-135m", help="the model whose embeddings rank the semantic history")
+    parser.add_argument("--eval-size", type=int, default=3000)
+    parser.add_argument("--eval-seed", type=int, default=0)
+    parser.add_argument("--embedder", default="llm")
+    parser.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args(argv)
+    config = make_config(dict(method="lora", dataset=args.dataset, data_dir=args.data_dir, llm=args.llm,
+                              eval_size=args.eval_size, eval_seed=args.eval_seed, embedder=args.embedder))
+    result = prompt_baseline(config)
+    for strategy in STRATEGIES:
+        print(f"{strategy:>8} prompt: AUC of the mean rating {result[strategy]['mean_rating_auc']:.4f}, "
+              f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
