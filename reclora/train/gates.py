@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reclora.data import load_dataset
 from reclora.train import distributed
 from reclora.train.config import make_config
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import load_trainable_state
 from reclora.train.outputs import RunDirectory, write_json
-from reclora.train.pipeline import _cache, build_model, subsets
+from reclora.train.pipeline import build_model, load_run_dataset, subsets
 
 STATISTICS = ("entropy", "top", "spread", "usage")
 
@@ -71,8 +70,7 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
         raise FileNotFoundError(f"{run.checkpoint} does not exist: the run has not trained (or its checkpoint was removed)")
     processes = distributed.start("cpu")
     try:
-        dataset = load_dataset(config.dataset, config.data_dir, cache_dir=_cache(config, "datasets"), progress=False,
-                               **config.dataset_options)
+        dataset = load_run_dataset(config)
         samples = subsets(config, dataset)["test"][:max_samples]
         crm = inputs = None
         if config.gate_input == "crm":

@@ -72,8 +72,7 @@ def _run(config: TrainConfig, processes, log) -> dict:
                           "to start afresh (or choose another --out)")
     seconds = {}
     stage = time.perf_counter()
-    dataset = load_dataset(config.dataset, config.data_dir, cache_dir=_cache(config, "datasets"),
-                           progress=config.progress and processes.is_main, **config.dataset_options)
+    dataset = load_run_dataset(config, progress=config.progress and processes.is_main)
     parts = subsets(config, dataset)
     seconds["data"] = time.perf_counter() - stage
     if processes.is_main:  # only now that the settings and data are known to be good
@@ -133,7 +132,7 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
     """The LLM, item embeddings, retriever and adapters a method needs, seeded by config.seed."""
     llm, tokenizer = load_llm(config.llm, device=device, cache_dir=config.cache_dir, seed=config.seed)
     embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
-                                 cache_dir=_cache(config, "embeddings"), device=device, progress=config.progress)
+                                 cache_dir=cache_path(config, "embeddings"), device=device, progress=config.progress)
     retriever = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, config.history_strategy,
                                    backend=_retrieval_backend(config))
     if config.grad_checkpointing:
@@ -207,5 +206,12 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def _cache(config, name):
+def cache_path(config, name):
+    """config's cache directory for one kind of artefact ("datasets", "embeddings", ...)."""
     return os.path.join(config.cache_dir or default_cache_dir(), name)
+
+
+def load_run_dataset(config: TrainConfig, progress: bool = False):
+    """The dataset config names, through the cache."""
+    return load_dataset(config.dataset, config.data_dir, cache_dir=cache_path(config, "datasets"), progress=progress,
+                        **config.dataset_options)
