@@ -6,8 +6,9 @@ For reclora against each other method: the mean AUC difference, its paired boots
 (the methods share the test subset) and whether it exceeds both the seed spread and the interval.
 For each ablation-* and attempt-* run: its AUC minus reclora-seed0's (same seed and test samples),
 paired bootstrap interval. For each run with a gates.json (python -m reclora.train.gates): the
-trained gates' statistics. For each run, the rank correlation of its predictions with SIM's. The Few2Many plot: test AUC against the training-subset size for lora
-and reclora (the mean and spread over seeds where there are several), the CRMs as lines.
+trained gates' statistics. For each run, the rank correlation of its predictions with SIM's.
+The Few2Many plot: test AUC against the training-subset size for lora and reclora (the mean and
+spread over seeds where there are several), the CRMs as lines.
 
   python scripts/summarize_study.py runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reclora.metrics import auc  # noqa: E402
+from reclora.train.gates import STATISTICS as GATE_STATISTICS  # noqa: E402
 
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
@@ -35,10 +37,13 @@ def load_runs(directory: Path) -> dict:
     return runs
 
 
+def bootstrap_draws(n, seed=0) -> np.ndarray:
+    """(BOOTSTRAP, n) indices: resamples of n test samples with replacement."""
+    return np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
+
+
 def bootstrap_aucs(labels, probs, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(labels), size=(BOOTSTRAP, len(labels)))
-    return np.array([auc(labels[d], probs[d]) for d in draws])
+    return np.array([auc(labels[d], probs[d]) for d in bootstrap_draws(len(labels), seed)])
 
 
 def rank_correlation(a, b) -> float:
@@ -111,9 +116,8 @@ def paired_bootstrap(mine, theirs, seed=0):
     """Bootstrap draws of AUC(mine) - AUC(theirs) resampling the shared test samples; None if not shared."""
     if not np.array_equal(mine["sample"], theirs["sample"]):
         return None
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(mine["label"]), size=(BOOTSTRAP, len(mine["label"])))
-    return [auc(mine["label"][d], mine["prob"][d]) - auc(theirs["label"][d], theirs["prob"][d]) for d in draws]
+    return [auc(mine["label"][d], mine["prob"][d]) - auc(theirs["label"][d], theirs["prob"][d])
+            for d in bootstrap_draws(len(mine["label"]), seed)]
 
 
 def against_reclora(runs) -> dict:
@@ -138,7 +142,7 @@ def gates(directory: Path, names) -> dict:
         path = directory / name / "gates.json"
         if path.exists():
             report = json.loads(path.read_text())
-            out[name] = {when: {k: report[when][k] for k in ("entropy", "top", "spread", "usage")}
+            out[name] = {when: {k: report[when][k] for k in GATE_STATISTICS}
                          for when in ("initial", "trained")}
             out[name]["num_loras"], out[name]["temperature"] = report["num_loras"], report["temperature"]
     return out
