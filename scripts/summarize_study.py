@@ -7,8 +7,9 @@ For reclora against each other method: the mean AUC difference, its paired boots
 For each ablation-* and attempt-* run: its AUC minus reclora-seed0's (same seed and test samples),
 paired bootstrap interval. For each run with a gates.json (python -m reclora.train.gates): the
 trained gates' statistics. For each run, the rank correlation of its predictions with SIM's.
-The Few2Many plot: test AUC against the training-subset size for lora and reclora (the mean and
-spread over seeds where there are several), the CRMs as lines.
+The Few2Many curve (table and plot): test AUC against the training-subset size for lora and reclora
+at seed 0 (the curve-* runs and METHOD-seed0), with the mean and spread over seeds at the main
+runs' size, the CRMs as lines.
 
   python scripts/summarize_study.py runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
 """
@@ -149,18 +150,23 @@ def gates(directory: Path, names) -> dict:
 
 
 def curve(runs, over_seeds) -> dict:
-    """method -> [(training samples, AUC, AUC sd or None)]: the curve-* runs and the main runs' seed mean."""
-    points = defaultdict(list)
+    """The Few2Many curve. seed0: method -> [(training samples, AUC)] of the seed-0 runs (curve-* and
+    METHOD-seed0: the curve at one seed); seed_mean: method -> (training samples, AUC mean, sd) of the
+    main runs, the seed spread at that size."""
+    points, means = defaultdict(list), {}
     for name, (results, _) in runs.items():
         match = re.fullmatch(r"curve-(\w+)-(\d+)", name)
         if match:
-            points[match.group(1)].append((int(match.group(2)), results["auc"], None))
+            points[match.group(1)].append((int(match.group(2)), results["auc"]))
     for method in ("lora", "reclora"):
+        if f"{method}-seed0" in runs:
+            results = runs[f"{method}-seed0"][0]
+            points[method].append((results["train_size"], results["auc"]))
         if method in over_seeds:
-            size = runs[over_seeds[method]["runs"][0]][0]["train_size"]
-            points[method].append((size, over_seeds[method]["auc_mean"], over_seeds[method]["auc_std"]))
+            s = over_seeds[method]
+            means[method] = (runs[s["runs"][0]][0]["train_size"], s["auc_mean"], s["auc_std"])
     crms = {name: runs[name][0]["auc"] for name in ("din", "sim") if name in runs}
-    return {"llm": {method: sorted(p) for method, p in points.items()}, "crm": crms}
+    return {"seed0": {method: sorted(p) for method, p in points.items()}, "seed_mean": means, "crm": crms}
 
 
 def plot(few2many: dict, path: Path) -> None:
@@ -169,16 +175,20 @@ def plot(few2many: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 3.8))
-    for method, points in sorted(few2many["llm"].items()):
-        sizes, aucs, sds = zip(*points)
-        axis.errorbar(sizes, aucs, yerr=[sd or 0 for sd in sds], fmt="o-", capsize=3, label=method)
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for method, points in sorted(few2many["seed0"].items()):
+        sizes, aucs = zip(*points)
+        (line,) = axis.plot(sizes, aucs, "o-", label=f"{method}, seed 0")
+        if method in few2many["seed_mean"]:
+            size, mean, sd = few2many["seed_mean"][method]
+            axis.errorbar([size * 1.04], [mean], yerr=[sd or 0], fmt="s", color=line.get_color(), capsize=3,
+                          label=f"{method}, mean ± sd over seeds")
     for (name, value), style in zip(sorted(few2many["crm"].items()), (":", "--")):
         axis.axhline(value, color="gray", linestyle=style, label=f"{name} (CRM, whole training split)")
     axis.set_xscale("log")
     axis.set_xlabel("LLM training samples (Few2Many subset)")
     axis.set_ylabel("test AUC")
-    axis.legend()
+    axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +227,14 @@ def markdown(summary: dict) -> str:
             t = g["trained"]
             lines.append(f"| {name} | {g['num_loras']} | {g['temperature']:g} | {t['entropy']:.4f} | {t['top']:.4f} | "
                          f"{t['spread']:.4f} | {t['usage']:.4f} |")
+    few2many = summary["few2many"]
+    if few2many["seed0"]:
+        lines += ["", "| method | training samples | AUC, seed 0 | AUC mean ± sd over seeds |", "|---|---|---|---|"]
+        for method, points in few2many["seed0"].items():
+            mean = few2many["seed_mean"].get(method)
+            for size, auc in points:
+                over = f"{mean[1]:.4f} ± {mean[2]:.4f}" if mean and mean[0] == size and mean[2] is not None else ""
+                lines.append(f"| {method} | {size} | {auc:.4f} | {over} |")
     return "\n".join(lines)
 
 
@@ -236,7 +254,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    if args.plot and summary["few2many"]["llm"]:
+    if args.plot and summary["few2many"]["seed0"]:
         plot(summary["few2many"], args.plot)
     return 0
 

@@ -75,13 +75,15 @@ def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
     assert list(summary["against_reclora_seed0"]) == ["ablation-k1"]
     assert summary["against_reclora_seed0"]["ablation-k1"]["paired_bootstrap_95"][1] < 0
     few2many = summary["few2many"]
-    assert [size for size, _, _ in few2many["llm"]["reclora"]] == [500, 2000]
-    assert few2many["llm"]["reclora"][1][1] == pytest.approx(summary["over_seeds"]["reclora"]["auc_mean"])
+    assert few2many["seed0"]["reclora"] == [[500, runs["curve-reclora-500"]["auc"]], [2000, runs["reclora-seed0"]["auc"]]]
+    size, mean, sd = few2many["seed_mean"]["reclora"]
+    assert size == 2000 and mean == pytest.approx(summary["over_seeds"]["reclora"]["auc_mean"]) and sd > 0
     assert set(few2many["crm"]) == {"din"}
     assert summary["gates"]["reclora-seed0"]["trained"]["spread"] == 0.05
     assert out_plot.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "| ablation-k1 |" in printed and "| reclora-seed0 | 16 | 5 |" in printed
+    assert "| reclora | 500 |" in printed and "| reclora | 2000 |" in printed
 
 
 def test_one_seed_gives_no_verdict(summarize_study, tmp_path):
