@@ -44,7 +44,10 @@ train ablation-user-gate --method reclora --gate-input user-embedding --train-si
 train ablation-crm-recent60 --method reclora --crm din --train-size "$TRAIN_SIZE"
 # Attempts at closing reclora's gap to the CRMs (docs/RESULTS.md, "What we tried")
 train attempt-reclora-recent-prompt --method reclora --prompt-history recent --train-size "$TRAIN_SIZE"
-train attempt-reclora-t1 --method reclora --temperature 1 --train-size "$TRAIN_SIZE"
+for seed in $SEEDS; do  # the sharper gate over seeds: each paired with reclora-seedS
+  train "attempt-reclora-t1-seed$seed" --method reclora --temperature 1 --train-size "$TRAIN_SIZE" --seed "$seed"
+done
+train attempt-reclora-t1-recent-prompt --method reclora --temperature 1 --prompt-history recent --train-size "$TRAIN_SIZE"
 # The Few2Many curve: lora and reclora on smaller training subsets (the main budget is the last point)
 for size in $CURVE_SIZES; do
   for method in lora reclora; do train "curve-$method-$size" --method "$method" --train-size "$size"; done

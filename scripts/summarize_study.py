@@ -4,8 +4,8 @@ For each run: test AUC with a bootstrap 95% interval (resampling the test sample
 method run over several seeds: mean and spread (sample standard deviation) of AUC and LogLoss.
 For reclora against each other method: the mean AUC difference, its paired bootstrap interval
 (the methods share the test subset) and whether it exceeds both the seed spread and the interval.
-For each ablation-* and attempt-* run: its AUC minus reclora-seed0's (same seed and test samples),
-paired bootstrap interval. For each run with a gates.json (python -m reclora.train.gates): the
+For each ablation-* and attempt-* run: its AUC minus reclora's at the same seed (its -seedS suffix,
+else seed 0: the same training and test samples), paired bootstrap interval. For each run with a gates.json (python -m reclora.train.gates): the
 trained gates' statistics. For each run, the rank correlation of its predictions with SIM's.
 The Few2Many curve (table and plot): test AUC against the training-subset size for lora and reclora
 at seed 0 (the curve-* runs and METHOD-seed0), with the mean and spread over seeds at the main
@@ -78,7 +78,7 @@ def summarize(runs: dict) -> dict:
         over_seeds[method] = {"runs": names, "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
                               "logloss_mean": float(losses.mean()), "logloss_std": float(losses.std(ddof=1)) if len(losses) > 1 else None}
     return {"runs": table, "over_seeds": over_seeds, "reclora_vs": compare(runs, seeds, over_seeds),
-            "against_reclora_seed0": against_reclora(runs), "few2many": curve(runs, over_seeds)}
+            "against_reclora": against_reclora(runs), "few2many": curve(runs, over_seeds)}
 
 
 def compare(runs, seeds, over_seeds) -> dict:
@@ -122,17 +122,20 @@ def paired_bootstrap(mine, theirs, seed=0):
 
 
 def against_reclora(runs) -> dict:
-    """Each ablation-* / attempt-* run minus reclora-seed0 (both seed 0, the same test samples)."""
-    if "reclora-seed0" not in runs:
-        return {}
-    base = runs["reclora-seed0"]
+    """Each ablation-* / attempt-* run minus reclora at the same seed (its -seedS suffix, else 0):
+    the same training samples, the same test samples."""
     out = {}
     for name, (results, predictions) in runs.items():
         if not name.startswith(("ablation-", "attempt-")):
             continue
-        boot = paired_bootstrap(predictions, base[1])
+        match = re.search(r"-seed(\d+)$", name)
+        baseline = f"reclora-seed{match.group(1) if match else 0}"
+        if baseline not in runs:
+            continue
+        boot = paired_bootstrap(predictions, runs[baseline][1])
         if boot is not None:
-            out[name] = {"auc_difference": results["auc"] - base[0]["auc"], "paired_bootstrap_95": interval(boot)}
+            out[name] = {"baseline": baseline, "auc_difference": results["auc"] - runs[baseline][0]["auc"],
+                         "paired_bootstrap_95": interval(boot)}
     return out
 
 
@@ -216,11 +219,11 @@ def markdown(summary: dict) -> str:
         spread = "n/a" if c["seed_spread"] is None else f"{c['seed_spread']:.4f}"
         lines.append(f"| {other} | {c['auc_difference']:+.4f} | [{c['paired_bootstrap_95'][0]:+.4f}, "
                      f"{c['paired_bootstrap_95'][1]:+.4f}] | {spread} | {VERDICT[c['larger_than_both']]} |")
-    if summary["against_reclora_seed0"]:
-        lines += ["", "| run | AUC minus reclora-seed0 | paired 95% interval |", "|---|---|---|"]
-        for name, c in summary["against_reclora_seed0"].items():
+    if summary["against_reclora"]:
+        lines += ["", "| run | AUC minus reclora, same seed | paired 95% interval |", "|---|---|---|"]
+        for name, c in summary["against_reclora"].items():
             lo, hi = c["paired_bootstrap_95"]
-            lines.append(f"| {name} | {c['auc_difference']:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+            lines.append(f"| {name} | {c['auc_difference']:+.4f} (vs {c['baseline']}) | [{lo:+.4f}, {hi:+.4f}] |")
     if summary.get("gates"):
         lines += ["", "| run | K | T | entropy | top alpha | spread | usage |", "|---|---|---|---|---|---|---|"]
         for name, g in summary["gates"].items():

@@ -49,6 +49,7 @@ def study(tmp_path_factory):
     write_run(root, "din", "din", 1.5, train_size=70000)
     write_run(root, "ablation-k1", "reclora", 0.5)
     write_run(root, "attempt-elsewhere", "reclora", 1.0, samples=np.arange(N) + 1)  # other test samples
+    write_run(root, "attempt-sharp-seed1", "reclora", 3.0, seed=1)  # an attempt at another seed
     write_run(root, "curve-lora-500", "lora", 0.2, train_size=500)
     write_run(root, "curve-reclora-500", "reclora", 0.8, train_size=500)
     gates = {"num_loras": 16, "temperature": 5.0, **{when: dict(entropy=0.9, top=0.1, spread=0.05, usage=0.99)
@@ -66,14 +67,20 @@ def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
         low, high = run["auc_95"]
         assert low < run["auc"] < high, name
     assert "rank_correlation_with_sim" not in runs["din"]  # no sim run here
-    assert set(summary["over_seeds"]) == {"reclora", "lora"} and summary["over_seeds"]["lora"]["auc_std"] > 0
+    assert set(summary["over_seeds"]) == {"reclora", "lora", "attempt-sharp"}
+    assert summary["over_seeds"]["lora"]["auc_std"] > 0 and summary["over_seeds"]["attempt-sharp"]["auc_std"] is None
     versus = summary["reclora_vs"]
     assert versus["lora"]["larger_than_both"] is True and versus["lora"]["auc_difference"] > 0.1
     assert versus["din"]["paired_bootstrap_95"][0] < 0 < versus["din"]["paired_bootstrap_95"][1]
     assert versus["din"]["larger_than_both"] is False
-    # ablations: against reclora-seed0 on the same samples; a run on other samples is left out
-    assert list(summary["against_reclora_seed0"]) == ["ablation-k1"]
-    assert summary["against_reclora_seed0"]["ablation-k1"]["paired_bootstrap_95"][1] < 0
+    assert versus["attempt-sharp"]["auc_difference"] < 0 and versus["attempt-sharp"]["larger_than_both"] is None
+    # ablations and attempts: against reclora at their seed on the same samples; other samples are left out
+    against = summary["against_reclora"]
+    assert sorted(against) == ["ablation-k1", "attempt-sharp-seed1"]
+    assert against["ablation-k1"]["baseline"] == "reclora-seed0" and against["ablation-k1"]["paired_bootstrap_95"][1] < 0
+    sharp = against["attempt-sharp-seed1"]
+    assert sharp["baseline"] == "reclora-seed1" and sharp["paired_bootstrap_95"][0] > 0
+    assert sharp["auc_difference"] == pytest.approx(runs["attempt-sharp-seed1"]["auc"] - runs["reclora-seed1"]["auc"])
     few2many = summary["few2many"]
     assert few2many["seed0"]["reclora"] == [[500, runs["curve-reclora-500"]["auc"]], [2000, runs["reclora-seed0"]["auc"]]]
     size, mean, sd = few2many["seed_mean"]["reclora"]
