@@ -48,6 +48,7 @@ for seed in $SEEDS; do  # the sharper gate over seeds: each paired with reclora-
   train "attempt-reclora-t1-seed$seed" --method reclora --temperature 1 --train-size "$TRAIN_SIZE" --seed "$seed"
 done
 train attempt-reclora-t1-recent-prompt --method reclora --temperature 1 --prompt-history recent --train-size "$TRAIN_SIZE"
+train attempt-reclora-t05 --method reclora --temperature 0.5 --train-size "$TRAIN_SIZE"  # sharper still
 # The Few2Many curve: lora and reclora on smaller training subsets (the main budget is the last point)
 for size in $CURVE_SIZES; do
   for method in lora reclora; do train "curve-$method-$size" --method "$method" --train-size "$size"; done

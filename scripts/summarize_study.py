@@ -4,9 +4,10 @@ For each run: test AUC with a bootstrap 95% interval (resampling the test sample
 method run over several seeds: mean and spread (sample standard deviation) of AUC and LogLoss.
 For reclora against each other method: the mean AUC difference, its paired bootstrap interval
 (the methods share the test subset) and whether it exceeds both the seed spread and the interval.
+Each attempt-* run over seeds (attempt-NAME-seedS) against the CRMs, the same way.
 For each ablation-* and attempt-* run: its AUC minus reclora's at the same seed (its -seedS suffix,
-else seed 0: the same training and test samples), paired bootstrap interval. For each run with a gates.json (python -m reclora.train.gates): the
-trained gates' statistics. For each run, the rank correlation of its predictions with SIM's.
+else seed 0: the same training and test samples), paired bootstrap interval. For each run with a
+gates.json (python -m reclora.train.gates): the trained gates' statistics. For each run, the rank correlation of its predictions with SIM's.
 The Few2Many curve (table and plot): test AUC against the training-subset size for lora and reclora
 at seed 0 (the curve-* runs and METHOD-seed0), with the mean and spread over seeds at the main
 runs' size, the CRMs as lines.
@@ -77,19 +78,24 @@ def summarize(runs: dict) -> dict:
         losses = np.array([table[n]["logloss"] for n in names])
         over_seeds[method] = {"runs": names, "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
                               "logloss_mean": float(losses.mean()), "logloss_std": float(losses.std(ddof=1)) if len(losses) > 1 else None}
+    crms = [n for n in ("din", "sim") if n in runs]
+    attempts_vs_crms = {m: compare(runs, seeds, over_seeds, m, crms) for m in seeds if m.startswith("attempt-")}
     return {"runs": table, "over_seeds": over_seeds, "reclora_vs": compare(runs, seeds, over_seeds),
+            "attempts_vs_crms": {m: c for m, c in attempts_vs_crms.items() if c},
             "against_reclora": against_reclora(runs), "few2many": curve(runs, over_seeds)}
 
 
-def compare(runs, seeds, over_seeds) -> dict:
-    """reclora minus each other method: paired over the shared test samples, seed by seed."""
-    if "reclora" not in seeds:
+def compare(runs, seeds, over_seeds, method="reclora", others=None) -> dict:
+    """`method` (run over seeds) minus each other method (default: every other one): paired over the
+    shared test samples, seed by seed."""
+    if method not in seeds:
         return {}
     out = {}
-    others = [m for m in seeds if m != "reclora"] + [n for n in ("din", "sim", "zero-shot") if n in runs]
+    if others is None:
+        others = [m for m in seeds if m != method] + [n for n in ("din", "sim", "zero-shot") if n in runs]
     for other in others:
         differences, boots = [], []
-        for name in seeds["reclora"]:
+        for name in seeds[method]:
             seed = name.rsplit("seed", 1)[1]
             partner = f"{other}-seed{seed}" if other in seeds else other
             if partner not in runs:
@@ -103,9 +109,9 @@ def compare(runs, seeds, over_seeds) -> dict:
             continue
         mean = float(np.mean(differences))
         ci = interval(np.mean(boots, axis=0))
-        # The CRMs are one deterministic run each: reclora's spread is the spread. A method of the
+        # The CRMs are one deterministic run each: the method's spread is the spread. A method of the
         # seed sweep run with one seed has an unknown spread, and so is the verdict.
-        spreads = [over_seeds["reclora"]["auc_std"]] + ([over_seeds[other]["auc_std"]] if other in seeds else [])
+        spreads = [over_seeds[method]["auc_std"]] + ([over_seeds[other]["auc_std"]] if other in seeds else [])
         spread = None if None in spreads else max(spreads)
         verdict = None if spread is None else bool((ci[0] > 0 or ci[1] < 0) and abs(mean) > spread)
         out[other] = {"auc_difference": mean, "paired_bootstrap_95": ci, "seed_spread": spread,
@@ -198,6 +204,12 @@ def plot(few2many: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def comparison_row(name: str, c: dict) -> str:
+    spread = "n/a" if c["seed_spread"] is None else f"{c['seed_spread']:.4f}"
+    lo, hi = c["paired_bootstrap_95"]
+    return f"| {name} | {c['auc_difference']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {spread} | {VERDICT[c['larger_than_both']]} |"
+
+
 def markdown(summary: dict) -> str:
     lines = ["| run | train | test | AUC [95% bootstrap] | LogLoss | accuracy | train s | train samples/s | eval s | "
              "eval samples/s | rank corr. with sim | device |", "|" + "---|" * 12]
@@ -215,10 +227,12 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {method} | {len(s['runs'])} | {s['auc_mean']:.4f} ± {sd(s['auc_std'])} | "
                      f"{s['logloss_mean']:.4f} ± {sd(s['logloss_std'])} |")
     lines += ["", "| reclora vs | AUC difference | paired 95% interval | seed spread | larger than both |", "|---|---|---|---|---|"]
-    for other, c in summary["reclora_vs"].items():
-        spread = "n/a" if c["seed_spread"] is None else f"{c['seed_spread']:.4f}"
-        lines.append(f"| {other} | {c['auc_difference']:+.4f} | [{c['paired_bootstrap_95'][0]:+.4f}, "
-                     f"{c['paired_bootstrap_95'][1]:+.4f}] | {spread} | {VERDICT[c['larger_than_both']]} |")
+    lines += [comparison_row(other, c) for other, c in summary["reclora_vs"].items()]
+    if summary["attempts_vs_crms"]:
+        lines += ["", "| attempt (over seeds) vs | AUC difference | paired 95% interval | seed spread | larger than both |",
+                  "|---|---|---|---|---|"]
+        lines += [comparison_row(f"{attempt} vs {crm}", c)
+                  for attempt, versus in summary["attempts_vs_crms"].items() for crm, c in versus.items()]
     if summary["against_reclora"]:
         lines += ["", "| run | AUC minus reclora, same seed | paired 95% interval |", "|---|---|---|"]
         for name, c in summary["against_reclora"].items():

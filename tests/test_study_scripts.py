@@ -74,6 +74,8 @@ def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
     assert versus["din"]["paired_bootstrap_95"][0] < 0 < versus["din"]["paired_bootstrap_95"][1]
     assert versus["din"]["larger_than_both"] is False
     assert versus["attempt-sharp"]["auc_difference"] < 0 and versus["attempt-sharp"]["larger_than_both"] is None
+    sharp_vs_din = summary["attempts_vs_crms"]["attempt-sharp"]["din"]  # an attempt over seeds against the CRMs
+    assert sharp_vs_din["auc_difference"] > 0 and sharp_vs_din["larger_than_both"] is None
     # ablations and attempts: against reclora at their seed on the same samples; other samples are left out
     against = summary["against_reclora"]
     assert sorted(against) == ["ablation-k1", "attempt-sharp-seed1"]
@@ -89,7 +91,7 @@ def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
     assert summary["gates"]["reclora-seed0"]["trained"]["spread"] == 0.05
     assert out_plot.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "| ablation-k1 |" in printed and "| reclora-seed0 | 16 | 5 |" in printed
+    assert "| attempt-sharp vs din |" in printed and "| ablation-k1 |" in printed and "| reclora-seed0 | 16 | 5 |" in printed
     assert "| reclora | 500 |" in printed and "| reclora | 2000 |" in printed
 
 
