@@ -7,7 +7,8 @@ For reclora against each other method: the mean AUC difference, its paired boots
 Each attempt-* run over seeds (attempt-NAME-seedS) against the CRMs, the same way.
 For each ablation-* and attempt-* run: its AUC minus reclora's at the same seed (its -seedS suffix,
 else seed 0: the same training and test samples), paired bootstrap interval. For each run with a
-gates.json (python -m reclora.train.gates): the trained gates' statistics. For each run, the rank correlation of its predictions with SIM's.
+gates.json (python -m reclora.train.gates): the trained gates' statistics. For each run, the rank
+correlation of its predictions with SIM's.
 The Few2Many curve (table and plot): test AUC against the training-subset size for lora and reclora
 at seed 0 (the curve-* runs and METHOD-seed0), with the mean and spread over seeds at the main
 runs' size, the CRMs as lines.
