@@ -30,6 +30,7 @@ from reclora.train.gates import STATISTICS as GATE_STATISTICS  # noqa: E402
 
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
+CRMS = ("din", "sim")  # one deterministic run each, on the whole training split
 
 
 def load_runs(directory: Path) -> dict:
@@ -70,20 +71,26 @@ def summarize(runs: dict) -> dict:
             table[name]["rank_correlation_with_sim"] = rank_correlation(predictions["prob"], runs["sim"][1]["prob"])
     seeds = defaultdict(list)
     for name in runs:
-        match = re.fullmatch(r"(.+)-seed(\d+)", name)
-        if match:
-            seeds[match.group(1)].append(name)
+        method, seed = split_seed(name)
+        if seed is not None:
+            seeds[method].append(name)
     over_seeds = {}
     for method, names in seeds.items():
         aucs = np.array([table[n]["auc"] for n in names])
         losses = np.array([table[n]["logloss"] for n in names])
         over_seeds[method] = {"runs": names, "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
                               "logloss_mean": float(losses.mean()), "logloss_std": float(losses.std(ddof=1)) if len(losses) > 1 else None}
-    crms = [n for n in ("din", "sim") if n in runs]
+    crms = [n for n in CRMS if n in runs]
     attempts_vs_crms = {m: compare(runs, seeds, over_seeds, m, crms) for m in seeds if m.startswith("attempt-")}
     return {"runs": table, "over_seeds": over_seeds, "reclora_vs": compare(runs, seeds, over_seeds),
             "attempts_vs_crms": {m: c for m, c in attempts_vs_crms.items() if c},
             "against_reclora": against_reclora(runs), "few2many": curve(runs, over_seeds)}
+
+
+def split_seed(name: str) -> tuple:
+    """'METHOD-seedS' -> (METHOD, S); a name without the suffix -> (name, None)."""
+    match = re.fullmatch(r"(.+)-seed(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
 
 
 def compare(runs, seeds, over_seeds, method="reclora", others=None) -> dict:
@@ -93,15 +100,15 @@ def compare(runs, seeds, over_seeds, method="reclora", others=None) -> dict:
         return {}
     out = {}
     if others is None:
-        others = [m for m in seeds if m != method] + [n for n in ("din", "sim", "zero-shot") if n in runs]
+        others = [m for m in seeds if m != method] + [n for n in (*CRMS, "zero-shot") if n in runs]
     for other in others:
         differences, boots = [], []
         for name in seeds[method]:
-            seed = name.rsplit("seed", 1)[1]
+            seed = split_seed(name)[1]
             partner = f"{other}-seed{seed}" if other in seeds else other
             if partner not in runs:
                 continue
-            boot = paired_bootstrap(runs[name][1], runs[partner][1], seed=int(seed))
+            boot = paired_bootstrap(runs[name][1], runs[partner][1], seed=seed)
             if boot is None:
                 continue  # not the same test samples: no paired comparison
             boots.append(boot)
@@ -135,8 +142,7 @@ def against_reclora(runs) -> dict:
     for name, (results, predictions) in runs.items():
         if not name.startswith(("ablation-", "attempt-")):
             continue
-        match = re.search(r"-seed(\d+)$", name)
-        baseline = f"reclora-seed{match.group(1) if match else 0}"
+        baseline = f"reclora-seed{split_seed(name)[1] or 0}"
         if baseline not in runs:
             continue
         boot = paired_bootstrap(predictions, runs[baseline][1])
@@ -175,7 +181,7 @@ def curve(runs, over_seeds) -> dict:
         if method in over_seeds:
             s = over_seeds[method]
             means[method] = (runs[s["runs"][0]][0]["train_size"], s["auc_mean"], s["auc_std"])
-    crms = {name: runs[name][0]["auc"] for name in ("din", "sim") if name in runs}
+    crms = {name: runs[name][0]["auc"] for name in CRMS if name in runs}
     return {"seed0": {method: sorted(p) for method, p in points.items()}, "seed_mean": means, "crm": crms}
 
 
