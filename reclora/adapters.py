@@ -55,6 +55,7 @@ class AdapterConfig:
     gate_dropout: float = 0.1
     temperature: float = 5.0
     share_gate: bool = False  # one gate for every slot instead of one per slot
+    uniform_gate: bool = False  # every alpha = 1/K, no gate network: the meta-LoRAs averaged (an ablation)
     backend: Optional[str] = None
 
     def __post_init__(self):
@@ -152,6 +153,19 @@ class GateBank(nn.Module):
         return alpha.expand(self.num_slots, -1, -1)
 
 
+class UniformGate(nn.Module):
+    """alpha = 1/K for every slot and sample: no parameters, no personalization."""
+
+    def __init__(self, num_slots: int, num_loras: int):
+        super().__init__()
+        self.num_slots, self.num_loras = num_slots, num_loras
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (B, anything), read for B only -> alpha: (S, B, K)."""
+        return features.new_full((1, features.shape[0], self.num_loras), 1.0 / self.num_loras).expand(
+            self.num_slots, -1, -1)
+
+
 class GateContext:
     """The gates of the batch being run, alpha: (S, B, K), for one PersonalizedLLM.
 
@@ -235,7 +249,9 @@ class PersonalizedLLM(nn.Module):
         self.gate_context = GateContext() if config.gated else None
         self.slot_names = _inject(llm, config, self.gate_context)
         self.gate_bank = None
-        if config.gated:
+        if config.gated and config.uniform_gate:
+            self.gate_bank = UniformGate(len(self.slot_names), config.num_loras)
+        elif config.gated:
             self.gate_bank = GateBank(
                 len(self.slot_names),
                 config.gate_input_dim,

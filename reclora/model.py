@@ -4,8 +4,9 @@ Data flow for a batch of sample indices:
   retriever: the K_long history items most relevant to the target (CRM input) and the K_short
     ones (prompt), both chronological;
   CRM (frozen, eval mode): its last hidden layer h (B, hidden), detached; it reads the history it
-    was trained on (SIM: its own top K_long of the whole history; DIN: the last K_long). With
-    gate_input="user-embedding" a trainable user embedding replaces h (the no-CRM ablation);
+    was trained on (SIM: its own top K_long of the whole history; the others: the last K_long). With
+    gate_input="user-embedding" a trainable user embedding replaces h (the no-CRM ablation); with
+    "uniform" every alpha is 1/K (the meta-LoRAs averaged: the no-personalization ablation);
   prompt: user attributes, the K_short behaviours with ratings, the target, the question;
   PersonalizedLLM: gates alpha = softmax(gate(h) / T) mix each slot's K meta-LoRAs; the logits
     at the answer position give P(Yes) = softmax([No, Yes])[Yes].
@@ -27,7 +28,7 @@ from reclora.readout import YesNoReadout
 from reclora.retrieval import LongShortRetriever
 
 METHODS = ("reclora", "lora", "rella", "zero-shot")
-GATE_INPUTS = ("crm", "user-embedding")
+GATE_INPUTS = ("crm", "user-embedding", "uniform")
 
 
 class RecLoRAModel(nn.Module):
@@ -39,7 +40,8 @@ class RecLoRAModel(nn.Module):
         retriever: its strategy decides the prompt's history ("recent" for lora, "semantic" for
         reclora and rella).
         gate_input: "crm" (the paper), or "user-embedding": a trainable (n_users, gate_input_dim)
-        embedding feeds the gates instead, the ablation that removes the CRM's knowledge.
+        embedding feeds the gates instead, the ablation that removes the CRM's knowledge, or
+        "uniform": no gates, every alpha 1/K, the ablation that removes personalization.
         """
         super().__init__()
         if method not in METHODS:
@@ -50,6 +52,7 @@ class RecLoRAModel(nn.Module):
         if uses_crm and (crm is None or crm_inputs is None):
             raise ValueError("method 'reclora' needs a trained crm and its crm_inputs (or gate_input='user-embedding')")
         self.method, self.dataset, self.retriever, self.crm_inputs = method, dataset, retriever, crm_inputs
+        self.gate_input = gate_input
         self.crm = crm.eval().requires_grad_(False) if uses_crm else None
         self.user_embedding = None
         if method == "zero-shot":
@@ -59,6 +62,8 @@ class RecLoRAModel(nn.Module):
             config = adapter_config or AdapterConfig()
             if method != "reclora":
                 config = dataclasses.replace(config, num_loras=1, gated=False)
+            elif gate_input == "uniform":
+                config = dataclasses.replace(config, uniform_gate=True)
             self.llm = PersonalizedLLM(llm, config)
             if method == "reclora" and gate_input == "user-embedding":
                 self.user_embedding = nn.Embedding(dataset.n_users, config.gate_input_dim, device=llm.device)
@@ -96,12 +101,14 @@ class RecLoRAModel(nn.Module):
 
     def gate_features(self, batch) -> torch.Tensor:
         """What the gates read, (B, gate_input_dim): the frozen CRM's last hidden layer or the user
-        embedding; None for the methods without gates."""
+        embedding; (B, 0) for the uniform gate, which reads only B; None for the methods without gates."""
         if self.crm is not None:
             with torch.no_grad():
                 return self.crm.represent(batch["crm"])
         if self.user_embedding is not None:
             return self.user_embedding(batch["user"])
+        if self.method == "reclora" and self.gate_input == "uniform":
+            return torch.zeros(batch["input_ids"].shape[0], 0, device=self.device)
         return None
 
     def _prompt(self, sample, short, row) -> PromptInput:

@@ -18,6 +18,9 @@ from torch import nn
 from reclora_kernels.retrieval_reference import valid_positions
 
 class DIN(nn.Module):
+    # Blocks of embed_dim width beside the user fields in the MLP's input: [target; pooled history].
+    readout_blocks = 2
+
     def __init__(
         self,
         num_items: int,
@@ -41,15 +44,20 @@ class DIN(nn.Module):
         self.embedding = nn.Embedding(int(sum(sizes)), embed_dim)
         nn.init.normal_(self.embedding.weight, std=0.05)
         self.history_proj = nn.Linear(2 * embed_dim, embed_dim)
-        self.attention = nn.Sequential(
-            nn.Linear(4 * embed_dim, attention_hidden), nn.ReLU(), nn.Linear(attention_hidden, 1)
-        )
-        layers, width = [], (len(user_field_sizes) + 2) * embed_dim
+        self.build_pooling(embed_dim, attention_hidden, dropout)
+        layers, width = [], (len(user_field_sizes) + self.readout_blocks) * embed_dim
         for _ in range(num_layers):
             layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
             width = hidden
         self.mlp = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, 1)
+
+    def build_pooling(self, embed_dim, attention_hidden, dropout):
+        """The history summarizer's parameters (created here, between the embeddings and the MLP, so that
+        a seed gives every model the same embedding initialization)."""
+        self.attention = nn.Sequential(
+            nn.Linear(4 * embed_dim, attention_hidden), nn.ReLU(), nn.Linear(attention_hidden, 1)
+        )
 
     def _field(self, index, codes):
         return self.embedding(codes + self.field_offsets[index])

@@ -13,17 +13,17 @@ from typing import Any, Optional
 
 import yaml
 
+from reclora.crm import KINDS as CRMS
 from reclora.crm.sim import SEARCH_MODES
 from reclora.llm import SMOLLM2, TINY_LLAMA
+from reclora.model import GATE_INPUTS
 from reclora_kernels import BACKENDS
 from reclora_kernels.gated_lora import MIX_MODES
 
 LLM_METHODS = ("reclora", "lora", "rella", "zero-shot")
-CRM_METHODS = ("din", "sim")
+CRM_METHODS = CRMS
 METHODS = LLM_METHODS + CRM_METHODS
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv")
-CRMS = ("sim", "din")
-GATE_INPUTS = ("crm", "user-embedding")
 EMBEDDERS = ("llm", "bow")
 HISTORY_STRATEGIES = ("auto", "semantic", "recent")
 
@@ -41,7 +41,7 @@ class TrainConfig:
     # what to run
     method: str = _option("reclora", "reclora: personalized LoRA gated by the frozen CRM, retrieved prompt; lora: one "
                           "shared LoRA, the last K_short items in the prompt (TALLRec); rella: one shared LoRA, "
-                          "retrieved prompt; zero-shot: the LLM untuned; din, sim: the CRM alone", METHODS)
+                          "retrieved prompt; zero-shot: the LLM untuned; din, sim, gru4rec, sasrec: the CRM alone", METHODS)
     dataset: str = _option("synthetic", "the data: the generated default, MovieLens, or a CSV (see reclora.data)", DATASETS)
     data_dir: Optional[str] = _option(None, "the dataset's directory (MovieLens, csv)")
     dataset_options: dict = _option(None, "YAML only: loader options, e.g. {n_users: 500} for synthetic data", yaml_only=True)
@@ -73,12 +73,13 @@ class TrainConfig:
     mix: str = _option("weight", "weight: mix the factors A, B (published); output: mix the K LoRA outputs", MIX_MODES)
     gate_hidden: int = _option(60, "hidden width of each gate")
     gate_dropout: float = _option(0.1, "dropout inside the gates")
-    gate_input: str = _option("crm", "what feeds the gates: the frozen CRM's representation, or a trainable user "
-                              "embedding (an ablation without the CRM)", GATE_INPUTS)
+    gate_input: str = _option("crm", "what feeds the gates: the frozen CRM's representation, a trainable user "
+                              "embedding (an ablation without the CRM), or uniform: every alpha 1/K (an ablation "
+                              "without personalization)", GATE_INPUTS)
     target_modules: list = _option(None, "YAML only: projections to adapt (default q_proj, v_proj)", yaml_only=True)
     backend: Optional[str] = _option(None, "kernel backend for the ops (default: the fastest available)", BACKENDS)
     # retrieval and prompt
-    k_long: int = _option(60, "history items the CRM sees (SIM: retrieved from the whole history; DIN: the last)")
+    k_long: int = _option(60, "history items the CRM sees (SIM: retrieved from the whole history; the others: the last)")
     k_short: int = _option(10, "history items in the LLM prompt")
     prompt_history: str = _option("auto", "how the prompt's items are chosen; auto: recent for lora, semantic otherwise",
                                   HISTORY_STRATEGIES)
@@ -86,7 +87,7 @@ class TrainConfig:
                             "or a hashed bag of words", EMBEDDERS)
     max_prompt_length: int = _option(1024, "prompt tokens at most (the oldest history lines are dropped to fit)")
     # the CRM (stage 1)
-    crm: str = _option("sim", "the CRM feeding the gates (reclora) ; --method din/sim evaluate one alone", CRMS)
+    crm: str = _option("sim", "the CRM feeding the gates (reclora); --method with a CRM's name evaluates it alone", CRMS)
     crm_search: str = _option("soft", "SIM's search: soft (embedding similarity) or hard (shared genre)", SEARCH_MODES)
     crm_epochs: int = _option(3, "CRM training epochs at most (early stopping on validation AUC)")
     crm_batch_size: int = _option(256, "CRM training batch")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reclora.crm import build_crm
+from reclora.crm import build_crm, history_slots
 from reclora.crm.features import CrmInputs
 from reclora.crm.train import CrmTrainConfig, train_crm
 from reclora.data import RecDataset
@@ -41,7 +41,7 @@ def crm_key(config: TrainConfig, dataset: RecDataset) -> str:
 
 
 def crm_inputs(config: TrainConfig, dataset: RecDataset) -> CrmInputs:
-    return CrmInputs(dataset, history_slots=config.k_long if config.crm == "din" else None)
+    return CrmInputs(dataset, history_slots=history_slots(config.crm, config.k_long))
 
 
 def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, processes: Processes, log=print):

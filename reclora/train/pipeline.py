@@ -48,7 +48,7 @@ def subsets(config: TrainConfig, dataset) -> dict:
 def run(config: TrainConfig, log=None) -> dict:
     """Runs the pipeline config describes (see reclora.train.config) and returns results.json's content."""
     config = dataclasses.replace(config).validate()
-    if config.method in ("din", "sim"):
+    if not config.is_llm_method:
         config.crm = config.method
     processes = distributed.start(config.device)
     try:

@@ -1,9 +1,10 @@
-"""DIN and SIM: shapes, gradients, SIM's search against brute force, and a tiny overfit."""
+"""DIN, SIM, GRU4Rec and SASRec: shapes, gradients, padding, SIM's search against brute force, the
+sequential encoders against a run on the valid prefix alone, and a tiny overfit."""
 import numpy as np
 import pytest
 import torch
 
-from reclora.crm import DIN, SIM
+from reclora.crm import DIN, SIM, GRU4Rec, SASRec
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
 
@@ -36,6 +37,8 @@ def small(cls, **kwargs):
     lambda: small(SIM, k_long=3),
     lambda: small(SIM, k_long=3, search="hard"),
     lambda: small(SIM, k_long=3, unit="topk_attention"),
+    lambda: small(GRU4Rec),
+    lambda: small(SASRec, max_length=5),
 ])
 def test_forward_backward(model):
     model = model()
@@ -46,12 +49,49 @@ def test_forward_backward(model):
     assert model.embedding.weight.grad.abs().sum() > 0
 
 
-def test_din_ignores_padding():
-    model = small(DIN).eval()
+@pytest.mark.parametrize("cls", [DIN, GRU4Rec, SASRec])
+def test_padding_is_never_read(cls):
+    model = small(cls).eval()
     batch = make_batch()
     other = dict(batch, history_items=batch["history_items"].clone(), history_ratings=batch["history_ratings"].clone())
     other["history_items"][0] = 7  # row 0 has no valid history: its padding must not matter
+    other["history_items"][3, 4:] = 11  # nor the slots after row 3's 4 valid ones
+    other["history_ratings"][5, 2:] = 1
     torch.testing.assert_close(model(batch), model(other))
+
+
+@pytest.mark.parametrize("cls", [GRU4Rec, SASRec])
+def test_sequential_state_is_the_valid_prefix_alone(cls):
+    """Each row's state equals the encoder run on its valid behaviours only, and depends on their order."""
+    model = small(cls).eval()
+    batch = make_batch()
+    history = model.behaviours(batch["history_items"], batch["history_ratings"])
+    valid = torch.arange(9)[None, :] < batch["history_lengths"][:, None]
+    states = model.summarize(history, valid)
+    for b in range(6):
+        n = int(batch["history_lengths"][b])
+        if n == 0:
+            assert (states[b] == 0).all()
+            continue
+        alone = model.summarize(history[b : b + 1, :n], valid[b : b + 1, :n])[0]
+        torch.testing.assert_close(states[b], alone, atol=1e-5, rtol=1e-5)
+        if n > 1:
+            flipped = model.summarize(history[b : b + 1, :n].flip(1), valid[b : b + 1, :n])[0]
+            assert not torch.allclose(flipped, alone, atol=1e-4)
+
+
+def test_sasrec_positions_count_back_from_the_latest():
+    """The latest behaviour gets recency 0 in every row, whatever the row's length."""
+    model = small(SASRec, max_length=4).eval()
+    seen = []
+    model.recency.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    batch = make_batch()
+    model(batch)
+    positions, lengths = seen[0], batch["history_lengths"]
+    for b in range(6):
+        n = int(lengths[b])
+        if n:
+            assert positions[b, n - 1] == 0 and positions[b, 0] == min(n - 1, 3)
 
 
 def test_sim_uses_the_top_k_by_similarity():
@@ -88,8 +128,9 @@ def test_hard_search_keeps_only_shared_genres():
             assert bool(mask[b, l]) == shared
 
 
-def test_tiny_overfit():
-    model = small(DIN)
+@pytest.mark.parametrize("cls", [DIN, GRU4Rec, SASRec])
+def test_tiny_overfit(cls):
+    model = small(cls)
     batch = make_batch(seed=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(150):

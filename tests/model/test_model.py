@@ -95,3 +95,26 @@ def test_user_embedding_gate_needs_no_crm(parts):
     assert any(p is model.user_embedding.weight for p in model.trainable_parameters())
     with pytest.raises(ValueError, match="needs a trained crm"):
         RecLoRAModel("reclora", dataset, llm, tokenizer, retriever, adapter_config=config)
+
+
+def test_uniform_gate_averages_the_meta_loras(parts):
+    """The no-personalization ablation: every alpha is 1/K, no CRM, no gate parameters; with weight
+    mixing the model equals one LoRA whose factors are the meta-LoRAs' means."""
+    dataset, _, _, embeddings = parts
+    llm, tokenizer = load_llm("tiny-llama", seed=0)
+    retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3)
+    config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
+    model = RecLoRAModel("reclora", dataset, llm, tokenizer, retriever, adapter_config=config, max_prompt_length=512,
+                         gate_input="uniform").eval()
+    assert model.crm is None and not any("gate_bank" in n for n, _ in model.llm.named_adapter_parameters())
+    with torch.no_grad():
+        for name, p in model.llm.named_adapter_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(std=0.1)
+    single = build(parts, "rella").eval()
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(single.llm.named_adapter_parameters(), model.llm.named_adapter_parameters()):
+            p.copy_(q.mean(0, keepdim=True))
+    batch = model.prepare(dataset.split("test")[:4])
+    assert batch.keys() == single.prepare(dataset.split("test")[:4]).keys()
+    torch.testing.assert_close(model(batch), single(batch), rtol=1e-4, atol=1e-4)

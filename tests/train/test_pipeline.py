@@ -26,7 +26,7 @@ def runs(tmp_path_factory):
     """Every method once, in one parent directory, sharing one cache (the CRM is trained once per kind)."""
     root = tmp_path_factory.mktemp("runs")
     results = {}
-    for method in ("reclora", "lora", "rella", "zero-shot", "din", "sim"):
+    for method in ("reclora", "lora", "rella", "zero-shot", "din", "sim", "gru4rec", "sasrec"):
         config = make_config(tiny_settings(root, method=method, out=str(root / method)))
         results[method] = run(config, log=lambda line: None)
     return root, results
@@ -54,7 +54,22 @@ def test_every_method_gives_metrics_and_files(runs):
         assert (root / method / "checkpoints" / "last.pt").exists()
         assert results[method]["train_size"] == 24 and results[method]["train_samples_seen"] == 48
     assert results["zero-shot"]["train_size"] == 0 and results["zero-shot"]["trainable_parameters"] == 0
-    assert results["din"]["train_size"] == results["sim"]["train_size"] > 1000  # the CRM sees the whole split
+    crm_sizes = {results[kind]["train_size"] for kind in ("din", "sim", "gru4rec", "sasrec")}
+    assert len(crm_sizes) == 1 and crm_sizes.pop() > 1000  # the CRM sees the whole split
+
+
+@pytest.mark.parametrize("settings", [{"crm": "gru4rec"}, {"crm": "sasrec"}, {"gate_input": "uniform"}])
+def test_reclora_gate_sources(runs, settings, tmp_path):
+    """A sequential CRM as the gates' source (trained once, above), and the uniform gate without any CRM."""
+    root, results = runs
+    out = tmp_path / "reclora"  # beside the runs, not among them: their results.csv stays theirs
+    result = run(make_config(tiny_settings(root, method="reclora", out=str(out), **settings)), log=lambda line: None)
+    assert 0 <= result["auc"] <= 1 and result["test_size"] == 16
+    if "crm" in settings:
+        assert result["crm"]["kind"] == settings["crm"] and result["crm"]["cached"]
+    else:
+        assert result["crm"] is None
+        assert result["trainable_parameters"] < results["reclora"]["trainable_parameters"]  # no gate bank
 
 
 def test_reclora_reuses_the_trained_crm(runs):
