@@ -11,6 +11,7 @@ A level the CPU lacks, or an unknown name, is refused with an error, never quiet
 """
 import os
 import platform
+import warnings
 
 import torch
 
@@ -120,6 +121,15 @@ def bf16_advice() -> str:
         f"{cpu_model()} has no native bfloat16 arithmetic (neither AVX512-BF16 nor AMX): bf16 autocast "
         "converts to float32 and back around every matmul and is usually slower than float32 here"
     )
+
+
+def warn_if_bf16_is_slow(device=None):
+    """Warns when bf16 autocast is asked for on a CPU without native bfloat16 arithmetic. device: "cpu",
+    "cuda[:n]" or None (CUDA when available, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cpu") and not native_bf16():
+        warnings.warn(f"bf16 autocast on the CPU: {bf16_advice()}; consider float32 (no --bf16)", stacklevel=2)
 
 
 def describe() -> dict:

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import reclora_kernels as rk
@@ -116,3 +117,14 @@ def test_bf16_advice_follows_the_cpu(monkeypatch):
         monkeypatch.setattr(cpu_features, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
         assert cpu_features.native_bf16()
         assert "has native bfloat16 arithmetic" in cpu_features.bf16_advice()
+
+
+def test_bf16_warning_only_on_a_cpu_without_native_bf16(monkeypatch, recwarn):
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    cpu_features.warn_if_bf16_is_slow("cuda")
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="no native bfloat16 arithmetic"):
+        cpu_features.warn_if_bf16_is_slow("cpu")
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    cpu_features.warn_if_bf16_is_slow("cpu")
+    assert not recwarn.list
