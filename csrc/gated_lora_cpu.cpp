@@ -99,8 +99,10 @@ struct RowDots {
     do {
       const int64_t end = std::min(len, begin + chunk);
       const bool add = accumulate || begin > 0;
-      cpu::for_blocks<kWideBlock<W>>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
-        cpu::for_blocks<4>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+      // Four rows a block: each vector of q, read from L2 when R is large (the output mix), serves
+      // four rows; AVX2's 16 registers then hold two q rows a block, AVX-512's 32 hold four.
+      cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        cpu::for_blocks<kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
           block<decltype(nt)::value, decltype(nj)::value>(
               rows + t, q + j * ldq, ldq, begin, end, alpha, out + t * ldo + j, ldo, add);
         });
