@@ -12,6 +12,9 @@ for mix=output):
                        key rows, the ids, the query; backward adds the k selected rows, their
                        gradients and the dense (N, d) table gradient it must write
 """
+import statistics
+import time
+
 import torch
 
 from benchmarks.e2e import stats, timed_ms
@@ -23,14 +26,18 @@ TRIAD_L3 = 1 << 20  # 3 x 4 MiB: about the working set of gated_lora at the Smol
 
 
 def interleaved(impls, rounds, warmup):
-    """{name: stats}: round i of every implementation runs before round i + 1 of any."""
-    times = {name: [] for name in impls}
+    """{name: stats}: round i of every implementation runs before round i + 1 of any. Wall time, and
+    beside it the process's CPU time (all threads), which time slices lost to other processes on a
+    shared machine do not inflate."""
+    wall, cpu = {name: [] for name in impls}, {name: [] for name in impls}
     for i in range(warmup + rounds):
         for name, fn in impls.items():
+            start = time.process_time()
             ms = timed_ms(fn, "cpu")
             if i >= warmup:
-                times[name].append(ms)
-    return {name: stats(ms) for name, ms in times.items()}
+                wall[name].append(ms)
+                cpu[name].append((time.process_time() - start) * 1e3)
+    return {name: {**stats(wall[name]), "cpu_median_ms": statistics.median(cpu[name])} for name in impls}
 
 
 def machine_peaks(rounds, warmup=2):

@@ -47,6 +47,7 @@ def measure_path(rounds, warmup):
     for name, impls, meta in bench_gated_lora.groups() + bench_retrieval.groups():
         table = roofline.interleaved(impls, rounds, warmup)
         groups[name] = {"meta": meta, "timings": table, "ratios": ratios(table),
+                        "cpu_time_ratios": ratios(table, "cpu_median_ms"),
                         "roofline": roofline.roofline(table["fused"]["median_ms"], meta, peaks),
                         "loadavg": os.getloadavg()}
         print(f"[{cpu_features.active_isa()}] {name}: " + ", ".join(
@@ -54,16 +55,16 @@ def measure_path(rounds, warmup):
     return {"environment": describe(), "peaks": peaks, "groups": groups}
 
 
-def ratios(table):
+def ratios(table, key="median_ms"):
     """Speed-up of the fused op over each baseline (baseline time / fused time), the best PyTorch way's,
-    and the fused linear's cost over the base linear alone."""
-    fused = table["fused"]["median_ms"]
-    out = {f"{name} / fused": s["median_ms"] / fused for name, s in table.items() if name != "fused"}
-    ways = [table[name]["median_ms"] for name in PYTORCH_WAYS if name in table]
+    and the fused linear's cost over the base linear alone; key: the wall-time or CPU-time median."""
+    fused = table["fused"][key]
+    out = {f"{name} / fused": s[key] / fused for name, s in table.items() if name != "fused"}
+    ways = [table[name][key] for name in PYTORCH_WAYS if name in table]
     if ways:
         out["best PyTorch way / fused"] = min(ways) / fused
     if "fused_linear" in table:
-        out["fused_linear / base_linear"] = table["fused_linear"]["median_ms"] / table["base_linear"]["median_ms"]
+        out["fused_linear / base_linear"] = table["fused_linear"][key] / table["base_linear"][key]
     return out
 
 
@@ -157,9 +158,15 @@ def main():
     parser.add_argument("--scaling-batch", type=int, default=32)
     parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[512 * 2**i for i in range(8)])
     parser.add_argument("--no-scaling", action="store_true", help="skip the memory and scaling study")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 keeps a busy shared machine from stalling "
+                             "every parallel region on a descheduled thread")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children's thread count
     if args.child:
         write_json(args.child, measure_path(args.rounds, args.warmup))
         return
@@ -170,7 +177,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
 
     env = describe()
-    stem = f"cpu-{cpu_slug()}-{env['date']}"
+    stem = f"cpu-{cpu_slug()}-{env['date']}" + (f"-{args.threads}thread" if args.threads else "")
     result = {
         "environment": env,
         "device": "cpu",
@@ -189,7 +196,7 @@ def main():
     if not args.no_scaling:
         result["topk_target_attention_memory"] = retrieval_memory()
         rows = retrieval_scaling(args.scaling_batch, args.scaling_lengths)
-        png = os.path.join(args.out, f"cpu-scaling-{cpu_slug()}-{env['date']}.png")
+        png = os.path.join(args.out, stem.replace("cpu-", "cpu-scaling-", 1) + ".png")
         plot_scaling(rows, args.scaling_batch, png, f"top-k attention, CPU, B={args.scaling_batch}, d=64, k=64")
         result["topk_target_attention_scaling"] = {"batch": args.scaling_batch, "rows": rows, "plot": os.path.basename(png)}
     result["environment"]["loadavg_after"] = os.getloadavg()
