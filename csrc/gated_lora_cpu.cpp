@@ -601,8 +601,7 @@ struct Accumulators {
 template <typename scalar_t>
 void backward_pieces(
     const Problem& pb, const StridedRows<scalar_t>& grad_out, const StridedRows<scalar_t>& x, scalar_t* grad_x,
-    bool accumulate_x,
-    Accumulators& acc, float* dgate_pieces) {
+    bool accumulate_x, Accumulators& acc, float* dgate_pieces) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t R = pb.R, d_in = pb.d_in, d_out = pb.d_out;
   const int64_t stride = kTile * (2 * R + 2 * d_in + d_out);
