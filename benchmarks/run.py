@@ -6,8 +6,8 @@ bench_gated_lora.py and bench_retrieval.py (fused op and baselines) timed round-
 measured in the same child, each fused op's GFLOP/s and GB/s as fractions of them. The AVX2 path
 also caps PyTorch's own libraries at AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS,
 ONEDNN_MAX_CPU_ISA), as on an AVX2-only CPU. Then the peak memory and the history-length scaling of
-top-k attention at the best path. Writes benchmarks/results/cpu-<cpu>-<date>.json and
-cpu-scaling-<cpu>-<date>.png.
+top-k attention at the best path. Writes benchmarks/results/cpu-<cpu>-<date>[-<N>thread].json and
+cpu-scaling-<cpu>-<date>[-<N>thread].png (atomically).
 GPU (when visible): benchmarks/gpu.py with triton.testing.do_bench.
 """
 import argparse
