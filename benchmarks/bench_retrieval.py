@@ -1,9 +1,7 @@
-"""Top-k target attention on CPU (pytest-benchmark): the fused op against the composition, same run.
+"""Top-k target attention on CPU: the fused op against the composition, interleaved in the same run.
 
-Run through `python -m benchmarks.run` (ratios, memory, JSON) or directly:
-  pytest benchmarks/bench_retrieval.py --benchmark-enable --benchmark-only
+`python -m benchmarks.run` times the groups below round-robin at each ISA path of the CPU.
 """
-import pytest
 import torch
 
 import reclora_kernels as rk
@@ -12,6 +10,7 @@ from benchmarks import shapes
 from benchmarks.shapes import RETRIEVAL_CPU, retrieval_inputs
 
 PASSES = ["forward", "forward+backward"]
+TRAINABLE = ("query", "table")
 
 
 def implementations():
@@ -35,21 +34,19 @@ def prepare(shape, device="cpu", dtype=torch.float32):
     return tensors
 
 
-TRAINABLE = ("query", "table")
-
-
 def step(fn, tensors, passes):
     return shapes.step(fn, tensors, passes, TRAINABLE)
 
 
-@pytest.mark.parametrize("passes", PASSES)
-@pytest.mark.parametrize("impl", list(implementations()))
-def test_topk_attention_cpu(benchmark, impl, passes):
-    if impl == "fused" and rk.unavailable_reason("cpu", "cpu", "retrieval"):
-        pytest.skip(rk.unavailable_reason("cpu", "cpu", "retrieval"))
-    tensors = prepare(RETRIEVAL_CPU)
-    fn = implementations()[impl]
-    step(fn, tensors, passes)
-    benchmark.group = f"topk_target_attention {passes}"
-    benchmark.extra_info.update(shape=RETRIEVAL_CPU, dtype="float32", impl=impl, passes=passes)
-    benchmark(step, fn, tensors, passes)
+def groups(shape=RETRIEVAL_CPU):
+    """[(name, {impl: zero-argument step}, meta)], as bench_gated_lora.groups."""
+    tensors = prepare(shape)
+    return [
+        (
+            f"topk_target_attention {passes}",
+            {name: (lambda fn=fn, p=passes: step(fn, tensors, p)) for name, fn in implementations().items()},
+            dict(op="topk_target_attention", shape=shape, dtype="float32", passes=passes,
+                 valid_positions=int(tensors["lengths"].sum())),
+        )
+        for passes in PASSES
+    ]

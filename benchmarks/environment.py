@@ -1,17 +1,15 @@
-"""What every results file records: machine, versions, threads, date."""
+"""What every results file records: machine, ISA path, versions, threads, load, date."""
 import datetime
+import os
 import platform
-import re
 import subprocess
 
 import torch
 
+from reclora_kernels import cpu_features
 
-def _cpu_model():
-    try:
-        return re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or platform.machine()
+# Environment variables that choose an ISA path: ours, and those of the libraries behind PyTorch.
+ISA_VARIABLES = ("RECLORA_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def _version(module):
@@ -24,8 +22,12 @@ def _version(module):
 def describe():
     info = {
         "date": datetime.date.today().isoformat(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_features.cpu_model(),
+        **cpu_features.describe(),
+        "isa_variables": {name: os.environ.get(name) for name in ISA_VARIABLES},
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),

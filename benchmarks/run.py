@@ -1,13 +1,19 @@
 """`python -m benchmarks.run`: every kernel benchmark for the hardware present, with ratios.
 
-CPU: pytest-benchmark runs benchmarks/bench_*.py (fused op and baselines in the same run),
-then peak memory and the history-length scaling study; writes
-benchmarks/results/cpu-<date>.json and cpu-scaling-<date>.png.
+CPU: at each ISA path of this CPU (RECLORA_CPU_ISA, one child process per path), the groups of
+bench_gated_lora.py and bench_retrieval.py (fused op and baselines) timed round-robin, medians over
+--rounds rounds, and the roofline (benchmarks/roofline.py): a large torch.mm and a STREAM triad
+measured in the same child, each fused op's GFLOP/s and GB/s as fractions of them. The AVX2 path
+also caps PyTorch's own libraries at AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS,
+ONEDNN_MAX_CPU_ISA), as on an AVX2-only CPU. Then the peak memory and the history-length scaling of
+top-k attention at the best path. Writes benchmarks/results/cpu-<cpu>-<date>[-<N>thread].json and
+cpu-scaling-<cpu>-<date>[-<N>thread].png (atomically).
 GPU (when visible): benchmarks/gpu.py with triton.testing.do_bench.
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -15,60 +21,74 @@ import time
 
 import torch
 
-from benchmarks import bench_retrieval
+from benchmarks import bench_gated_lora, bench_retrieval, roofline
 from benchmarks.environment import describe
 from benchmarks.memory import peak_bytes
-from benchmarks.shapes import LORA_SMOLLM2, RETRIEVAL_CPU
+from benchmarks.shapes import RETRIEVAL_CPU
+from reclora_kernels import cpu_features
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-BENCH_FILES = ["bench_gated_lora.py", "bench_retrieval.py"]
+# What a CPU without the wider levels would run, for PyTorch's libraries as for ours.
+LIBRARY_CAPS = {
+    "avx512": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+PYTORCH_WAYS = ("published", "composition")
 
 
-def run_pytest_benchmarks(max_time):
+def measure_path(rounds, warmup):
+    """This process's ISA path: machine peaks, every group round-robin, ratios and roofline."""
+    peaks = roofline.machine_peaks(max(rounds // 2, 10))
+    print(f"[{cpu_features.active_isa()}] torch.mm {peaks['mm_gflops']:.1f} GFLOP/s, triad "
+          f"{peaks['triad_l3_gbs']:.1f} GB/s (L3), {peaks['triad_dram_gbs']:.1f} GB/s (DRAM)", flush=True)
+    groups = {}
+    for name, impls, meta in bench_gated_lora.groups() + bench_retrieval.groups():
+        table = roofline.interleaved(impls, rounds, warmup)
+        groups[name] = {"meta": meta, "timings": table, "ratios": ratios(table),
+                        "cpu_time_ratios": ratios(table, "cpu_median_ms"),
+                        "roofline": roofline.roofline(table["fused"]["median_ms"], meta, peaks),
+                        "loadavg": os.getloadavg()}
+        print(f"[{cpu_features.active_isa()}] {name}: " + ", ".join(
+            f"{impl} {s['median_ms']:.3f} ms" for impl, s in table.items()), flush=True)
+    return {"environment": describe(), "peaks": peaks, "groups": groups}
+
+
+def ratios(table, key="median_ms"):
+    """Speed-up of the fused op over each baseline (baseline time / fused time), the best PyTorch way's,
+    and the fused linear's cost over the base linear alone; key: the wall-time or CPU-time median."""
+    fused = table["fused"][key]
+    out = {f"{name} / fused": s[key] / fused for name, s in table.items() if name != "fused"}
+    ways = [table[name][key] for name in PYTORCH_WAYS if name in table]
+    if ways:
+        out["best PyTorch way / fused"] = min(ways) / fused
+    if "fused_linear" in table:
+        out["fused_linear / base_linear"] = table["fused_linear"][key] / table["base_linear"][key]
+    return out
+
+
+def run_path(level, rounds, warmup):
+    """measure_path in a child process forced to ISA level (the path is fixed once per process)."""
+    env = {**os.environ, cpu_features.ISA_ENV: level, **LIBRARY_CAPS[level]}
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "bench.json")
-        cmd = [
-            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            *[os.path.join(HERE, f) for f in BENCH_FILES],
-            "--benchmark-enable", "--benchmark-only", f"--benchmark-json={out}",
-            f"--benchmark-max-time={max_time}", "--benchmark-min-rounds=5",
-            "--benchmark-columns=median,iqr,rounds",
-        ]
-        subprocess.run(cmd, check=True, cwd=os.path.dirname(HERE))
+        out = os.path.join(tmp, "path.json")
+        cmd = [sys.executable, "-m", "benchmarks.run", "--child", out, "--rounds", str(rounds), "--warmup", str(warmup)]
+        subprocess.run(cmd, check=True, cwd=os.path.dirname(HERE), env=env)
         with open(out) as f:
             return json.load(f)
 
 
-def summarize(raw):
-    """{group: {impl: {median_ms, iqr_ms, rounds}}} from pytest-benchmark's JSON."""
-    table = {}
-    for bench in raw["benchmarks"]:
-        stats = bench["stats"]
-        table.setdefault(bench["group"], {})[bench["extra_info"]["impl"]] = {
-            "median_ms": stats["median"] * 1e3,
-            "iqr_ms": stats["iqr"] * 1e3,
-            "rounds": stats["rounds"],
-        }
-    return table
+def write_json(path, data):
+    """Atomically: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
-def ratios(table):
-    """Speed-up of each fused op over its baselines (baseline time / fused time)."""
-    out = {}
-    for group, impls in table.items():
-        fused = impls.get("fused")
-        if fused is None:
-            continue
-        for name, stats in impls.items():
-            if name != "fused":
-                out[f"{group}: {name} / fused"] = stats["median_ms"] / fused["median_ms"]
-        pytorch_ways = [impls[n]["median_ms"] for n in ("published", "composition") if n in impls]
-        if pytorch_ways:
-            out[f"{group}: best PyTorch way / fused"] = min(pytorch_ways) / fused["median_ms"]
-        if "fused_linear" in impls and "base_linear" in impls:
-            out[f"{group}: fused_linear / base_linear"] = impls["fused_linear"]["median_ms"] / impls["base_linear"]["median_ms"]
-    return out
+def cpu_slug():
+    return re.sub(r"[^a-z0-9]+", "-", cpu_features.cpu_model().lower()).strip("-")
 
 
 def retrieval_memory():
@@ -130,33 +150,61 @@ def plot_scaling(rows, batch, path, title):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-time", type=float, default=1.0, help="seconds per pytest-benchmark case")
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per group (medians; at least 25)")
+    parser.add_argument("--warmup", type=int, default=3)
+    levels = cpu_features.isa_levels()
+    parser.add_argument("--isa", nargs="+", choices=cpu_features.ISA_LEVELS, default=[l for l in levels if l != "baseline"],
+                        help=f"ISA paths to measure (default: {' '.join(l for l in levels if l != 'baseline')})")
     parser.add_argument("--scaling-batch", type=int, default=32)
     parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[512 * 2**i for i in range(8)])
+    parser.add_argument("--no-scaling", action="store_true", help="skip the memory and scaling study")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 keeps a busy shared machine from stalling "
+                             "every parallel region on a descheduled thread")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children's thread count
+    if args.child:
+        write_json(args.child, measure_path(args.rounds, args.warmup))
+        return
+    for level in args.isa:
+        error = cpu_features.isa_error(level)
+        if error:
+            parser.error(error)
     os.makedirs(args.out, exist_ok=True)
 
     env = describe()
-    table = summarize(run_pytest_benchmarks(args.max_time))
+    stem = f"cpu-{cpu_slug()}-{env['date']}" + (f"-{args.threads}thread" if args.threads else "")
     result = {
         "environment": env,
         "device": "cpu",
-        "shapes": {"gated_lora": LORA_SMOLLM2, "topk_target_attention": RETRIEVAL_CPU},
-        "dtype": "float32",
-        "timings": table,
-        "ratios": ratios(table),
-        "topk_target_attention_memory": retrieval_memory(),
+        "method": {
+            "timer": "time.perf_counter around each call",
+            "interleaving": "round-robin over the implementations of a group, round by round",
+            "rounds": args.rounds,
+            "warmup_rounds": args.warmup,
+            "statistic": "median (with quartiles, min, max and every round's time)",
+            "isa_paths": "one child process per path; RECLORA_CPU_ISA plus the library caps in LIBRARY_CAPS",
+            "work_model": roofline.__doc__,
+        },
+        "library_caps": {level: LIBRARY_CAPS[level] for level in args.isa},
+        "paths": {level: run_path(level, args.rounds, args.warmup) for level in args.isa},
     }
-    rows = retrieval_scaling(args.scaling_batch, args.scaling_lengths)
-    png = os.path.join(args.out, f"cpu-scaling-{env['date']}.png")
-    plot_scaling(rows, args.scaling_batch, png, f"top-k attention, CPU, B={args.scaling_batch}, d=64, k=64")
-    result["topk_target_attention_scaling"] = {"batch": args.scaling_batch, "rows": rows, "plot": os.path.basename(png)}
-    path = os.path.join(args.out, f"cpu-{env['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps({"ratios": result["ratios"], "memory": result["topk_target_attention_memory"]}, indent=2))
-    print(f"wrote {path} and {png}")
+    if not args.no_scaling:
+        result["topk_target_attention_memory"] = retrieval_memory()
+        rows = retrieval_scaling(args.scaling_batch, args.scaling_lengths)
+        png = os.path.join(args.out, stem.replace("cpu-", "cpu-scaling-", 1) + ".png")
+        plot_scaling(rows, args.scaling_batch, png, f"top-k attention, CPU, B={args.scaling_batch}, d=64, k=64")
+        result["topk_target_attention_scaling"] = {"batch": args.scaling_batch, "rows": rows, "plot": os.path.basename(png)}
+    result["environment"]["loadavg_after"] = os.getloadavg()
+    path = os.path.join(args.out, f"{stem}.json")
+    write_json(path, result)
+    summary = {level: {name: g["ratios"] for name, g in p["groups"].items()} for level, p in result["paths"].items()}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
 
     if torch.cuda.is_available():
         from benchmarks import gpu

@@ -4,10 +4,12 @@
 // vector extensions). run_simd<Kernel>(args...) runs Kernel<16> compiled for AVX-512, Kernel<8>
 // for AVX2 + FMA, or Kernel<4> for the baseline ISA (SSE2, NEON), whichever this CPU supports:
 // the build needs no -march flag, and each ISA gets register blocking that fits its register
-// file. RECLORA_CPU_ISA=avx2 or =baseline caps the choice (to test those paths on any machine).
+// file. RECLORA_CPU_ISA=avx512, avx2 or baseline forces a path (to test and measure each on any
+// machine that has it).
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -154,7 +156,10 @@ RECLORA_INLINE void for_blocks(int64_t begin, int64_t end, F&& f) {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-inline Isa detect_isa() {
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+// The best level this CPU (and its OS, which must save the wider registers) runs.
+inline Isa hardware_isa() {
   Isa isa = Isa::kBaseline;
 #ifdef RECLORA_X86_DISPATCH
   __builtin_cpu_init();
@@ -164,15 +169,28 @@ inline Isa detect_isa() {
     isa = Isa::kAvx512;
   }
 #endif
-  if (const char* cap = std::getenv("RECLORA_CPU_ISA")) {
-    if (std::strcmp(cap, "baseline") == 0) isa = Isa::kBaseline;
-    if (std::strcmp(cap, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
-  }
   return isa;
 }
 
+// hardware_isa(), or the level RECLORA_CPU_ISA names; a level this CPU lacks is refused, never
+// silently lowered, so that a test or benchmark of a path runs that path or fails.
+inline Isa select_isa() {
+  const Isa best = hardware_isa();
+  const char* requested = std::getenv("RECLORA_CPU_ISA");
+  if (requested == nullptr || *requested == '\0') return best;
+  for (int level = 0; level <= static_cast<int>(Isa::kAvx512); ++level) {
+    if (std::strcmp(requested, kIsaNames[level]) != 0) continue;
+    TORCH_CHECK(level <= static_cast<int>(best), "RECLORA_CPU_ISA=", requested,
+                ": this CPU lacks it (the best level here is ", kIsaNames[static_cast<int>(best)],
+                "); unset it or pick a level up to that one");
+    return static_cast<Isa>(level);
+  }
+  TORCH_CHECK(false, "RECLORA_CPU_ISA=", requested, " is not a level: expected avx512, avx2 or baseline");
+}
+
+// The path every CPU kernel takes, fixed at the first call (an error is raised again at each call).
 inline Isa cpu_isa() {
-  static const Isa isa = detect_isa();
+  static const Isa isa = select_isa();
   return isa;
 }
 
@@ -209,14 +227,14 @@ void run_simd(Args... args) {
   run_baseline<Kernel>(args...);
 }
 
-// dst[t * d : +d] = float(base[rows[t] * d : +d]) for t < n; H = c10::BFloat16 or c10::Half.
+// dst[t * d : +d] = float(base[rows[t] * ld : +d]) for t < n; H = c10::BFloat16 or c10::Half.
 template <int W>
 struct GatherRows {
   template <class H>
-  RECLORA_INLINE void operator()(const H* base, const int64_t* rows, int64_t n, int64_t d, float* dst) const {
+  RECLORA_INLINE void operator()(const H* base, int64_t ld, const int64_t* rows, int64_t n, int64_t d, float* dst) const {
     using S = Simd<W>;
     for (int64_t t = 0; t < n; ++t) {
-      const H* src = base + rows[t] * d;
+      const H* src = base + rows[t] * ld;
       float* out = dst + t * d;
       int64_t i = 0;
       for (; i + W <= d; i += W) S::store(out + i, S::template load_reduced<false>(src + i, 0));

@@ -99,8 +99,10 @@ struct RowDots {
     do {
       const int64_t end = std::min(len, begin + chunk);
       const bool add = accumulate || begin > 0;
-      cpu::for_blocks<kWideBlock<W>>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
-        cpu::for_blocks<4>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
+      // Four rows a block: each vector of q, read from L2 when R is large (the output mix), serves
+      // four rows; AVX2's 16 registers then hold two q rows a block, AVX-512's 32 hold four.
+      cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
+        cpu::for_blocks<kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
           block<decltype(nt)::value, decltype(nj)::value>(
               rows + t, q + j * ldq, ldq, begin, end, alpha, out + t * ldo + j, ldo, add);
         });
@@ -352,18 +354,38 @@ void for_each_piece(const Grouping& grouping, int64_t M, int64_t workers, bool d
 // ---------------------------------------------------------------------------------------------
 // Tiles of token rows in float32
 
-// Float rows of a tile of an (M, d) tensor: the rows themselves for float32, converted copies in buf
-// otherwise.
+// An (M, d) operand read through its strides: a gradient broadcast over tokens has row stride 0.
 template <typename scalar_t>
-void read_rows(const scalar_t* base, int64_t d, const int64_t* rows, int64_t n, float* buf, const float** out) {
-  for (int64_t t = 0; t < n; ++t) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      out[t] = base + rows[t] * d;
+struct StridedRows {
+  const scalar_t* base;
+  int64_t row_stride, col_stride;
+};
+
+template <typename scalar_t>
+StridedRows<scalar_t> strided_rows(const at::Tensor& t) {
+  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
+}
+
+// Float rows of a tile of an (M, d) operand: the rows themselves for float32 with unit column
+// stride, converted or gathered copies in buf otherwise.
+template <typename scalar_t>
+void read_rows(const StridedRows<scalar_t>& src, int64_t d, const int64_t* rows, int64_t n, float* buf,
+               const float** out) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  if (src.col_stride == 1) {
+    if constexpr (kFloat) {
+      for (int64_t t = 0; t < n; ++t) out[t] = src.base + rows[t] * src.row_stride;
+      return;
     } else {
-      out[t] = buf + t * d;
+      cpu::run_simd<cpu::GatherRows>(src.base, src.row_stride, rows, n, d, buf);
+    }
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* row = src.base + rows[t] * src.row_stride;
+      for (int64_t i = 0; i < d; ++i) buf[t * d + i] = static_cast<float>(row[i * src.col_stride]);
     }
   }
-  if constexpr (!std::is_same_v<scalar_t, float>) cpu::run_simd<cpu::GatherRows>(base, rows, n, d, buf);
+  for (int64_t t = 0; t < n; ++t) out[t] = buf + t * d;
 }
 
 // Where kernels write a tile of an (M, d) output: in place for float32, else buf for write_rows.
@@ -515,7 +537,7 @@ at::Tensor base_gemm(const at::Tensor& a, const at::Tensor& b, const c10::option
 // Forward
 
 template <typename scalar_t>
-void forward_pieces(const Problem& pb, const scalar_t* x, scalar_t* y, bool accumulate) {
+void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t* y, bool accumulate) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t stride = kTile * (pb.R + pb.d_in + pb.d_out);
   std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
@@ -561,7 +583,7 @@ at::Tensor gated_lora_forward_cpu(
   if (x.size(0) == 0) return y;
   const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling, output_mix);
   RECLORA_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "gated_lora_forward_cpu", [&] {
-    forward_pieces<scalar_t>(pb, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), weight.has_value());
+    forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value());
   });
   return y;
 }
@@ -578,8 +600,8 @@ struct Accumulators {
 
 template <typename scalar_t>
 void backward_pieces(
-    const Problem& pb, const scalar_t* grad_out, const scalar_t* x, scalar_t* grad_x, bool accumulate_x,
-    Accumulators& acc, float* dgate_pieces) {
+    const Problem& pb, const StridedRows<scalar_t>& grad_out, const StridedRows<scalar_t>& x, scalar_t* grad_x,
+    bool accumulate_x, Accumulators& acc, float* dgate_pieces) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t R = pb.R, d_in = pb.d_in, d_out = pb.d_out;
   const int64_t stride = kTile * (2 * R + 2 * d_in + d_out);
@@ -645,9 +667,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
     bool output_mix) {
   check_inputs(x, weight, gate, lora_a, lora_b, sample_index);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == lora_b.size(1) &&
-                  grad_out.scalar_type() == x.scalar_type() && grad_out.device().is_cpu() &&
-                  grad_out.is_contiguous(),
-              "gated_lora (cpu): grad_out must be contiguous (M, d_out) = (", x.size(0), ", ", lora_b.size(1),
+                  grad_out.scalar_type() == x.scalar_type() && grad_out.device().is_cpu(),
+              "gated_lora (cpu): grad_out must be (M, d_out) = (", x.size(0), ", ", lora_b.size(1),
               ") with x's dtype, got ", grad_out.sizes());
   const int64_t B = gate.size(0), K = gate.size(1);
   at::Tensor grad_x = weight.has_value() ? base_gemm(grad_out, *weight, c10::nullopt) : at::empty_like(x);
@@ -656,6 +677,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
 
   const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling, output_mix);
   const int64_t P = pb.grouping.pieces.size(), R = pb.R, d_in = pb.d_in, d_out = pb.d_out;
+  // Any strides are read as they are; a broadcast row (y.sum()'s gradient) is made contiguous once.
+  const at::Tensor grad_rows = grad_out.stride(0) == 0 && grad_out.stride(1) != 1
+                                   ? grad_out.select(0, 0).contiguous().expand_as(grad_out)
+                                   : grad_out;
   const auto float_options = gate.options();
   Accumulators acc;
   const int64_t slots = output_mix ? pb.workers : P;
@@ -663,7 +688,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   acc.written.assign(slots, 0);
   std::vector<float> dgate_pieces(P * K, 0.f);
   RECLORA_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "gated_lora_backward_cpu", [&] {
-    backward_pieces<scalar_t>(pb, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+    backward_pieces<scalar_t>(pb, strided_rows<scalar_t>(grad_rows), strided_rows<scalar_t>(x),
                               grad_x.data_ptr<scalar_t>(), weight.has_value(), acc, dgate_pieces.data());
   });
 

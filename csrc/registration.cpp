@@ -4,9 +4,42 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_utils.h"
+
+namespace {
+
+// _C.cpu_isa(): the path the CPU kernels take ("avx512", "avx2" or "baseline"); ValueError when
+// RECLORA_CPU_ISA names an unknown level or one this CPU lacks.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(reclora::cpu::kIsaNames[static_cast<int>(reclora::cpu::cpu_isa())]);
+  } catch (const c10::Error& error) {
+    PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+// _C.cpu_isa_levels(): every level this CPU runs, best first, whatever RECLORA_CPU_ISA says.
+PyObject* cpu_isa_levels(PyObject*, PyObject*) {
+  const int best = static_cast<int>(reclora::cpu::hardware_isa());
+  PyObject* levels = PyTuple_New(best + 1);
+  for (int level = best; level >= 0; --level) {
+    PyTuple_SET_ITEM(levels, best - level, PyUnicode_FromString(reclora::cpu::kIsaNames[level]));
+  }
+  return levels;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA path of the CPU kernels."},
+    {"cpu_isa_levels", cpu_isa_levels, METH_NOARGS, "The ISA levels this CPU runs, best first."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 // Importable as a Python module; loading it runs the registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -2,14 +2,14 @@
 
 Backends:
   torch   the pure-PyTorch reference (any device, any float dtype; the ground truth)
-  cpu     C++ kernels in reclora_kernels._C (CPU tensors)
+  cpu     C++ kernels in reclora_kernels._C (CPU tensors); RECLORA_CPU_ISA forces their ISA path
   triton  Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, for tests)
   cuda    CUDA C++ kernels in reclora_kernels._C (CUDA tensors)
 """
 import importlib.util
 import os
 
-from reclora_kernels import _native
+from reclora_kernels import _native, cpu_features
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
@@ -61,6 +61,9 @@ def _reason(backend, device_type, op):
 # Computed once so that resolve() is plain dictionary work (cheap, and traceable by torch.compile).
 _OPS = (None, *_native.OP_KERNELS)
 _REASONS = {(b, d, op): _reason(b, d, op) for b in BACKENDS for d in ("cpu", "cuda") for op in _OPS}
+# A refused RECLORA_CPU_ISA fails every use of the cpu backend: falling back to another backend would
+# measure or test something else than was asked for.
+_CPU_ISA_ERROR = cpu_features.isa_error()
 
 
 def unavailable_reason(backend: str, device_type: str, op=None):
@@ -85,10 +88,13 @@ def default_backend(device_type: str, op=None) -> str:
 def resolve(backend, device_type: str, op=None) -> str:
     """The concrete backend to run op: backend itself after checks, or the default for the device."""
     if backend is None:
-        return default_backend(device_type, op)
-    if backend not in BACKENDS:
+        backend = default_backend(device_type, op)
+    elif backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}, got {backend!r}")
-    reason = unavailable_reason(backend, device_type, op)
-    if reason is not None:
-        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+    else:
+        reason = unavailable_reason(backend, device_type, op)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+    if backend == "cpu" and _CPU_ISA_ERROR is not None:
+        raise cpu_features.CpuIsaError(_CPU_ISA_ERROR)
     return backend

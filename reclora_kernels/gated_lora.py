@@ -190,7 +190,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight, gate, lora_a, lora_b, sample_index = ctx.saved_tensors
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    grad_out = grad_out.contiguous()
+    if ctx.backend != "cpu":  # the CPU kernels read any strides, a broadcast gradient included
+        grad_out = grad_out.contiguous()
     grad_x, grad_gate, grad_a, grad_b = _gated_lora_grad_op(
         grad_out,
         x,

@@ -1,11 +1,12 @@
-"""`python -m reclora_kernels.info`: versions, and which backends can run here (and why not)."""
+"""`python -m reclora_kernels.info`: versions, the CPU and its ISA path, and which backends can run
+here (and why not)."""
 import importlib
 import platform
 import sys
 
 import torch
 
-from reclora_kernels import __version__, _backends, _native
+from reclora_kernels import __version__, _backends, _native, cpu_features
 
 
 def _version(module):
@@ -23,6 +24,7 @@ def report() -> str:
         f"triton {_version('triton')}",
         f"TRITON_INTERPRET={'1' if _backends.triton_interpreter_enabled() else '0'}",
     ]
+    lines += _cpu_lines()
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         lines.append(f"GPU: {names}")
@@ -40,11 +42,32 @@ def report() -> str:
     for device in devices:
         lines.append(f"backends for {device} tensors:")
         for op in _native.OP_KERNELS:
-            lines.append(f"  {op} (default: {_backends.default_backend(device, op)})")
+            default = _backends.default_backend(device, op)
+            path = f", ISA path {_cpu_path()}" if default == "cpu" else ""
+            lines.append(f"  {op} (default: {default}{path})")
             for backend in _backends.BACKENDS:
                 reason = _backends.unavailable_reason(backend, device, op)
                 lines.append(f"    {backend:7s} {'usable' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
+
+
+def _cpu_path():
+    try:
+        return cpu_features.active_isa()
+    except cpu_features.CpuIsaError as error:
+        return f"refused: {error}"
+
+
+def _cpu_lines():
+    requested = cpu_features.requested_isa()
+    return [
+        f"CPU: {cpu_features.cpu_model()}, {torch.get_num_threads()} torch threads",
+        f"  ISA levels found: {', '.join(cpu_features.isa_levels())}",
+        f"  kernels' ISA path: {_cpu_path() or 'none (library not built)'} "
+        f"({f'{cpu_features.ISA_ENV}={requested}' if requested else f'{cpu_features.ISA_ENV} unset: the best level'})",
+        f"  torch's own CPU capability: {torch.backends.cpu.get_cpu_capability()}",
+        f"  bf16: {cpu_features.bf16_advice()}",
+    ]
 
 
 if __name__ == "__main__":

@@ -293,3 +293,37 @@ def test_torch_compile_fullgraph_packed(backend, device):
 
     args = [t[n] for n in ("x", "gate", "lora_a", "lora_b", "sample_index")]
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(*args), layer(*args))
+
+
+def layout_gradient(layout, shape, gen):
+    """An upstream gradient of the output's shape in a given memory layout."""
+    if layout == "sum":  # what y.sum().backward() passes: every stride 0
+        return torch.ones(()).expand(shape)
+    if layout == "broadcast_row":  # (y * w).sum() for a (d_out,) w: row stride 0
+        return torch.randn(shape[-1], generator=gen).expand(shape)
+    return torch.randn(tuple(reversed(shape)), generator=gen).permute(*reversed(range(len(shape))))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", ["weight", "output"])
+@pytest.mark.parametrize("layout", ["sum", "broadcast_row", "transposed"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_gradient_layouts(backend, device, dtype, mix, layout, linear):
+    """Broadcast and non-contiguous upstream gradients give the gradients of their dense copy, and the
+    float64 reference's within tolerance."""
+    inputs = make_inputs((3, 5, 4, 3, 37, 19), linear=linear)
+    grad = layout_gradient(layout, (3, 5, 19), torch.Generator().manual_seed(3))
+    results = []
+    for upstream, backend_, dtype_ in ((grad, backend, dtype), (grad.contiguous(), backend, dtype),
+                                       (grad, "torch", torch.float64), (grad, "torch", dtype)):
+        leaves = {n: v.detach().to(device=device, dtype=torch.float32 if n == "gate" and dtype_ != torch.float64 else dtype_)
+                  .requires_grad_() for n, v in inputs.items() if v is not None}
+        fn = rk.gated_lora_linear if linear else rk.gated_lora
+        out = fn(**leaves, scaling=2.0, mix=mix, backend=backend_)
+        out.backward(upstream.to(device=device, dtype=out.dtype))
+        results.append({n: leaf.grad.cpu() for n, leaf in leaves.items()})
+    strided, dense, grads64, grads_same = results
+    for name in grads64:
+        torch.testing.assert_close(strided[name], dense[name], rtol=0, atol=0, msg=name)
+        assert_within_tolerance(f"grad {name}", strided[name], grads64[name], grads_same[name], dtype)

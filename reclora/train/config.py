@@ -18,6 +18,7 @@ from reclora.crm.sim import SEARCH_MODES
 from reclora.llm import SMOLLM2, TINY_LLAMA
 from reclora.model import GATE_INPUTS
 from reclora_kernels import BACKENDS
+from reclora_kernels.cpu_features import warn_if_bf16_is_slow
 from reclora_kernels.gated_lora import MIX_MODES
 
 LLM_METHODS = ("reclora", "lora", "rella", "zero-shot")
@@ -103,8 +104,9 @@ class TrainConfig:
     resume: bool = _option(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _option(False, "start afresh even if --out holds an earlier run")
     device: Optional[str] = _option(None, "cpu or cuda (default: cuda when available)")
-    bf16: bool = _option(False, "bf16 autocast for the LLM: for GPUs, and for CPUs with AVX512-BF16 or AMX, where "
-                         "it is 2-3x faster than float32 (adapters and optimizer stay float32)")
+    bf16: bool = _option(False, "bf16 autocast for the LLM (adapters and optimizer stay float32): pays on GPUs and on "
+                         "CPUs with AVX512-BF16 or AMX (Zen 4 and later, Cooper Lake and Sapphire Rapids and later; see "
+                         "benchmarks/README.md); elsewhere usually slower than float32, and the trainer warns")
     grad_checkpointing: bool = _option(False, "recompute the LLM's activations in the backward pass (less memory)")
     checkpoint_every: int = _option(50, "optimizer steps between checkpoints (one is also written after each validation)")
     cache_dir: Optional[str] = _option(None, "cache for datasets, embeddings, converted models and trained CRMs "
@@ -160,6 +162,8 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.bf16:
+            warn_if_bf16_is_slow(self.device)
         return self
 
     def to_dict(self) -> dict:
