@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from reclora.progress import progress_bar
 
 ColumnRef = Union[int, str]  # a field position, or a header name for files with a header
 ColumnKind = Union[type, np.dtype]  # `str` (a list of strings) or a numpy dtype
@@ -97,7 +98,7 @@ def _open_lines(path: Path, separator: str, encoding: str, quoted: bool, progres
         raise ValueError(f"CSV files need a one-character separator, got {separator!r}")
     size = path.stat().st_size
     # newline="" lets the csv module see quoted newlines; universal newlines strip CRLF otherwise.
-    with open(path, encoding=encoding, newline="" if quoted else None) as file, tqdm(
+    with open(path, encoding=encoding, newline="" if quoted else None) as file, progress_bar(
         total=size,
         desc=f"reading {path.name}",
         unit="B",
