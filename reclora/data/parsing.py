@@ -200,7 +200,8 @@ def _convert_chunk(path, rows, line_numbers, columns, positions) -> tuple[dict, 
 
 def _parse_numbers(path, values: list[str], line_numbers: list[int], kind, name: str) -> np.ndarray:
     try:
-        return np.asarray(values).astype(kind)
+        with np.errstate(over="ignore"):  # an overflow to inf is reported below, with its line
+            numbers = np.asarray(values).astype(kind)
     except ValueError:
         # Only on failure: find the first value numpy rejects, to name its line.
         for value, line in zip(values, line_numbers):
@@ -211,6 +212,12 @@ def _parse_numbers(path, values: list[str], line_numbers: list[int], kind, name:
                     path, line, f"field {name!r}: {value!r} is not a valid {np.dtype(kind).name}"
                 ) from None
         raise
+    # numpy reads "nan" and "inf" as floats; no rating, timestamp or other data value may be one
+    not_finite = np.flatnonzero(~np.isfinite(numbers)) if numbers.dtype.kind == "f" else ()
+    if len(not_finite):
+        row = not_finite[0]
+        raise DataFormatError(path, line_numbers[row], f"field {name!r}: {values[row]!r} is not a finite number")
+    return numbers
 
 
 def _concatenate(parts: Sequence, kind):
