@@ -21,6 +21,7 @@ from reclora.data.dataset import RecDataset, Samples, UserSequences
 from reclora.data.preprocess import PreprocessConfig
 from reclora.data.source import DataSource
 from reclora.data.tables import ItemTable, UserTable
+from reclora.files import shared_permissions
 
 FORMAT_VERSION = 1
 ARRAYS = "arrays.npz"
@@ -51,6 +52,7 @@ def save_dataset(dataset: RecDataset, directory: Path) -> None:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    shared_permissions(staging)  # a cache shared by a team: the umask decides, not mkdtemp's 0700
     try:
         sequences, samples = dataset.sequences, dataset.samples
         np.savez(

@@ -15,7 +15,7 @@ from reclora.adapters import AdapterConfig
 from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.data import load_dataset
-from reclora.llm import default_cache_dir, load_llm
+from reclora.llm import TINY_LLAMA, default_cache_dir, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.retrieval import LongShortRetriever, item_embeddings
@@ -186,7 +186,9 @@ def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, sec
 def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAModel:
     """The LLM, item embeddings, retriever and adapters a method needs, seeded by config.seed."""
     llm, tokenizer = load_llm(config.llm, device=device, cache_dir=config.cache_dir, seed=config.seed)
-    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
+    # tiny-llama's weights are drawn from the seed: its embeddings are cached per seed
+    model_name = f"{config.llm} seed {config.seed}" if config.llm == TINY_LLAMA else config.llm
+    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=model_name,
                                  cache_dir=cache_path(config, "embeddings"), device=device, progress=config.progress)
     retriever = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, config.history_strategy,
                                    backend=_retrieval_backend(config))
