@@ -293,3 +293,14 @@ def test_torch_compile_fullgraph_packed(backend, device):
 
     args = [t[n] for n in ("x", "gate", "lora_a", "lora_b", "sample_index")]
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(*args), layer(*args))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_zero_input_features_are_named(backend, linear):
+    """d_in = 0 is refused with the argument's name on every backend, not met with an internal reshape error."""
+    x, gate = torch.zeros(2, 3, 0), torch.ones(2, 4) / 4
+    lora_a, lora_b = torch.zeros(4, 2, 0), torch.zeros(4, 5, 2)
+    op = rk.gated_lora if not linear else lambda *a, **k: rk.gated_lora_linear(a[0], torch.zeros(5, 0), None, *a[1:], **k)
+    with pytest.raises(ValueError, match=r"x must have d_in >= 1 features, got shape \(2, 3, 0\)"):
+        op(x, gate, lora_a, lora_b, backend=backend)
