@@ -129,9 +129,10 @@ class TrainConfig:
     crm_hidden: int = _option(256, "CRM hidden width; its last hidden layer is the gates' input", bound=AT_LEAST_1)
     crm_dropout: float = _option(0.1, "CRM dropout", bound=PROBABILITY)
     # running
-    seed: int = _option(0, "seed for the training subset, data order, initialization and dropout")
+    seed: int = _option(0, "seed for the training subset, data order, initialization and dropout",
+                        bound=NON_NEGATIVE)
     eval_seed: int = _option(0, "seed for the validation and test subsets: kept apart from --seed so that runs over "
-                             "several seeds are scored on the same samples")
+                             "several seeds are scored on the same samples", bound=NON_NEGATIVE)
     out: Optional[str] = _option(None, "output directory (default: runs/<dataset>-<method>-seed<seed>)", run_only=True)
     resume: bool = _option(False, "continue the run in --out from its last checkpoint", run_only=True)
     overwrite: bool = _option(False, "start afresh even if --out holds an earlier run", run_only=True)
