@@ -31,7 +31,7 @@ CSV_COLUMNS = (
     "method", "dataset", "llm", "seed", "train_size", "test_size", "auc", "logloss", "accuracy", "gauc",
     "train_seconds", "eval_seconds", "train_samples_per_second", "eval_samples_per_second", "device", "out",
 )
-CHECKPOINT_KEYS = ("identity", "adapters", "optimizer", "scheduler", "state")
+CHECKPOINT_KEYS = ("adapters", "optimizer", "scheduler", "state")  # and its identity (reclora.train.loop)
 
 
 class RunInUse(ConfigError):

@@ -151,7 +151,7 @@ def _earlier_run(config: TrainConfig, run_dir: RunDirectory):
         return {"identity": results.get("identity"), "source": run_dir.results, "results": results}
     if config.is_llm_method and run_dir.checkpoint.exists():
         checkpoint = run_dir.load_checkpoint()
-        return {"identity": checkpoint["identity"], "source": run_dir.checkpoint, "checkpoint": checkpoint}
+        return {"identity": checkpoint.get("identity"), "source": run_dir.checkpoint, "checkpoint": checkpoint}
     return None
 
 

@@ -143,6 +143,16 @@ def test_a_damaged_checkpoint_is_named_with_what_to_delete(finished, tmp_path, d
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+def test_a_checkpoint_of_an_older_version_is_refused_by_name(finished, tmp_path):
+    settings, out = finished
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint["settings"] = checkpoint.pop("identity")["settings"]  # as reclora wrote it before run fingerprints
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(checkpoint, tmp_path / "run" / "checkpoints" / "last.pt")
+    with pytest.raises(ConfigError, match="written by another version of reclora.*--overwrite"):
+        run(make_config(dict(settings, out=str(tmp_path / "run"), resume=True)), log=quiet)
+
+
 def test_a_second_run_on_the_same_folder_exits_2_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     with RunDirectory(out).locked():
