@@ -145,7 +145,8 @@ class TrainConfig:
                                     "validation)", bound=AT_LEAST_1, run_only=True)
     cache_dir: Optional[str] = _option(None, "cache for datasets, embeddings, converted models and trained CRMs "
                                        "(default: $RECLORA_CACHE_DIR or ~/.cache/reclora)", run_only=True)
-    progress: bool = _option(True, "tqdm progress bars", run_only=True)
+    progress: bool = _option(True, "progress bars (tqdm on a terminal; in a log file or a pipe, a line every 10%%)",
+                             run_only=True)
 
     def __post_init__(self):
         self.dataset_options = dict(self.dataset_options or {})
