@@ -7,6 +7,7 @@ or a load check); what fails the check is rebuilt or named with what to delete.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -37,6 +38,17 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def disk_full_named(path):
+    """Within the block, a full disk becomes NoSpaceLeft(path): the file or folder being written."""
+    try:
+        yield
+    except BaseException as error:
+        if _is_disk_full(error):
+            raise NoSpaceLeft(path) from error
+        raise
+
+
 def shared_permissions(path) -> None:
     """A file's or a directory's mode as the umask makes it (mkstemp and mkdtemp make them private)."""
     base = 0o777 if os.path.isdir(path) else 0o666
@@ -50,15 +62,13 @@ def atomic_write(path, write, mode="w") -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     shared_permissions(temporary)
     try:
-        with os.fdopen(handle, mode) as f:
+        with disk_full_named(path), os.fdopen(handle, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException as error:
+    except BaseException:
         os.unlink(temporary)
-        if _is_disk_full(error):
-            raise NoSpaceLeft(path) from error
         raise
 
 

