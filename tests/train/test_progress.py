@@ -1,7 +1,6 @@
 """Progress bars: tqdm on a terminal, a few plain lines in a log file or a pipe."""
 import io
 
-import pytest
 from tqdm.auto import tqdm
 
 from reclora.crm import build_crm
