@@ -9,12 +9,14 @@ load_llm(name_or_path) accepts:
   a directory     any local Hugging Face causal LM (or a hub name already in the local HF cache).
 
 Cache directory: the cache_dir argument, else $RECLORA_CACHE_DIR, else $XDG_CACHE_HOME/reclora
-(~/.cache/reclora). Delete <cache>/<gguf name>/ to convert again.
+(~/.cache/reclora). Delete <cache>/<gguf name>/ to convert again; a converted copy that fails to
+load (truncated, corrupt, non-finite weights) is converted again by itself.
 """
 import importlib.util
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -30,6 +32,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from reclora.files import disk_full_named
 
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
@@ -94,9 +98,8 @@ def load_llm(
     """
     name = str(name_or_path)
     if name == SMOLLM2:
-        model = AutoModelForCausalLM.from_pretrained(
-            _smollm2_model_dir(cache_dir), dtype=dtype, local_files_only=True
-        )
+        model = _load_converted(_smollm2_model_dir, cache_dir, lambda directory: _finite(
+            AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)))
         tokenizer = load_tokenizer(SMOLLM2, cache_dir)
     elif name == TINY_LLAMA:
         tokenizer = load_tokenizer(SMOLLM2, cache_dir)
@@ -115,7 +118,8 @@ def load_tokenizer(
     """The tokenizer load_llm pairs with name_or_path ("tiny-llama" uses SmolLM2's)."""
     name = str(name_or_path)
     if name in (SMOLLM2, TINY_LLAMA):
-        tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir(cache_dir), local_files_only=True)
+        tokenizer = _load_converted(_smollm2_tokenizer_dir, cache_dir,
+                                    lambda directory: AutoTokenizer.from_pretrained(directory, local_files_only=True))
     else:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         if tokenizer.pad_token is None:
@@ -190,7 +194,8 @@ def atomic_directory(path: Union[str, os.PathLike], overwrite: bool = True) -> I
     staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     staging.mkdir()
     try:
-        yield staging
+        with disk_full_named(path):
+            yield staging
         retired = None
         if overwrite and path.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first.
@@ -207,6 +212,23 @@ def atomic_directory(path: Union[str, os.PathLike], overwrite: bool = True) -> I
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _load_converted(convert, cache_dir, load):
+    """load(convert(cache_dir)); a converted copy in the cache that fails to load is converted again."""
+    directory = convert(cache_dir)
+    try:
+        return load(directory)
+    except Exception as error:  # a truncated or corrupt file surfaces as many kinds of error
+        warnings.warn(f"converting again the unreadable {directory} ({type(error).__name__}: {error})", stacklevel=3)
+        shutil.rmtree(directory, ignore_errors=True)
+        return load(convert(cache_dir))
+
+
+def _finite(model: PreTrainedModel) -> PreTrainedModel:
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise ValueError("its weights hold NaN or infinite values")
+    return model
 
 
 def _smollm2_cache(cache_dir) -> Path:

@@ -8,7 +8,7 @@ both lists are returned in chronological order. strategy="recent" takes the last
 """
 import hashlib
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import reclora_kernels as rk
 from reclora.data import HistoryBatch, RecDataset
+from reclora.files import atomic_write
 from reclora.llm import position_ids
 
 STRATEGIES = ("semantic", "recent")
@@ -120,7 +121,9 @@ def item_embeddings(dataset: RecDataset, embedder="llm", model=None, tokenizer=N
     key = hashlib.sha256("\n".join([embedder, model_name, *texts]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"item-embeddings-{dataset.name}-{embedder}-{key}.npy") if cache_dir else None
     if path and os.path.exists(path):
-        return np.load(path)
+        cached = _load_cached_embeddings(path, len(texts))
+        if cached is not None:
+            return cached
     if embedder == "bow":
         embeddings = bow_embeddings(texts)
     else:
@@ -128,8 +131,22 @@ def item_embeddings(dataset: RecDataset, embedder="llm", model=None, tokenizer=N
             raise ValueError("the llm embedder needs model and tokenizer")
         embeddings = llm_embeddings(model, tokenizer, texts, device=device, progress=progress)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npy", delete=False) as tmp:
-            np.save(tmp, embeddings)
-        os.replace(tmp.name, path)  # atomic: a reader never sees half a file
+        atomic_write(path, lambda f: np.save(f, embeddings), mode="wb")
     return embeddings
+
+
+def _load_cached_embeddings(path, rows: int):
+    """The cached (rows, e) finite float embeddings in path, or None (with a warning) when they are not that."""
+    try:
+        embeddings = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        problem = f"unreadable ({error})"
+    else:
+        if embeddings.ndim != 2 or embeddings.shape[0] != rows or embeddings.dtype.kind != "f":
+            problem = f"of shape {embeddings.shape} and dtype {embeddings.dtype}, expected ({rows}, e) float"
+        elif not np.isfinite(embeddings).all():
+            problem = "holding NaN or infinite values"
+        else:
+            return embeddings
+    warnings.warn(f"computing again the cached item embeddings {path}: {problem}", stacklevel=3)
+    return None

@@ -32,15 +32,18 @@ def same_dtype(names_values, what):
             raise TypeError(f"{name} must have the same dtype as {first_name} ({first.dtype}) {what}, got {value.dtype}")
 
 
-def index_range(name, index, low, high, what):
-    """Every entry of index lies in [low, high).
+def index_range(name, index, low, high, what, where=None):
+    """Every entry of index (where the bool tensor where is True, if given) lies in [low, high).
 
     Eager: checked on the host (a sync), so a bad index is a ValueError, never a device crash.
     Inside torch.compile the graph cannot sync: the check becomes a device-side assertion.
     """
     if torch.compiler.is_compiling():
-        torch._assert_async(((index >= low) & (index < high)).all(), f"{name} out of range ({what})")
+        inside = (index >= low) & (index < high)
+        torch._assert_async((inside if where is None else inside | ~where).all(), f"{name} out of range ({what})")
         return
+    if where is not None:
+        index = index[where]
     if index.numel() == 0:
         return
     lo, hi = int(index.min()), int(index.max())

@@ -80,6 +80,8 @@ def _check_inputs(x, weight, bias, gate, lora_a, lora_b, scaling, mix, sample_in
     if num_loras < 1:
         raise ValueError(f"gate must have shape (B, K) with K >= 1 meta-LoRAs, got {tuple(gate.shape)}")
     d_in = x.shape[-1]
+    if d_in < 1:
+        raise ValueError(f"x must have d_in >= 1 features, got shape {tuple(x.shape)}")
     _checks.tensor("lora_a", lora_a, ndim=3, device=device)
     rank = lora_a.shape[1]
     _checks.tensor("lora_a", lora_a, shape=(num_loras, None, d_in))

@@ -48,9 +48,12 @@ def topk_target_attention(
     default: keys. scale defaults to 1/sqrt(d). Returns pooled (B, d_v) in values'
     dtype and index (B, k) as in retrieve_topk. Rows with no valid item pool to zeros.
     """
+    lengths, mask = _check_inputs(query, keys, values, k, lengths, mask, ids, 1.0 if scale is None else scale)
     if scale is None:
-        scale = query.shape[-1] ** -0.5 if isinstance(query, torch.Tensor) and query.dim() == 2 else 1.0
-    lengths, mask = _check_inputs(query, keys, values, k, lengths, mask, ids, scale)
+        if query.shape[-1] == 0:
+            raise ValueError(f"query has d = 0 features: pass scale (the default 1/sqrt(d) does not exist), "
+                             f"got shape {tuple(query.shape)}")
+        scale = query.shape[-1] ** -0.5
     backend = _resolve(backend, query)
     if backend == "torch":
         return topk_target_attention_reference(query, keys, k, values, ids, lengths, mask, float(scale))
@@ -74,8 +77,8 @@ def _check_inputs(query, keys, values, k, lengths, mask, ids, scale):
     _checks.tensor("query", query, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     device = query.device
     batch, dim = query.shape
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < 2**31:  # the kernels index in int32
+        raise ValueError(f"k must be an int >= 1 and < 2**31, got {k!r}")
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     if ids is None:
@@ -99,12 +102,11 @@ def _check_inputs(query, keys, values, k, lengths, mask, ids, scale):
         _checks.tensor("mask", mask, dtypes=(torch.bool,), device=device, shape=(batch, length))
         mask = mask.contiguous()
     if ids is not None:
-        # Only positions that are read must name a row: padding may hold anything.
+        # Only positions that are read must name a row: padding may hold anything (even with an empty table).
         valid = valid_positions(batch, length, lengths, mask, device)
-        read = ids.masked_fill(~valid, 0)
         for table_name, table in (("keys", keys), ("values", values)):
             if table is not None:
-                _checks.index_range("ids", read, 0, table.shape[0], f"rows of {table_name}")
+                _checks.index_range("ids", ids, 0, table.shape[0], f"rows of {table_name}", where=valid)
     return lengths, mask
 
 

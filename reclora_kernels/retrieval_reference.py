@@ -21,9 +21,14 @@ def valid_positions(batch: int, length: int, lengths, mask, device) -> torch.Ten
 def gather_rows(table_or_dense, ids, valid):
     """(B, L, d) rows: the dense tensor itself, or the table rows named by ids.
 
-    Invalid positions may hold any id (padding): they read row 0 and are never selected.
+    Invalid positions may hold any id (padding): they read row 0 (zeros from an empty table) and
+    are never selected.
     """
-    return table_or_dense if ids is None else table_or_dense[ids.masked_fill(~valid, 0)]
+    if ids is None:
+        return table_or_dense
+    if table_or_dense.shape[0] == 0:  # every position is invalid (checked by the caller)
+        return table_or_dense.new_zeros(*ids.shape, table_or_dense.shape[-1])
+    return table_or_dense[ids.masked_fill(~valid, 0)]
 
 
 def score_dtype(dtype):
@@ -43,8 +48,11 @@ def retrieve_topk_reference(query, keys, k: int, ids=None, lengths=None, mask=No
     dense_keys = gather_rows(keys, ids, valid)
     scores = scale * torch.einsum("bd,bld->bl", query, dense_keys).to(score_dtype(query.dtype))
     ranked = scores.detach().masked_fill(~valid, float("-inf"))
-    # A stable descending sort keeps equal scores in position order: the tie rule.
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, : min(k, length)]
+    # A stable descending sort keeps equal scores in position order: the tie rule. A second stable
+    # sort puts valid positions first, even those scoring -inf, as the kernels do.
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    invalid_first = (~torch.gather(valid, 1, order)).to(torch.uint8)
+    order = torch.gather(order, 1, torch.sort(invalid_first, dim=1, stable=True).indices)[:, : min(k, length)]
     selected_valid = torch.gather(valid, 1, order)
     top_scores = torch.gather(scores, 1, order).masked_fill(~selected_valid, float("-inf"))
     index = order.masked_fill(~selected_valid, -1)
@@ -74,8 +82,9 @@ def topk_target_attention_reference(
     probs = torch.softmax(safe_scores, dim=1) * selected
     length = values.shape[1] if ids is None else ids.shape[1]
     dense_values = gather_rows(values, ids, valid_positions(query.shape[0], length, lengths, mask, query.device))
-    if dense_values.shape[1] == 0:
-        return dense_values.new_zeros(query.shape[0], dense_values.shape[-1]), index
+    if dense_values.shape[1] == 0:  # nothing to pick: zeros, still a function of every input (zero gradients)
+        nothing = dense_values.new_zeros(k, dense_values.shape[-1])
+        return probs.to(values.dtype) @ nothing + dense_values.sum(1), index
     picked = torch.gather(dense_values, 1, index.clamp(min=0)[:, :, None].expand(-1, -1, dense_values.shape[-1]))
     pooled = (probs.to(values.dtype)[:, :, None] * picked).sum(1)
     return pooled, index

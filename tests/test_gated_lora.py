@@ -327,3 +327,14 @@ def test_gradient_layouts(backend, device, dtype, mix, layout, linear):
     for name in grads64:
         torch.testing.assert_close(strided[name], dense[name], rtol=0, atol=0, msg=name)
         assert_within_tolerance(f"grad {name}", strided[name], grads64[name], grads_same[name], dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_zero_input_features_are_named(backend, linear):
+    """d_in = 0 is refused with the argument's name on every backend, not met with an internal reshape error."""
+    x, gate = torch.zeros(2, 3, 0), torch.ones(2, 4) / 4
+    lora_a, lora_b = torch.zeros(4, 2, 0), torch.zeros(4, 5, 2)
+    op = rk.gated_lora if not linear else lambda *a, **k: rk.gated_lora_linear(a[0], torch.zeros(5, 0), None, *a[1:], **k)
+    with pytest.raises(ValueError, match=r"x must have d_in >= 1 features, got shape \(2, 3, 0\)"):
+        op(x, gate, lora_a, lora_b, backend=backend)

@@ -293,3 +293,64 @@ def test_torch_compile_fullgraph(backend, device):
     compiled = torch.compile(pool, fullgraph=True)
     for got, expected in zip(compiled(*args), pool(*args)):
         torch.testing.assert_close(got, expected)
+
+
+ALL_BACKENDS = [pytest.param("torch", "cpu", id="torch"), *kernel_backends("retrieval")]
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("separate_values", [False, True])
+def test_no_positions_still_differentiable(backend, device, separate_values):
+    """L = 0 pools zeros that are a function of every input: backward runs and gives zero gradients."""
+    inputs = make_inputs(2, 0, 4, dim_v=3 if separate_values else None)
+    out, index, grads = run(rk.topk_target_attention, inputs, 2, backend, device, torch.float32, 1.0)
+    assert torch.equal(out.cpu(), torch.zeros(2, 3 if separate_values else 4)) and (index == -1).all()
+    assert torch.count_nonzero(grads["query"]) == 0
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_valid_items_scoring_minus_infinity_come_before_masked_ones(backend, device, op):
+    """Every valid score -inf under a mask: the valid positions are selected (by position), masked ones never."""
+    query = torch.tensor([[1.0, 0.0], [1.0, 0.0]], device=device)
+    keys = torch.tensor([[[-float("inf"), 0.0], [-float("inf"), 0.0], [1.0, 0.0]],
+                         [[-float("inf"), 0.0], [1.0, 0.0], [-float("inf"), 0.0]]], device=device)
+    mask = torch.tensor([[False, True, False], [True, False, True]], device=device)
+    _, index = op(query, keys, 3, mask=mask, scale=1.0, backend=backend)
+    assert index.cpu().tolist() == [[1, -1, -1], [0, 2, -1]]
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_an_empty_table_is_accepted_when_every_position_is_masked(backend, device, op):
+    query = torch.randn(2, 4, device=device)
+    table = torch.zeros(0, 4, device=device)
+    ids = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    for filters in (dict(lengths=torch.zeros(2, dtype=torch.int64, device=device)),
+                    dict(mask=torch.zeros(2, 3, dtype=torch.bool, device=device))):
+        out, index = op(query, table, 2, ids=ids, backend=backend, **filters)
+        assert (index == -1).all()
+        if op is rk.topk_target_attention:
+            assert torch.equal(out.cpu(), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"ids must hold rows of keys in \[0, 0\)"):
+        op(query, table, 2, ids=ids, lengths=torch.tensor([0, 1], device=device), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_zero_width_keys(backend, device):
+    """d = 0: every score is 0 (ties to the smaller position); the default scale 1/sqrt(d) does not exist."""
+    query, keys = torch.zeros(2, 0, device=device), torch.zeros(2, 3, 0, device=device)
+    scores, index = rk.retrieve_topk(query, keys, 2, backend=backend)
+    assert torch.equal(scores.cpu(), torch.zeros(2, 2)) and index.cpu().tolist() == [[0, 1], [0, 1]]
+    values = torch.arange(6.0, device=device).view(2, 3, 1)
+    pooled, _ = rk.topk_target_attention(query, keys, 2, values=values, scale=1.0, backend=backend)
+    assert torch.allclose(pooled.cpu(), torch.tensor([[0.5], [3.5]]))
+    with pytest.raises(ValueError, match=r"query has d = 0 features: pass scale"):
+        rk.topk_target_attention(query, keys, 2, values=values, backend=backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("k", [2**31, 2**40])
+def test_a_k_beyond_int32_is_named(op, k):
+    with pytest.raises(ValueError, match=rf"k must be an int >= 1 and < 2\*\*31, got {k}"):
+        op(**_bad(k=k))

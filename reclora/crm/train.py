@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from reclora.crm.features import CrmInputs
 from reclora.metrics import ctr_metrics, format_metrics
+from reclora.progress import progress_bar
 
 
 @dataclass
@@ -29,7 +29,8 @@ def predict(model, inputs: CrmInputs, samples, config: CrmTrainConfig, desc="pre
     """P(click) for each sample index, in order: (n,) float64."""
     model.eval()
     out = []
-    for start in tqdm(range(0, len(samples), config.eval_batch_size), desc=desc, disable=not config.progress, leave=False):
+    batches = range(0, len(samples), config.eval_batch_size)
+    for start in progress_bar(batches, desc=desc, disable=not config.progress, leave=False):
         batch = inputs.batch(samples[start : start + config.eval_batch_size], config.device)
         out.append(torch.sigmoid(model(batch)).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
@@ -58,7 +59,8 @@ def train_crm(model, inputs: CrmInputs, config: CrmTrainConfig, log=print) -> di
         model.train()
         order = rng.permutation(train)
         losses = []
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"CRM epoch {epoch}", disable=not config.progress)
+        batches = range(0, len(order), config.batch_size)
+        bar = progress_bar(batches, desc=f"CRM epoch {epoch}", disable=not config.progress)
         for first in bar:
             batch = inputs.batch(order[first : first + config.batch_size], config.device)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])

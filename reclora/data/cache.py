@@ -21,6 +21,7 @@ from reclora.data.dataset import RecDataset, Samples, UserSequences
 from reclora.data.preprocess import PreprocessConfig
 from reclora.data.source import DataSource
 from reclora.data.tables import ItemTable, UserTable
+from reclora.files import disk_full_named, shared_permissions
 
 FORMAT_VERSION = 1
 ARRAYS = "arrays.npz"
@@ -51,40 +52,46 @@ def save_dataset(dataset: RecDataset, directory: Path) -> None:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    shared_permissions(staging)  # a cache shared by a team: the umask decides, not mkdtemp's 0700
     try:
-        sequences, samples = dataset.sequences, dataset.samples
-        np.savez(
-            staging / ARRAYS,
-            sequence_offsets=sequences.offsets,
-            sequence_item=sequences.item,
-            sequence_rating=sequences.rating,
-            sequence_label=sequences.label,
-            sequence_timestamp=sequences.timestamp,
-            sample_user=samples.user,
-            sample_history_length=samples.history_length,
-            item_raw_ids=dataset.items.raw_ids,
-            item_genres=dataset.items.genres,
-            user_raw_ids=dataset.users.raw_ids,
-            user_codes=dataset.users.codes,
-        )
-        metadata = {
-            "format": FORMAT_VERSION,
-            "name": dataset.name,
-            "config": dataset.config,
-            "split_sizes": dataset.split_sizes,
-            "item_titles": dataset.items.titles,
-            "item_genre_names": dataset.items.genre_names,
-            "item_descriptions": dataset.items.descriptions,
-            "user_attribute_names": list(dataset.users.attribute_names),
-            "user_vocabularies": [list(vocabulary) for vocabulary in dataset.users.vocabularies],
-        }
-        (staging / METADATA).write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
+        with disk_full_named(directory):
+            _write_entry(dataset, staging)
         os.replace(staging, directory)
     except OSError:
         if not (directory / METADATA).is_file():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_entry(dataset: RecDataset, staging: Path) -> None:
+    sequences, samples = dataset.sequences, dataset.samples
+    np.savez(
+        staging / ARRAYS,
+        sequence_offsets=sequences.offsets,
+        sequence_item=sequences.item,
+        sequence_rating=sequences.rating,
+        sequence_label=sequences.label,
+        sequence_timestamp=sequences.timestamp,
+        sample_user=samples.user,
+        sample_history_length=samples.history_length,
+        item_raw_ids=dataset.items.raw_ids,
+        item_genres=dataset.items.genres,
+        user_raw_ids=dataset.users.raw_ids,
+        user_codes=dataset.users.codes,
+    )
+    metadata = {
+        "format": FORMAT_VERSION,
+        "name": dataset.name,
+        "config": dataset.config,
+        "split_sizes": dataset.split_sizes,
+        "item_titles": dataset.items.titles,
+        "item_genre_names": dataset.items.genre_names,
+        "item_descriptions": dataset.items.descriptions,
+        "user_attribute_names": list(dataset.users.attribute_names),
+        "user_vocabularies": [list(vocabulary) for vocabulary in dataset.users.vocabularies],
+    }
+    (staging / METADATA).write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
 
 
 def load_cached_dataset(directory: Path) -> RecDataset:

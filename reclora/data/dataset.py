@@ -10,6 +10,10 @@ Layout (N interactions, U users, S samples, I items):
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -126,6 +130,17 @@ class RecDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of everything in the dataset: every array, table, split size and parameter.
+
+        What is trained on it (the CRM, a checkpoint) is keyed by it, so that a change to any
+        of its data, even one that keeps the sizes, is never met with a model trained before.
+        """
+        digest = hashlib.sha256()
+        _hash_into(digest, self)
+        return digest.hexdigest()[:16]
+
     def split_range(self, split: str) -> range:
         """The sample indices of a split: "train", "valid" or "test"."""
         if split not in SPLITS:
@@ -184,3 +199,17 @@ class RecDataset:
 
             batch = HistoryBatch(*map(torch.from_numpy, batch))
         return batch
+
+
+def _hash_into(digest, value) -> None:
+    """Feeds value's content to digest: dataclasses field by field, arrays with dtype and shape."""
+    if dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            digest.update(field.name.encode())
+            _hash_into(digest, getattr(value, field.name))
+    elif isinstance(value, np.ndarray) and value.dtype != object:
+        digest.update(f"{value.dtype.str}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    else:
+        value = value.tolist() if isinstance(value, np.ndarray) else value
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())

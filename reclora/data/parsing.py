@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from reclora.progress import progress_bar
 
 ColumnRef = Union[int, str]  # a field position, or a header name for files with a header
 ColumnKind = Union[type, np.dtype]  # `str` (a list of strings) or a numpy dtype
@@ -97,7 +98,7 @@ def _open_lines(path: Path, separator: str, encoding: str, quoted: bool, progres
         raise ValueError(f"CSV files need a one-character separator, got {separator!r}")
     size = path.stat().st_size
     # newline="" lets the csv module see quoted newlines; universal newlines strip CRLF otherwise.
-    with open(path, encoding=encoding, newline="" if quoted else None) as file, tqdm(
+    with open(path, encoding=encoding, newline="" if quoted else None) as file, progress_bar(
         total=size,
         desc=f"reading {path.name}",
         unit="B",
@@ -199,7 +200,8 @@ def _convert_chunk(path, rows, line_numbers, columns, positions) -> tuple[dict, 
 
 def _parse_numbers(path, values: list[str], line_numbers: list[int], kind, name: str) -> np.ndarray:
     try:
-        return np.asarray(values).astype(kind)
+        with np.errstate(over="ignore"):  # an overflow to inf is reported below, with its line
+            numbers = np.asarray(values).astype(kind)
     except ValueError:
         # Only on failure: find the first value numpy rejects, to name its line.
         for value, line in zip(values, line_numbers):
@@ -210,6 +212,12 @@ def _parse_numbers(path, values: list[str], line_numbers: list[int], kind, name:
                     path, line, f"field {name!r}: {value!r} is not a valid {np.dtype(kind).name}"
                 ) from None
         raise
+    # numpy reads "nan" and "inf" as floats; no rating, timestamp or other data value may be one
+    not_finite = np.flatnonzero(~np.isfinite(numbers)) if numbers.dtype.kind == "f" else ()
+    if len(not_finite):
+        row = not_finite[0]
+        raise DataFormatError(path, line_numbers[row], f"field {name!r}: {values[row]!r} is not a finite number")
+    return numbers
 
 
 def _concatenate(parts: Sequence, kind):

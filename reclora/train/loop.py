@@ -14,6 +14,7 @@ on P or A (up to float rounding).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,18 +23,43 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
-from reclora.train.config import TrainConfig
+from reclora.progress import progress_bar
+from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.distributed import Processes
 from reclora.train.outputs import RunDirectory, save_torch
 
-# Settings a checkpoint must share with the run resuming it.
-RESUME_SETTINGS = ("method", "dataset", "llm", "train_size", "valid_size", "epochs", "batch_size", "lr",
-                   "weight_decay", "warmup_steps", "num_loras", "rank", "lora_alpha", "temperature", "mix",
-                   "gate_input", "k_long", "k_short", "crm", "seed", "eval_seed", "evals_per_epoch")
+# Raise it when a checkpoint's content changes meaning: older checkpoints are then refused by name.
+CHECKPOINT_FORMAT = 2
+
+
+def run_identity(config: TrainConfig, dataset) -> dict:
+    """What a checkpoint must share with the run resuming it: every setting but the run-only ones, and the data."""
+    identity = {"format": CHECKPOINT_FORMAT, "settings": config.run_fingerprint(), "data": dataset.fingerprint}
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from results.json
+
+
+def settings_conflict(saved: dict, config: TrainConfig, source) -> None:
+    """Raises ConfigError unless the run saved in source (its run_identity) had config's settings."""
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resume: {source} was written by another version of reclora (run format "
+                          f"{saved.get('format') if isinstance(saved, dict) else None}, expected {CHECKPOINT_FORMAT}); "
+                          "start afresh with --overwrite")
+    now = json.loads(json.dumps(config.run_fingerprint(), default=str))
+    changed = {k: (saved["settings"].get(k), v) for k, v in now.items() if saved["settings"].get(k) != v}
+    if changed:
+        raise ConfigError(f"--resume: {source} was written with other settings (saved, now): {changed}; resume "
+                          "with the same settings or start afresh with --overwrite")
+
+
+def data_conflict(saved: dict, dataset, source) -> None:
+    """Raises ConfigError unless the run saved in source was trained on dataset's exact content."""
+    if saved["data"] != dataset.fingerprint:
+        raise ConfigError(f"--resume: {source} was trained on other data (the content of {dataset.name} changed: "
+                          f"fingerprint {saved['data']} then, {dataset.fingerprint} now); restore that data or start "
+                          "afresh with --overwrite")
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,7 +121,7 @@ def predict(model: RecLoRAModel, samples: np.ndarray, config: TrainConfig, proce
     mine = processes.shard(samples)
     out = [np.zeros(0)]
     batches = range(0, len(mine), config.eval_batch_size)
-    for first in tqdm(batches, desc=desc, disable=not (config.progress and processes.is_main), leave=False):
+    for first in progress_bar(batches, desc=desc, disable=not (config.progress and processes.is_main), leave=False):
         batch = model.prepare(mine[first : first + config.eval_batch_size])
         with autocast(config, processes.device):
             out.append(model.yes_probability(batch).double().cpu().numpy())
@@ -127,6 +153,7 @@ class Trainer:
             device_ids = [processes.device.index] if processes.device.type == "cuda" else None
             self.loss_module = DistributedDataParallel(self.loss_module, device_ids=device_ids)
         self.state = TrainingState()
+        self.saved_step = "none written yet"
         # Validations at evenly spaced steps of each epoch, the last at its end.
         per_epoch = np.linspace(0, self.steps_per_epoch, config.evals_per_epoch + 1).round().astype(int)[1:]
         self.validation_steps = {e * self.steps_per_epoch + s for e in range(config.epochs) for s in per_epoch if s > 0}
@@ -141,29 +168,23 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.processes.is_main:
             save_torch(self.run.checkpoint, {
-                "settings": self.config.fingerprint(*RESUME_SETTINGS),
+                "identity": run_identity(self.config, self.model.dataset),
                 "adapters": trainable_state(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "state": self.state.__dict__,
             })
+        self.saved_step = self.state.step
         self.processes.barrier()
 
-    def load_checkpoint(self) -> bool:
-        if not self.run.checkpoint.exists():
-            return False
-        checkpoint = torch.load(self.run.checkpoint, map_location="cpu", weights_only=False)
-        settings = self.config.fingerprint(*RESUME_SETTINGS)
-        changed = {k: (checkpoint["settings"].get(k), v) for k, v in settings.items() if checkpoint["settings"].get(k) != v}
-        if changed:
-            raise ValueError(f"--resume: {self.run.checkpoint} was written with other settings "
-                             f"(saved, now): {changed}; resume with the same settings or start afresh with --overwrite")
+    def restore(self, checkpoint: dict) -> None:
+        """Continues from a checkpoint whose identity the pipeline has checked."""
         load_trainable_state(self.model, checkpoint["adapters"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state = TrainingState(**checkpoint["state"])
+        self.saved_step = self.state.step
         self.log(f"resumed from {self.run.checkpoint} at optimizer step {self.state.step} of {self.total_steps}")
-        return True
 
     # -- one optimizer step -------------------------------------------------------------------
     def batch_of_step(self, step: int) -> np.ndarray:
@@ -194,7 +215,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"the training loss became {mean_loss} at optimizer step {step + 1}; no update was applied. "
-                f"The last good checkpoint is {self.run.checkpoint} (step {self._checkpoint_step()}). "
+                f"The last good checkpoint is {self.run.checkpoint} (step {self.saved_step}). "
                 "Lower --lr, set --max-grad-norm, or check the data."
             )
         if config.max_grad_norm > 0:
@@ -203,11 +224,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, len(batch)
-
-    def _checkpoint_step(self):
-        if not self.run.checkpoint.exists():
-            return "none written yet"
-        return torch.load(self.run.checkpoint, map_location="cpu", weights_only=False)["state"]["step"]
 
     # -- the loop -----------------------------------------------------------------------------
     def validate(self) -> dict:
@@ -239,8 +255,8 @@ class Trainer:
         """Trains to the end (or early stop) and leaves the best validated adapters in the model."""
         state, config = self.state, self.config
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="LLM tuning", unit="step",
-                   disable=not (config.progress and self.processes.is_main))
+        bar = progress_bar(total=self.total_steps, initial=state.step, desc="LLM tuning", unit="step",
+                           disable=not (config.progress and self.processes.is_main))
         while state.step < self.total_steps and not state.stopped_early:
             start = time.perf_counter()
             loss, batch_size = self.train_step(state.step)

@@ -1,5 +1,6 @@
 """What a run leaves in its output directory, every file written atomically (temp file, then rename).
 
+  .lock             held (flock) by the run writing into the folder; names it (pid, host, start)
   config.json       the resolved settings
   metrics.jsonl     one JSON line per validation (train loss, validation metrics, time)
   checkpoints/last.pt   the training state to resume from
@@ -11,40 +12,34 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import fcntl
 import json
 import os
-import tempfile
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from reclora.files import atomic_write
+from reclora.train.config import ConfigError
+
 CSV_COLUMNS = (
     "method", "dataset", "llm", "seed", "train_size", "test_size", "auc", "logloss", "accuracy", "gauc",
     "train_seconds", "eval_seconds", "train_samples_per_second", "eval_samples_per_second", "device", "out",
 )
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+CHECKPOINT_KEYS = ("adapters", "optimizer", "scheduler", "state")  # and its identity (reclora.train.loop)
 
 
-def atomic_write(path, write, mode="w") -> None:
-    """write(file) fills a temporary file beside path, which then replaces path in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it private; give it a normal file's mode
-    try:
-        with os.fdopen(handle, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+class RunInUse(ConfigError):
+    """Another process holds the run folder's lock."""
+
+
+class UnreadableFile(ConfigError):
+    """A file of an earlier run that cannot be used: truncated, corrupt or not what it should be."""
 
 
 def write_json(path, value) -> None:
@@ -68,6 +63,72 @@ class RunDirectory:
     shared_csv = property(lambda self: self.path.parent / "results.csv")
 
     predictions = property(lambda self: self.path / "predictions.npz")
+    lock_file = property(lambda self: self.path / ".lock")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Holds the folder's exclusive lock for the block (RunInUse names the holder if another run has it).
+
+        A folder this creates is removed again if the block leaves nothing in it.
+        """
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = self._acquire_lock()
+        try:
+            holder = f"pid {os.getpid()} on {socket.gethostname()}, started " \
+                     f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
+            os.ftruncate(handle, 0)
+            os.write(handle, holder.encode())
+            yield
+        finally:
+            self.lock_file.unlink(missing_ok=True)
+            os.close(handle)
+            if created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+
+    def _acquire_lock(self) -> int:
+        while True:
+            handle = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(handle, 4096).decode(errors="replace") or "a process starting up"
+                os.close(handle)
+                raise RunInUse(f"--out {self.path} is in use by another run ({holder}; lock {self.lock_file}): "
+                               "wait for it to end or choose another --out") from None
+            try:
+                if os.stat(self.lock_file).st_ino == os.fstat(handle).st_ino:
+                    return handle
+            except FileNotFoundError:
+                pass
+            os.close(handle)  # the holder removed the file just as we opened it: lock the new one
+
+    def load_checkpoint(self) -> dict:
+        """The checkpoint, loaded and checked (UnreadableFile names it and what to do)."""
+        try:
+            checkpoint = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        except Exception as error:  # torch reports a bad file with many kinds of error
+            raise self._unreadable(self.checkpoint, f"{type(error).__name__}: {error}") from None
+        if not isinstance(checkpoint, dict) or not set(CHECKPOINT_KEYS) <= set(checkpoint):
+            raise self._unreadable(self.checkpoint, f"not a reclora checkpoint (expected the keys {CHECKPOINT_KEYS})")
+        adapters = checkpoint["adapters"]
+        if not all(isinstance(t, torch.Tensor) and bool(torch.isfinite(t).all()) for t in adapters.values()):
+            raise self._unreadable(self.checkpoint, "its adapters hold NaN or infinite values")
+        return checkpoint
+
+    def load_results(self) -> dict:
+        """results.json of a finished run, checked."""
+        try:
+            results = json.loads(self.results.read_text())
+        except (OSError, ValueError) as error:
+            raise self._unreadable(self.results, str(error)) from None
+        if not isinstance(results, dict) or "auc" not in results:
+            raise self._unreadable(self.results, "not the results of a finished run")
+        return results
+
+    def _unreadable(self, path, reason) -> UnreadableFile:
+        return UnreadableFile(f"{path} is unreadable ({reason}); delete it, or start the run afresh with --overwrite")
 
     def holds_a_run(self) -> bool:
         return any(p.exists() for p in (self.checkpoint, self.results, self.metrics))

@@ -1,6 +1,7 @@
 """`run(config)`: the whole Few2Many pipeline, from data to results.json; what the CLI calls."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -14,27 +15,36 @@ from reclora.adapters import AdapterConfig
 from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.data import load_dataset
-from reclora.llm import default_cache_dir, load_llm
+from reclora.llm import TINY_LLAMA, default_cache_dir, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.retrieval import LongShortRetriever, item_embeddings
 from reclora.train import distributed
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.crm_stage import prepare_crm
-from reclora.train.loop import Trainer, evaluate
-from reclora.train.outputs import RunDirectory, write_json
+from reclora.train.loop import Trainer, data_conflict, evaluate, run_identity, settings_conflict
+from reclora.train.outputs import RunDirectory, RunInUse, write_json
 
+TUNED_METHODS = ("reclora", "lora", "rella")
 GAUC_WEIGHTING = "mean of per-user AUCs weighted by each user's number of evaluated samples (users with both labels)"
 
 
 def subsets(config: TrainConfig, dataset) -> dict:
-    """The seeded random subsets: LLM training (train_size, by seed), validation and test (by eval_seed)."""
-    sizes = {"train": config.train_size, "valid": config.eval_size if config.valid_size is None else config.valid_size,
-             "test": config.eval_size}
+    """The seeded random subsets: LLM training (train_size, by seed), validation and test (by eval_seed).
+
+    Methods that tune no LLM get the whole training split (the CRM trains on all of it).
+    """
+    sizes = {"train": config.train_size if config.method in TUNED_METHODS else 0,
+             "valid": config.eval_size if config.valid_size is None else config.valid_size, "test": config.eval_size}
     out = {}
     for offset, (split, size) in enumerate(sizes.items()):
         seed = config.seed if split == "train" else config.eval_seed
         samples = dataset.split(split)
+        if not len(samples):
+            raise ConfigError(
+                f"the data is too small: the {split} split of {dataset.name} is empty ({len(dataset):,} samples in "
+                f"all: {dataset.split_sizes}; a sample needs {dataset.config.get('min_history')} earlier "
+                "interactions of its user); use data with more users or interactions")
         if size > len(samples):
             option = {"train": "--train-size", "valid": "--valid-size", "test": "--eval-size"}[split]
             raise ConfigError(f"{option} {size} is larger than the {split} split ({len(samples):,} samples); "
@@ -65,16 +75,45 @@ def _logger(processes):
 
 
 def _run(config: TrainConfig, processes, log) -> dict:
-    started = time.perf_counter()
     run_dir = RunDirectory(config.output_dir)
+    with _locked(run_dir, processes):
+        return _run_locked(config, processes, run_dir, log)
+
+
+@contextlib.contextmanager
+def _locked(run_dir: RunDirectory, processes):
+    """Rank 0 holds the run folder's lock; every rank fails alike when another run has it."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if processes.is_main:
+            try:
+                stack.enter_context(run_dir.locked())
+            except RunInUse as error:
+                refusal = error
+        if processes.sum(float(refusal is not None)):
+            raise refusal or RunInUse(f"--out {run_dir.path} is in use by another run")
+        yield
+
+
+def _run_locked(config: TrainConfig, processes, run_dir: RunDirectory, log) -> dict:
+    """The pipeline; nothing is written into the run folder until the settings, data and earlier run check out."""
+    started = time.perf_counter()
     if run_dir.holds_a_run() and not (config.resume or config.overwrite):
         raise ConfigError(f"--out {run_dir.path} holds an earlier run: pass --resume to continue it or --overwrite "
                           "to start afresh (or choose another --out)")
+    earlier = _earlier_run(config, run_dir)
+    if earlier is not None:
+        settings_conflict(earlier["identity"], config, earlier["source"])
     seconds = {}
     stage = time.perf_counter()
     dataset = load_run_dataset(config, progress=config.progress and processes.is_main)
     parts = subsets(config, dataset)
     seconds["data"] = time.perf_counter() - stage
+    if earlier is not None:
+        data_conflict(earlier["identity"], dataset, earlier["source"])
+        if "results" in earlier:
+            log(f"--resume: the run in {run_dir.path} has finished; its results are in {run_dir.results}")
+            return earlier["results"]
     if processes.is_main:  # only now that the settings and data are known to be good
         if config.overwrite:
             run_dir.clear()
@@ -90,7 +129,8 @@ def _run(config: TrainConfig, processes, log) -> dict:
     seconds["crm"] = time.perf_counter() - stage
 
     if config.is_llm_method:
-        results = _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds)
+        checkpoint = None if earlier is None else earlier.get("checkpoint")
+        results = _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds, checkpoint)
     else:
         results = _crm_results(config, crm, inputs, parts, crm_info, processes, run_dir, log, seconds)
     results.update(_run_facts(config, dataset, parts, processes, crm_info, seconds, time.perf_counter() - started))
@@ -102,14 +142,29 @@ def _run(config: TrainConfig, processes, log) -> dict:
     return results
 
 
-def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds) -> dict:
+def _earlier_run(config: TrainConfig, run_dir: RunDirectory):
+    """With --resume, what the run folder holds: {identity, source, and results (finished) or checkpoint}."""
+    if not config.resume:
+        return None
+    if run_dir.results.exists():
+        results = run_dir.load_results()
+        return {"identity": results.get("identity"), "source": run_dir.results, "results": results}
+    if config.is_llm_method and run_dir.checkpoint.exists():
+        checkpoint = run_dir.load_checkpoint()
+        return {"identity": checkpoint.get("identity"), "source": run_dir.checkpoint, "checkpoint": checkpoint}
+    return None
+
+
+def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds, checkpoint) -> dict:
     stage = time.perf_counter()
     model = build_model(config, dataset, crm, inputs, processes.device)
     seconds["model"] = time.perf_counter() - stage
     results = {"trainable_parameters": sum(p.numel() for p in model.trainable_parameters())}
     if config.method != "zero-shot":
         trainer = Trainer(model, config, parts["train"], parts["valid"], processes, run_dir, log)
-        if config.resume and not trainer.load_checkpoint():
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        elif config.resume:
             log(f"--resume: no checkpoint in {run_dir.path}, starting from the beginning")
         state = trainer.fit()
         seconds["train"] = state.train_seconds
@@ -131,7 +186,9 @@ def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, sec
 def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAModel:
     """The LLM, item embeddings, retriever and adapters a method needs, seeded by config.seed."""
     llm, tokenizer = load_llm(config.llm, device=device, cache_dir=config.cache_dir, seed=config.seed)
-    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
+    # tiny-llama's weights are drawn from the seed: its embeddings are cached per seed
+    model_name = f"{config.llm} seed {config.seed}" if config.llm == TINY_LLAMA else config.llm
+    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=model_name,
                                  cache_dir=cache_path(config, "embeddings"), device=device, progress=config.progress)
     retriever = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, config.history_strategy,
                                    backend=_retrieval_backend(config))
@@ -195,6 +252,7 @@ def _run_facts(config, dataset, parts, processes, crm_info, seconds, total) -> d
         "kernel_backends": {op: config.backend or reclora_kernels.default_backend(processes.device.type, op)
                             for op in ("gated_lora", "retrieval")},
         "config": config.to_dict(),
+        "identity": run_identity(config, dataset),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "out": str(config.output_dir),
     }

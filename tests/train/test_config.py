@@ -1,0 +1,35 @@
+"""The settings' rules live beside their help text, in each field's metadata: none can be forgotten."""
+import math
+import re
+
+import pytest
+
+from reclora.train import ConfigError, make_config
+from reclora.train.config import FIELDS, Bound
+
+NUMERIC = [name for name, f in FIELDS.items() if f.type in ("int", "float", "Optional[int]", "Optional[float]")]
+
+
+def test_every_numeric_setting_declares_its_bound():
+    assert len(NUMERIC) > 25
+    for name in NUMERIC:
+        assert isinstance(FIELDS[name].metadata["bound"], Bound), name
+        assert FIELDS[name].metadata["bound"].admits(FIELDS[name].default if FIELDS[name].default is not None else 1)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_a_value_outside_the_bound_is_named(name):
+    bound = FIELDS[name].metadata["bound"]
+    outside = [bound.low if bound.low_open else bound.low - 1, math.nan]
+    if bound.high is not None:
+        outside.append(bound.high)
+    for value in outside:
+        if FIELDS[name].type in ("int", "Optional[int]") and value != value:
+            continue  # an int setting is never NaN
+        with pytest.raises(ConfigError, match=re.escape(f"--{name.replace('_', '-')} must be {bound}, got {value}")):
+            make_config({name: value})
+
+
+def test_bounds_read_as_they_check():
+    assert str(Bound(1)) == ">= 1" and str(Bound(0, low_open=True)) == "> 0" and str(Bound(0, high=1)) == "in [0, 1)"
+    assert Bound(0, high=1).admits(0) and not Bound(0, high=1).admits(1) and not Bound(0, low_open=True).admits(0)
