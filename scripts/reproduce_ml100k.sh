@@ -30,7 +30,7 @@ train() {  # train NAME OPTIONS...: one run into $OUT/NAME, skipped when it has 
   "$PY" -m reclora.train "${COMMON[@]}" --out "$OUT/$name" --resume "$@"
 }
 
-for crm in din sim; do train "$crm" --method "$crm" --seed 0; done
+for crm in din sim gru4rec sasrec; do train "$crm" --method "$crm" --seed 0; done
 train zero-shot --method zero-shot
 for seed in $SEEDS; do
   for method in lora rella reclora; do
@@ -42,6 +42,9 @@ train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
 train ablation-mix-output --method reclora --mix output --train-size "$TRAIN_SIZE"
 train ablation-user-gate --method reclora --gate-input user-embedding --train-size "$TRAIN_SIZE"
 train ablation-crm-recent60 --method reclora --crm din --train-size "$TRAIN_SIZE"
+train ablation-uniform-gate --method reclora --gate-input uniform --train-size "$TRAIN_SIZE"
+# The sequential CRMs as the gates' source (each paired with reclora-seed0, which reads SIM)
+for crm in gru4rec sasrec; do train "ablation-crm-$crm" --method reclora --crm "$crm" --train-size "$TRAIN_SIZE"; done
 # Attempts at closing reclora's gap to the CRMs (docs/RESULTS.md, "What we tried")
 train attempt-reclora-recent-prompt --method reclora --prompt-history recent --train-size "$TRAIN_SIZE"
 for seed in $SEEDS; do  # the sharper gate over seeds: each paired with reclora-seedS

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reclora.crm import KINDS  # noqa: E402
 from reclora.metrics import auc  # noqa: E402
 from reclora.train.gates import STATISTICS as GATE_STATISTICS  # noqa: E402
 
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
-CRMS = ("din", "sim")  # one deterministic run each, on the whole training split
+CRMS = KINDS  # the CRMs alone: one deterministic run each, on the whole training split
 
 
 def load_runs(directory: Path) -> dict:
