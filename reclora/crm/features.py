@@ -40,7 +40,9 @@ class CrmInputs:
         users = self.dataset.samples.user[samples]
         fields = self.dataset.users.codes[users]
         if self.use_user_id:
-            fields = np.concatenate([users[:, None], fields], 1)
+            # Users beyond the id vocabulary the CRM was built with (cold start, at inference): -1.
+            user_ids = np.where(users < self.user_field_sizes[0], users, -1)
+            fields = np.concatenate([user_ids[:, None], fields], 1)
         arrays = dict(
             user_fields=fields,
             target_item=self.dataset.samples.item[samples],
