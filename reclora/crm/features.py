@@ -35,6 +35,11 @@ class CrmInputs:
         if history is None:
             history = self.dataset.histories(samples, max_length=self.history_slots, align="left")
         history = HistoryBatch(*(np.asarray(a) for a in history))
+        if history.item_ids.shape[1] == 0:
+            # No history in the whole batch (cold starts at inference): one padding slot keeps
+            # SIM's gather over the retrieved slots defined.
+            history = HistoryBatch(np.zeros((len(samples), 1), np.int64), np.zeros((len(samples), 1), np.float32),
+                                   history.lengths)
         valid = np.arange(history.item_ids.shape[1])[None, :] < history.lengths[:, None]
         rating_codes = np.where(valid, np.searchsorted(self.rating_levels, history.ratings) + 1, 0)
         users = self.dataset.samples.user[samples]
