@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from reclora.data import RecDataset, Samples, UserSequences, UserTable
+from reclora.data import RecDataset, Samples, UserTable
 
 
 class UnknownItemError(ValueError):
