@@ -13,6 +13,7 @@ the fused gated_lora_linear in every adapted projection.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import warnings
 from typing import Optional, Sequence
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.inference.requests import ServingTable
-from reclora.inference.run_folder import RunFolder
+from reclora.inference.run_folder import RunFolder, RunFolderError
 from reclora.train.loop import autocast, load_trainable_state
 from reclora.train.pipeline import build_model, load_run_dataset, subsets
 
@@ -61,6 +62,9 @@ class Recommender:
         if data_dir is not None:
             overrides["data_dir"] = str(data_dir)
         config = dataclasses.replace(run.settings, **overrides)
+        if config.data_dir and not os.path.isdir(config.data_dir):
+            raise RunFolderError(f"{run.path}: the run's data directory {config.data_dir!r} is not found from "
+                                 f"{os.getcwd()}; say where it is now (data_dir=, or --data-dir)")
         dataset = load_run_dataset(config, progress=progress)
         run.check_dataset(dataset)
         crm = inputs = model = None

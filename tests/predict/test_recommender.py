@@ -183,6 +183,11 @@ def test_bad_run_folders(copy_run, damage, message):
         Recommender.load(folder)
 
 
+def test_moved_data_directory(runs, tmp_path):
+    with pytest.raises(RunFolderError, match="data directory .* is not found"):
+        Recommender.load(runs["din"], data_dir=tmp_path / "elsewhere")
+
+
 def test_no_such_folder(tmp_path):
     with pytest.raises(RunFolderError, match="no such run folder"):
         Recommender.load(tmp_path / "nowhere")
