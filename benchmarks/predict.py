@@ -1,11 +1,11 @@
 """`python -m benchmarks.predict`: requests per second of reclora.predict against the other ways to score.
 
-  python -m benchmarks.predict --run RUN_DIR [--lora-run RUN_DIR] [--requests 128] [--batch-size 32]
+  python -m benchmarks.predict --run RUN_DIR [--lora-run RUN_DIR] [--requests 128] [--batch-size 32] [--rounds 3]
                                [--device cpu|cuda] [--bf16|--no-bf16] [--json OUT.json]
 
 Same run, same requests (the first --requests samples of the run's predictions.npz), same
-adapters, one pass each, in turn (on a shared machine every path sees the same drift), after a
-warm-up batch of each:
+adapters; after a warm-up batch of each, --rounds rounds of one pass of every path in turn (on a
+shared machine every path sees the same drift); the median pass is reported:
   predict         Recommender.score_samples: prompts sorted by length, torch.inference_mode, the CRM
                   and gates once per request, the fused gated_lora_linear (what reclora.predict runs)
   trainer_eval    reclora.train.loop.predict: the trainer's evaluation path (batches in sample
@@ -22,6 +22,7 @@ not depend on how well the adapters were trained: a small run is enough.
 import argparse
 import copy
 import json
+import statistics
 import time
 
 import numpy as np
@@ -108,7 +109,7 @@ def _trainer_eval(recommender, samples, processes):
     return trainer_predict(recommender.model, samples, recommender.config, processes, "eval").astype(np.float32)
 
 
-def measure(recommender, samples, baseline_name, baseline_forward) -> dict:
+def measure(recommender, samples, baseline_name, baseline_forward, rounds) -> dict:
     processes = Processes(device=recommender.device)
     paths = {
         "predict": lambda s: recommender.score_samples(s),
@@ -118,10 +119,15 @@ def measure(recommender, samples, baseline_name, baseline_forward) -> dict:
     warm_up = samples[: recommender.batch_size]
     for path in paths.values():
         path(warm_up)
-    rows, scores = {}, {}
-    for name, path in paths.items():
-        seconds, peak, scores[name] = _timed(lambda: path(samples), recommender.device)
-        rows[name] = {"seconds": seconds, "requests_per_s": len(samples) / seconds, "peak_mib": peak}
+    seconds, peaks, scores = {name: [] for name in paths}, {name: [] for name in paths}, {}
+    for _ in range(rounds):  # every path once per round: a shared machine's drift falls on all alike
+        for name, path in paths.items():
+            elapsed, peak, scores[name] = _timed(lambda: path(samples), recommender.device)
+            seconds[name].append(elapsed)
+            peaks[name].append(peak)
+    rows = {name: {"seconds": statistics.median(seconds[name]), "all_seconds": seconds[name],
+                   "requests_per_s": len(samples) / statistics.median(seconds[name]), "peak_mib": max(peaks[name])}
+            for name in paths}
     for name, row in rows.items():
         row["max_abs_score_difference_to_predict"] = float(np.abs(scores[name] - scores["predict"]).max())
         row["speedup_of_predict"] = row["seconds"] / rows["predict"]["seconds"]
@@ -145,7 +151,7 @@ def run(args) -> dict:
         if recommender.method != expected:
             raise SystemExit(f"{run_dir}: a {recommender.method} run, expected {expected}")
         samples = recommender.split_samples("test")[: args.requests]
-        rows = measure(recommender, samples, baseline_name, make_baseline(recommender))
+        rows = measure(recommender, samples, baseline_name, make_baseline(recommender), args.rounds)
         result["runs"][expected] = {
             "run": str(run_dir), "dataset": recommender.config.dataset, "llm": recommender.config.llm,
             "requests": len(samples), "batch_size": recommender.batch_size, "device": str(recommender.device),
@@ -166,6 +172,7 @@ def main(argv=None):
     parser.add_argument("--lora-run", help="a finished lora run, for the PEFT comparison")
     parser.add_argument("--requests", type=int, default=128, help="test samples of the run scored by every path")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="passes of every path, in turn; medians are reported")
     parser.add_argument("--device", default=None)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: as the run was trained)")
