@@ -83,12 +83,16 @@ class RecLoRAModel(nn.Module):
     def prepare(self, samples) -> dict:
         """Tensors for a batch of sample indices: prompts, CRM inputs, labels (on the model's device)."""
         samples = np.asarray(samples, dtype=np.int64)
-        retrieved = self.retriever.retrieve(samples)
-        batch = self.prompts.encode([self._prompt(s, retrieved.short, row) for row, s in enumerate(samples)])
-        batch = {name: t.to(self.device) for name, t in batch.items()}
+        batch = {name: t.to(self.device) for name, t in self.prompts.pad(self.prompt_token_ids(samples)).items()}
         batch["label"] = torch.from_numpy(self.dataset.samples.label[samples].astype(np.float32)).to(self.device)
         batch.update(self.gate_batch(samples))
         return batch
+
+    def prompt_token_ids(self, samples) -> list[list[int]]:
+        """Each sample's prompt tokens, unpadded (prepare pads them; inference sorts them by length first)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        retrieved = self.retriever.retrieve(samples)
+        return self.prompts.token_ids([self._prompt(s, retrieved.short, row) for row, s in enumerate(samples)])
 
     def gate_batch(self, samples) -> dict:
         """The gates' inputs for a batch of sample indices: the CRM's ("crm") or the user ids ("user")."""
@@ -106,7 +110,11 @@ class RecLoRAModel(nn.Module):
             with torch.no_grad():
                 return self.crm.represent(batch["crm"])
         if self.user_embedding is not None:
-            return self.user_embedding(batch["user"])
+            users = batch["user"]
+            known = users < self.user_embedding.num_embeddings
+            embedded = self.user_embedding(torch.where(known, users, 0))
+            # A user added after training (cold start, at inference) reads the mean user.
+            return torch.where(known[:, None], embedded, self.user_embedding.weight.mean(0))
         if self.method == "reclora" and self.gate_input == "uniform":
             return torch.zeros(batch["input_ids"].shape[0], 0, device=self.device)
         return None
@@ -117,10 +125,10 @@ class RecLoRAModel(nn.Module):
         return PromptInput(history, items.titles[self.dataset.samples.item[sample]], self._user_sentence(sample))
 
     def _user_sentence(self, sample):
-        users = self.dataset.users
-        if not {"gender", "age", "occupation"} <= set(users.attribute_names):
-            return None
-        words = users.attributes_of(int(self.dataset.samples.user[sample]))
+        users, user = self.dataset.users, int(self.dataset.samples.user[sample])
+        if not {"gender", "age", "occupation"} <= set(users.attribute_names) or not users.codes[user].any():
+            return None  # no attributes, or none known (a cold-start user)
+        words = users.attributes_of(user)
         return describe_user(words["gender"], words["age"], words["occupation"])
 
     def forward(self, batch) -> torch.Tensor:

@@ -87,20 +87,26 @@ def item_sentences(dataset: RecDataset) -> list:
     ]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def llm_embeddings(model, tokenizer, texts, batch_size=64, max_length=64, device="cpu", progress=True) -> np.ndarray:
-    """Mean-pooled last hidden state of a causal LM over each text: (n, hidden) float32."""
+    """Mean-pooled last hidden state of a causal LM over each text: (n, hidden) float32.
+
+    Only the transformer body runs: the vocabulary projection and the other layers' hidden
+    states are never computed. Texts are batched by token length, so batches carry little padding.
+    """
     model.eval()
-    out = []
+    texts = list(texts)
+    token_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     for start in tqdm(range(0, len(texts), batch_size), desc="item embeddings", disable=not progress):
-        encoded = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
-        ).to(device)
+        rows = order[start : start + batch_size]
+        encoded = tokenizer.pad({"input_ids": [token_ids[r] for r in rows]}, return_tensors="pt").to(device)
         mask = encoded["attention_mask"]
-        hidden = model(**encoded, position_ids=position_ids(mask), output_hidden_states=True).hidden_states[-1].float()
+        hidden = model.base_model(**encoded, position_ids=position_ids(mask), use_cache=False).last_hidden_state.float()
         mask = mask[:, :, None].float()
-        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), dtype=np.float32)
+        out[rows] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
+    return out
 
 
 def bow_embeddings(texts, dim=512) -> np.ndarray:

@@ -54,6 +54,7 @@ step e2e-llama1b 200 "$PY" -m benchmarks.e2e --llm llama-1b "${TOK[@]}" --device
   --steps 10 --warmup 3 --json "$OUT/gpu-e2e-llama-1b.json"
 step scaling-e2e 200 "$PY" -m benchmarks.scaling --llm "$E2E_LLM" "${TOK[@]}" --device cuda --batch-size 8 --steps 5 \
   --max-seconds 20 --json "$OUT/gpu-scaling-e2e.json" --png "$OUT/gpu-scaling-e2e.png"
+if [ -n "${PREDICT_RUN:-}" ]; then step predict 200 "$PY" -m benchmarks.predict --run "$PREDICT_RUN" ${PREDICT_LORA_RUN:+--lora-run "$PREDICT_LORA_RUN"} --device cuda --requests 512 --json "$OUT/gpu-predict.json"; fi
 fi
 
 "$PY" - "$OUT" "${MEMCHECK:-null}" "${RACECHECK:-null}" \

