@@ -85,6 +85,7 @@ struct Warp {
   uint64_t generation = 0;
   uint64_t values[2][kWarpSize] = {};  // by generation parity: a lane reads while the next op writes
   char tokens[2] = {};                 // __syncwarp orderings, by the lanes' count of them
+  std::condition_variable changed;     // the warp's lanes wait here, the block's threads elsewhere
 };
 
 class Grid {
@@ -117,7 +118,7 @@ class Grid {
         ++barrier_generation_;
         wake_all(Waiting::barrier);
       } else {
-        wait(lock, [&] { return barrier_generation_ != generation; });
+        wait(lock, changed_, [&] { return barrier_generation_ != generation; });
       }
     }
     acquire(&barrier_tokens_[passed % 2]);
@@ -153,7 +154,7 @@ class Grid {
         ++warp.generation;
         wake_warp(tid / kWarpSize, mask);
       } else {
-        wait(lock, [&] { return warp.generation != generation; });
+        wait(lock, warp.changed, [&] { return warp.generation != generation; });
       }
       std::copy(warp.values[parity], warp.values[parity] + kWarpSize, out);
     }
@@ -175,7 +176,7 @@ class Grid {
       } else {
         const uint64_t done = blocks_done_;
         try {
-          wait(lock, [&] { return blocks_done_ != done; });
+          wait(lock, changed_, [&] { return blocks_done_ != done; });
         } catch (const LaunchFailed&) {
           return false;
         }
@@ -238,16 +239,16 @@ class Grid {
         ++running_;
       }
     }
-    changed_.notify_all();
+    warps_[warp].changed.notify_all();
   }
 
   // Waits for done(); every thread waiting with none running is a deadlock: reported, not hung.
   template <typename Done>
-  void wait(Locked& lock, Done done) {
+  void wait(Locked& lock, std::condition_variable& changed, Done done) {
     if (running_ == 0) {
       fail_locked(describe("divergent barrier: no thread of the block can go on"));
     }
-    changed_.wait(lock.get(), [&] { return failed_ || done(); });
+    changed.wait(lock.get(), [&] { return failed_ || done(); });
     check_failed();
   }
 
@@ -261,6 +262,7 @@ class Grid {
       error_ = message;
     }
     changed_.notify_all();
+    for (Warp& warp : warps_) warp.changed.notify_all();
     if (unwind) throw LaunchFailed{};
   }
 
