@@ -50,7 +50,8 @@ def lora_impls(backends):
     def linear_plus(delta):
         return lambda t: baselines.base_linear(t["x"], t["weight"]) + delta(t)
 
-    published = lambda t: baselines.published_gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING)
+    # The published code's gate lives in the model's dtype (einsum takes no mixed dtypes).
+    published = lambda t: baselines.published_gated_lora(t["x"], t["gate"].to(t["x"].dtype), t["lora_a"], t["lora_b"], SCALING)
     composed = lambda t: baselines.composed_gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING)
     impls = {
         "base_linear": lambda t: baselines.base_linear(t["x"], t["weight"]),

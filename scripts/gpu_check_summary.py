@@ -1,7 +1,7 @@
 """The last step of scripts/gpu_check.sh: one PASS/FAIL line per target of the README's performance
 table ("On a GPU"), and the summary JSON $OUT/gpu_check.json.
 
-  python scripts/gpu_check_summary.py OUT STEP=EXIT_CODE ... [memcheck=N] [racecheck=N]
+  python scripts/gpu_check_summary.py OUT STEP=EXIT_CODE ... [memcheck_errors=N] [racecheck_errors=N]
 A step that did not run is absent (or "x"); its targets print MISSING and fail the summary.
 Exit code: 0 when every target of the steps that ran passed, 1 otherwise.
 """
@@ -32,7 +32,7 @@ E2E_FILES = {"e2e-smollm2": "gpu-e2e-smollm2-135m.json", "e2e-llama1b": "gpu-e2e
 def parse(argv):
     out, pairs = argv[0], dict(arg.split("=", 1) for arg in argv[1:])
     codes = {step: int(pairs[step]) for step in STEPS if pairs.get(step, "x") not in ("x", "")}
-    errors = {tool: int(pairs[tool]) if pairs.get(tool, "null") not in ("null", "") else None
+    errors = {tool: int(pairs[f"{tool}_errors"]) if pairs.get(f"{tool}_errors", "null") not in ("null", "") else None
               for tool in ("memcheck", "racecheck")}
     return out, codes, errors
 
