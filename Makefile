@@ -32,10 +32,11 @@ build/cuda_emulation/%/.built: $(EMULATION_SOURCES) $(VENV)/.installed
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) scripts/build_cuda_emulation.py --sanitizer $*
 	touch $@
 
-# The cuda backend's tests on the CPU under AddressSanitizer (memcheck), then small calls of
-# every op under ThreadSanitizer (racecheck); the first report fails the run.
+# The cuda backend's tests on the CPU under AddressSanitizer (memcheck; 5 hypothesis examples a
+# test instead of 15, for CI's time), then small calls of every op under ThreadSanitizer
+# (racecheck); the first report fails the run.
 check-cuda-emulation: cuda-emulation
-	TRITON_INTERPRET=1 $(PY) -m tests.cuda_emulation.sanitized address -- -m pytest -q -p no:cacheprovider \
+	TRITON_INTERPRET=1 HYPOTHESIS_MAX_EXAMPLES=5 $(PY) -m tests.cuda_emulation.sanitized address -- -m pytest -q -p no:cacheprovider \
 		-m cuda_emulation tests/test_gated_lora.py tests/test_retrieval.py
 	$(PY) -m tests.cuda_emulation.sanitized thread -- scripts/sanitizer_cases.py --emulated
 

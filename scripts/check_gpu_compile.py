@@ -25,10 +25,8 @@ import sys
 import tempfile
 import time
 
-os.environ["TRITON_INTERPRET"] = "0"  # the GPU dispatch: its autotune configurations and tiles
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -327,10 +325,16 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
     parser.add_argument("--select", default=None, metavar="REGEX",
                         help="only the Triton compilations whose 'kernel arch dtype' matches (a partial check)")
+    parser.add_argument("--list-jobs", action="store_true", help="print the Triton compilations as JSON, compile nothing")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     jobs = [job for job in triton_jobs()
             if args.select is None or re.search(args.select, f"{job['name']} {job['arch']} {job['dtype']}")]
+    if args.list_jobs:
+        json.dump([{**job, "ops": sorted(job["ops"]), "attrs": {str(k): v for k, v in job["attrs"].items()},
+                    "constexprs": {str(k): v for k, v in job["constexprs"].items()}} for job in jobs],
+                  sys.stdout, default=str)
+        return
     print(f"check_gpu_compile: {len(jobs)} Triton compilations (kernel x arch x specialization x config), "
           f"{args.jobs} at a time; cache {os.environ['TRITON_CACHE_DIR']}", flush=True)
     results = []
@@ -357,4 +361,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Before reclora_kernels is imported: the GPU dispatch, its autotune configurations and tiles.
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
     main()
