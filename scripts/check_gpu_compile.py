@@ -171,17 +171,20 @@ def triton_jobs():
         job_key = (fn.__name__, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
                    repr(sorted(attrs.items(), key=str)), options.num_warps, options.num_stages)
         job = jobs.setdefault(job_key, {
-            "name": fn.__name__, "module": fn.module, "arch": arch, "dtype": current["dtype"],
+            "name": fn.__name__, "module": fn.module, "arch": arch, "dtypes": set(),
             "config": config, "signature": signature, "constexprs": constexprs, "attrs": attrs,
             "options": {"num_warps": options.num_warps, "num_stages": options.num_stages}, "ops": set(),
         })
         job["ops"].add(current["op"])
+        job["dtypes"].add(current["dtype"])
 
     for arch in ARCHS:
         with intercepted_launches(record, arch):
             for op, dtype, call in benchmark_calls():
                 current.update(op=op, dtype=dtype, arch=arch)
                 call()
+    for job in jobs.values():  # the op dtypes whose launches compile to this same kernel
+        job["dtype"] = "/".join(d for d in DTYPES if d in job.pop("dtypes"))
     return list(jobs.values())
 
 
@@ -292,14 +295,14 @@ def occupancy(result):
 
 
 def print_table(results):
-    header = f"{'backend':7s} {'arch':5s} {'kernel':28s} {'dtype':5s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'blk/SM':>6s} ok  config"
+    header = f"{'backend':7s} {'arch':5s} {'kernel':28s} {'dtype':14s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'blk/SM':>6s} ok  config"
     print(header)
     print("-" * len(header))
     for r in results:
         blocks = r.get("blocks_per_sm") or {}
         config = r["config"] if isinstance(r["config"], str) or r["config"] is None else \
             " ".join(f"{k}={v}" for k, v in r["config"].items())
-        print(f"{r['backend']:7s} {r['arch']:5s} {r['name'][:28]:28s} {str(r['dtype']):5s} {str(r['registers']):>4s} "
+        print(f"{r['backend']:7s} {r['arch']:5s} {r['name'][:28]:28s} {str(r['dtype']):14s} {str(r['registers']):>4s} "
               f"{str(r['spill_bytes']):>5s} {str(r['shared_bytes']):>7s} {str(blocks.get('blocks', '-')):>6s} "
               f"{'yes' if r['ok'] else 'NO '} {config or ''}{'' if r['ok'] else '  <- ' + r['reason']}")
 

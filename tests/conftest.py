@@ -22,7 +22,9 @@ def _cuda_emulation(request):
     if request.node.get_closest_marker("cuda_emulation") is None:
         yield
         return
-    from tests.cuda_emulation.kernels import emulated_cuda_kernels
+    from tests.cuda_emulation import kernels
 
-    with emulated_cuda_kernels():
+    if kernels.unavailable_reason():
+        pytest.skip(kernels.unavailable_reason())
+    with kernels.emulated_cuda_kernels():
         yield

@@ -38,15 +38,15 @@ def launched_kernels():
 
 
 def test_every_kernel_arch_and_dtype_is_compiled(jobs):
-    covered = {(j["name"], j["arch"], j["dtype"]) for j in jobs}
     for name in launched_kernels():
         for arch in check.ARCHS:
-            dtypes = {d for n, a, d in covered if n == name and a == arch}
+            # a job lists the op dtypes whose launches compile to it (fp32 sums serve all three)
+            dtypes = {d for j in jobs if j["name"] == name and j["arch"] == arch for d in j["dtype"].split("/")}
             assert dtypes == set(check.DTYPES), (name, arch, dtypes)
 
 
 def test_specializations_follow_the_launcher(jobs):
-    gemm = [j for j in jobs if j["name"] == "_matmul_kernel" and j["dtype"] == "bf16"]
+    gemm = [j for j in jobs if j["name"] == "_matmul_kernel" and "bf16" in j["dtype"]]
     # contiguous operands: a unit stride is the constexpr 1, 16-divisible integers carry the hint
     assert any(j["signature"]["stride_ak"] == "constexpr" and "(0,)" in j["attrs"] for j in gemm)
     assert all(j["signature"]["a_ptr"] == "*bf16" for j in gemm)
@@ -55,7 +55,7 @@ def test_specializations_follow_the_launcher(jobs):
 def test_pruner_keeps_only_tiles_that_fit_the_arch(jobs):
     def pipelines(arch):
         return {(j["config"]["BLOCK_M"], j["config"]["BLOCK_N"], j["options"]["num_stages"])
-                for j in jobs if j["name"] == "_matmul_kernel" and j["arch"] == arch and j["dtype"] == "bf16"}
+                for j in jobs if j["name"] == "_matmul_kernel" and j["arch"] == arch and "bf16" in j["dtype"]}
 
     assert (128, 256, 4) in pipelines("sm_90")  # 192 KB: Hopper only
     assert (128, 256, 4) not in pipelines("sm_80")
