@@ -184,7 +184,8 @@ def triton_jobs():
                 current.update(op=op, dtype=dtype, arch=arch)
                 call()
     for job in jobs.values():  # the op dtypes whose launches compile to this same kernel
-        job["dtype"] = "/".join(d for d in DTYPES if d in job.pop("dtypes"))
+        dtypes = job.pop("dtypes")
+        job["dtype"] = "/".join(d for d in DTYPES if d in dtypes)
     return list(jobs.values())
 
 
@@ -215,9 +216,21 @@ def compile_triton(job):
         usage = resource_usage(cubin.name)
     (function, resources), = usage.items()
     result["seconds"] = round(time.perf_counter() - start, 2)
-    result.update(registers=resources["REG"], spill_bytes=resources["STACK"] + resources["LOCAL"],
+    result.update(registers=resources["REG"], stack_bytes=resources["STACK"], spill_bytes=ptx_spills(compiled.asm["ptx"]),
                   shared_bytes=compiled.metadata.shared + resources["SHARED"])
     return judged(result)
+
+
+def ptx_spills(ptx):
+    """Spill stores + loads in bytes per thread, from ptxas -v on the kernel's PTX as Triton assembles
+    it (the cubin's stack frame alone also counts local arrays)."""
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        open(source, "w").write(ptx)
+        log = subprocess.run([tool("ptxas"), "-lineinfo", "-v", f"--gpu-name={arch}", source, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    return sum(int(n) for pair in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log) for n in pair)
 
 
 # ---- CUDA: the built extension -----------------------------------------------------------------
@@ -258,8 +271,9 @@ def cuda_kernels(cuda_lib):
             template = short[len(base):]
             dtype = next((d for d, t in (("fp32", "float"), ("fp16", "c10::Half"), ("bf16", "c10::BFloat16"),
                                          ("fp64", "double")) if re.search(rf"\b{re.escape(t)}\b", template)), "fp32")
+            # No ptxas log in a fat binary: any stack or local memory counts as spilled.
             result = {"name": base, "backend": "cuda", "arch": arch, "config": template or None, "dtype": dtype,
-                      "threads": CUDA_THREADS, "registers": resources["REG"],
+                      "threads": CUDA_THREADS, "registers": resources["REG"], "stack_bytes": resources["STACK"],
                       "spill_bytes": resources["STACK"] + resources["LOCAL"],
                       "shared_bytes": resources["SHARED"] + CUDA_DYNAMIC_SHARED.get(base, 0)}
             results.append(judged(result))
@@ -274,7 +288,7 @@ def judged(result):
     if result["shared_bytes"] > SHARED_PER_BLOCK[result["arch"]]:
         problems.append(f"{result['shared_bytes']} B shared > {SHARED_PER_BLOCK[result['arch']]} B per block")
     if result["spill_bytes"] > 0:
-        problems.append(f"{result['spill_bytes']} B of stack/local memory per thread (spills)")
+        problems.append(f"{result['spill_bytes']} B of register spills per thread")
     result["ok"] = not problems
     result["reason"] = "; ".join(problems) or None
     result["blocks_per_sm"] = occupancy(result) if result["ok"] else None
