@@ -49,8 +49,11 @@ check-gpu-compile: install check-cuda
 # Compiles and links the CUDA kernels for sm_80 and sm_90 against a CUDA build of torch, without a
 # GPU, then checks that every native op has its CUDA (and CPU) kernel registered.
 check-cuda: $(CUDA_VENV)/.installed
-	RECLORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=$${MAX_JOBS:-2} \
-		$(CUDA_PY) setup.py -q build_ext --build-temp build/cuda/tmp --build-lib build/cuda/lib
+	mkdir -p build/cuda
+	RECLORA_FORCE_CUDA=1 RECLORA_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=$${MAX_JOBS:-2} \
+		$(CUDA_PY) setup.py -q build_ext --build-temp build/cuda/tmp --build-lib build/cuda/lib \
+		>build/cuda/build.log 2>&1 || { cat build/cuda/build.log; exit 1; }
+	grep -c "Compiling entry function" build/cuda/build.log || true
 	$(CUDA_PY) scripts/check_cuda_build.py build/cuda/lib
 
 $(CUDA_VENV)/.installed:

@@ -246,6 +246,22 @@ def resource_usage(path, arch=None):
     return usage
 
 
+def ptxas_spills(log_path):
+    """{(kernel symbol, arch): spill bytes} from the ptxas -v lines of a CUDA build log (make check-cuda)."""
+    spills, entry, properties = {}, None, None
+    if not os.path.exists(log_path):
+        return spills
+    for line in open(log_path, errors="replace"):
+        if match := re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line):
+            entry = match.groups()
+        elif match := re.search(r"Function properties for (\S+)", line):
+            properties = match.group(1)
+        elif (match := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and entry:
+            if properties == entry[0]:
+                spills[entry] = int(match.group(1)) + int(match.group(2))
+    return spills
+
+
 def demangle(symbols):
     names = subprocess.run(["c++filt"], input="\n".join(symbols), capture_output=True, text=True, check=True).stdout
     return dict(zip(symbols, names.splitlines()))
@@ -256,6 +272,7 @@ def cuda_kernels(cuda_lib):
     if len(libraries) != 1:
         sys.exit(f"check_gpu_compile: expected one CUDA build under {cuda_lib}/reclora_kernels (make check-cuda)")
     results = []
+    spills = ptxas_spills(os.path.join(os.path.dirname(os.path.abspath(cuda_lib)), "build.log"))
     for arch in ARCHS:
         usage = resource_usage(libraries[0], arch)
         if not usage:
@@ -271,10 +288,12 @@ def cuda_kernels(cuda_lib):
             template = short[len(base):]
             dtype = next((d for d, t in (("fp32", "float"), ("fp16", "c10::Half"), ("bf16", "c10::BFloat16"),
                                          ("fp64", "double")) if re.search(rf"\b{re.escape(t)}\b", template)), "fp32")
-            # No ptxas log in a fat binary: any stack or local memory counts as spilled.
+            # ptxas's own count from the build log; without it any stack or local memory counts as spilled
+            # (the stack also holds call frames, e.g. of a device-side assertion).
+            spilled = spills.get((symbol, arch), resources["STACK"] + resources["LOCAL"])
             result = {"name": base, "backend": "cuda", "arch": arch, "config": template or None, "dtype": dtype,
                       "threads": CUDA_THREADS, "registers": resources["REG"], "stack_bytes": resources["STACK"],
-                      "spill_bytes": resources["STACK"] + resources["LOCAL"],
+                      "spill_bytes": spilled, "spills_from": "ptxas" if (symbol, arch) in spills else "stack",
                       "shared_bytes": resources["SHARED"] + CUDA_DYNAMIC_SHARED.get(base, 0)}
             results.append(judged(result))
     return results
