@@ -44,7 +44,8 @@ check-cuda-emulation: cuda-emulation
 # dtype) and every CUDA kernel compiled for sm_80 and sm_90 without a GPU, resources read from the
 # cubins: build/gpu-compile.json and a table; fails on a compile error, spills or too much shared memory.
 check-gpu-compile: install check-cuda
-	time -p env MAX_JOBS=$${MAX_JOBS:-2} $(PY) scripts/check_gpu_compile.py --cuda-lib build/cuda/lib
+	start=$$(date +%s); MAX_JOBS=$${MAX_JOBS:-2} $(PY) scripts/check_gpu_compile.py --cuda-lib build/cuda/lib; \
+		status=$$?; echo "check-gpu-compile: $$(($$(date +%s) - start)) s after check-cuda"; exit $$status
 
 # Compiles and links the CUDA kernels for sm_80 and sm_90 against a CUDA build of torch, without a
 # GPU, then checks that every native op has its CUDA (and CPU) kernel registered.
