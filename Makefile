@@ -8,7 +8,7 @@ NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 # triton 3.6's interpreter breaks on numpy 2.4
 PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" ninja setuptools wheel
 
-.PHONY: install test check-cuda bench train clean
+.PHONY: install test check-cuda cuda-emulation check-cuda-emulation check-gpu-compile bench train clean
 
 install: $(VENV)/.installed
 
@@ -23,18 +23,45 @@ $(VENV)/.installed: setup.py pyproject.toml $(NATIVE_SOURCES)
 # Then the CPU kernel tests again at each lower ISA level this CPU runs (RECLORA_CPU_ISA), so the
 # AVX2 and baseline paths are tested on AVX-512 machines too.
 CPU_KERNEL_TESTS := tests/test_gated_lora.py tests/test_retrieval.py
-test: install
+test: install cuda-emulation
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	for isa in $$($(PY) -c "from reclora_kernels.cpu_features import isa_levels; print(*isa_levels()[1:])"); do \
 		echo "CPU kernel tests at RECLORA_CPU_ISA=$$isa"; \
 		RECLORA_CPU_ISA=$$isa $(PY) -m pytest -q -k cpu $(CPU_KERNEL_TESTS) || exit 1; \
 	done
 
-# Compiles and links the CUDA kernels for sm_90 against a CUDA build of torch, without a GPU,
-# then checks that every native op has its CUDA (and CPU) kernel registered.
+# The test-only CUDA emulation library (csrc/cuda_emulation/): csrc/*_cuda.cu compiled as C++ for
+# the CPU, plain and under AddressSanitizer and ThreadSanitizer. Never part of the package.
+EMULATION_SOURCES := $(wildcard csrc/*_cuda.cu csrc/cuda_platform.cuh csrc/cuda_emulation/* tests/cuda_emulation/broken_kernels.*)
+cuda-emulation: build/cuda_emulation/none/.built build/cuda_emulation/address/.built build/cuda_emulation/thread/.built
+
+build/cuda_emulation/%/.built: $(EMULATION_SOURCES) $(VENV)/.installed
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) scripts/build_cuda_emulation.py --sanitizer $*
+	touch $@
+
+# The cuda backend's tests on the CPU under AddressSanitizer (memcheck; 5 hypothesis examples a
+# test instead of 15, for CI's time), then small calls of every op under ThreadSanitizer
+# (racecheck); the first report fails the run.
+check-cuda-emulation: cuda-emulation
+	TRITON_INTERPRET=1 HYPOTHESIS_MAX_EXAMPLES=5 $(PY) -m tests.cuda_emulation.sanitized address -- -m pytest -q -p no:cacheprovider \
+		-m cuda_emulation tests/test_gated_lora.py tests/test_retrieval.py
+	$(PY) -m tests.cuda_emulation.sanitized thread -- scripts/sanitizer_cases.py --emulated
+
+# Every Triton kernel (each configuration the GPU dispatch can pick at the benchmark shapes, each
+# dtype) and every CUDA kernel compiled for sm_80 and sm_90 without a GPU, resources read from the
+# cubins: build/gpu-compile.json and a table; fails on a compile error, spills or too much shared memory.
+check-gpu-compile: install check-cuda
+	start=$$(date +%s); MAX_JOBS=$${MAX_JOBS:-2} $(PY) scripts/check_gpu_compile.py --cuda-lib build/cuda/lib; \
+		status=$$?; echo "check-gpu-compile: $$(($$(date +%s) - start)) s after check-cuda"; exit $$status
+
+# Compiles and links the CUDA kernels for sm_80 and sm_90 against a CUDA build of torch, without a
+# GPU, then checks that every native op has its CUDA (and CPU) kernel registered.
 check-cuda: $(CUDA_VENV)/.installed
-	RECLORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$${MAX_JOBS:-2} \
-		$(CUDA_PY) setup.py -q build_ext --build-temp build/cuda/tmp --build-lib build/cuda/lib
+	mkdir -p build/cuda
+	RECLORA_FORCE_CUDA=1 RECLORA_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=$${MAX_JOBS:-2} \
+		$(CUDA_PY) setup.py -q build_ext --build-temp build/cuda/tmp --build-lib build/cuda/lib \
+		>build/cuda/build.log 2>&1 || { cat build/cuda/build.log; exit 1; }
+	grep -c "Compiling entry function" build/cuda/build.log || true
 	$(CUDA_PY) scripts/check_cuda_build.py build/cuda/lib
 
 $(CUDA_VENV)/.installed:

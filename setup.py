@@ -6,6 +6,7 @@ Switches (environment):
   TORCH_CUDA_ARCH_LIST  target architectures; defaults to "8.0;9.0" when no GPU is visible
   MAX_JOBS              parallel compile jobs (ninja)
   RECLORA_DEBUG=1       -g -O0 instead of -O3
+  RECLORA_PTXAS_VERBOSE=1  ptxas prints each CUDA kernel's registers and spills
 """
 import glob
 import os
@@ -94,6 +95,8 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-DRECLORA_WITH_CUDA"]
+    if _flag("RECLORA_PTXAS_VERBOSE"):  # registers and spills per kernel in the build log (check-gpu-compile)
+        nvcc_flags.append("-Xptxas=-v")
     return [
         CUDAExtension(
             "reclora_kernels._C",

@@ -19,6 +19,12 @@ from benchmarks.memory import peak_bytes
 from benchmarks.run import RESULTS, plot_scaling
 from benchmarks.shapes import LORA_7B, LORA_SMOLLM2, RETRIEVAL_GPU, SCALING, lora_inputs
 
+# Where the benchmarks run, and the attention scaling study's sizes; tests/test_gpu_check.py runs the
+# whole entry point on CPU with small stand-ins for these and for the timer.
+DEVICE = "cuda"
+SCALING_BATCH = 1024
+SCALING_LENGTHS = [512 * 2**i for i in range(8)]
+
 # dense bf16 tensor-core FLOP/s and HBM bytes/s from NVIDIA's data sheets
 PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12)}
 
@@ -44,7 +50,8 @@ def lora_impls(backends):
     def linear_plus(delta):
         return lambda t: baselines.base_linear(t["x"], t["weight"]) + delta(t)
 
-    published = lambda t: baselines.published_gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING)
+    # The published code's gate lives in the model's dtype (einsum takes no mixed dtypes).
+    published = lambda t: baselines.published_gated_lora(t["x"], t["gate"].to(t["x"].dtype), t["lora_a"], t["lora_b"], SCALING)
     composed = lambda t: baselines.composed_gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING)
     impls = {
         "base_linear": lambda t: baselines.base_linear(t["x"], t["weight"]),
@@ -62,10 +69,10 @@ def lora_impls(backends):
 
 
 def bench_lora(shape, backends):
-    tensors = lora_inputs(**shape, device="cuda", dtype=torch.bfloat16)
+    tensors = lora_inputs(**shape, device=DEVICE, dtype=torch.bfloat16)
     for name in bench_gated_lora.TRAINABLE:
         tensors[name].requires_grad_()
-    tensors["grad_out"] = torch.randn(shape["batch"], shape["tokens"], shape["d_out"], device="cuda", dtype=torch.bfloat16)
+    tensors["grad_out"] = torch.randn(shape["batch"], shape["tokens"], shape["d_out"], device=DEVICE, dtype=torch.bfloat16)
     table = {}
     for passes in ("forward", "forward+backward"):
         group = table.setdefault(f"gated_lora_linear {passes}", {})
@@ -110,7 +117,7 @@ def attention_step(fn, tensors, passes):
 
 
 def attention_tensors(shape):
-    return bench_retrieval.prepare(shape, device="cuda", dtype=torch.bfloat16)
+    return bench_retrieval.prepare(shape, device=DEVICE, dtype=torch.bfloat16)
 
 
 def bench_attention(shape, backends):
@@ -122,7 +129,7 @@ def bench_attention(shape, backends):
             group[name] = timed(attention_step(fn, tensors, passes))
             print(f"attention {shape} {passes} {name}: {group[name]['median_ms']:.3f} ms")
             if passes == "forward+backward":
-                memory[name] = peak_bytes(attention_step(fn, tensors, passes), "cuda") / 2**20
+                memory[name] = peak_bytes(attention_step(fn, tensors, passes), DEVICE) / 2**20
     valid = int(tensors["lengths"].sum())
     key_bytes = valid * shape["dim"] * 2
     ids_bytes = valid * 8
@@ -165,7 +172,7 @@ def attention_scaling(batch, lengths, backend):
 
 
 def usable_backends(op):
-    return [b for b in ("cuda", "triton") if rk.unavailable_reason(b, "cuda", op) is None]
+    return [b for b in ("cuda", "triton") if rk.unavailable_reason(b, DEVICE, op) is None]
 
 
 def main(argv=None):
@@ -177,7 +184,7 @@ def main(argv=None):
     env = describe()
     lora_backends, retrieval_backends = usable_backends("gated_lora"), usable_backends("retrieval")
     card = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-")
-    result = {"environment": env, "device": "cuda", "backends": {"gated_lora": lora_backends, "retrieval": retrieval_backends}}
+    result = {"environment": env, "device": DEVICE, "backends": {"gated_lora": lora_backends, "retrieval": retrieval_backends}}
     shapes = [LORA_7B] + ([] if args.quick else [LORA_SMOLLM2])
     result["gated_lora"] = [bench_lora(shape, lora_backends) for shape in shapes]
     result["topk_target_attention"] = [
@@ -185,11 +192,10 @@ def main(argv=None):
     ]
     if retrieval_backends and not args.quick:
         backends = retrieval_backends
-        lengths = [512 * 2**i for i in range(8)]
-        rows = attention_scaling(1024, lengths, backends[0])
+        rows = attention_scaling(SCALING_BATCH, SCALING_LENGTHS, backends[0])
         png = os.path.join(args.out, f"gpu-scaling-{card}-{env['date']}.png")
-        plot_scaling(rows, 1024, png, f"top-k attention, {env['gpu']}, B=1024, d=64, k=64, bf16")
-        result["topk_target_attention_scaling"] = {"batch": 1024, "backend": backends[0], "rows": rows,
+        plot_scaling(rows, SCALING_BATCH, png, f"top-k attention, {env['gpu']}, B={SCALING_BATCH}, d=64, k=64, bf16")
+        result["topk_target_attention_scaling"] = {"batch": SCALING_BATCH, "backend": backends[0], "rows": rows,
                                                    "plot": os.path.basename(png)}
     path = os.path.join(args.out, f"gpu-{card}-{env['date']}.json")
     with open(path, "w") as f:

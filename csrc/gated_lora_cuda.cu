@@ -16,9 +16,9 @@
 // (no shared memory, no atomics): race-free, and every sum runs in a fixed order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "cuda_platform.cuh"  // last: the CUDA headers, or the CPU emulation (tests)
 
 #include <algorithm>
 #include <tuple>
@@ -241,7 +241,7 @@ at::Tensor mix_loras(const Problem& p, const at::Tensor& per_lora, const at::Ten
   const int64_t n = p.tokens * p.rank;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, per_lora.scalar_type(), "mix_loras", [&] {
-    mix_loras_kernel<scalar_t><<<grid_blocks(n), kThreads, 0, stream>>>(
+    RECLORA_LAUNCH(mix_loras_kernel<scalar_t>, grid_blocks(n), kThreads, 0, stream)(
         per_lora.const_data_ptr<scalar_t>(), gate.const_data_ptr<float>(), p.token_samples, p.tokens, p.loras,
         p.rank, scale, mixed.mutable_data_ptr<at::opmath_type<scalar_t>>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -279,7 +279,7 @@ GatedFactors gate_loras(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_all.scalar_type(), "gate_loras", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gate_loras_kernel<scalar_t><<<grid_blocks(n), kThreads, 0, stream>>>(
+    RECLORA_LAUNCH(gate_loras_kernel<scalar_t>, grid_blocks(n), kThreads, 0, stream)(
         u_all.const_data_ptr<scalar_t>(), data_or_null<acc_t>(u_mixed), data_or_null<scalar_t>(h_all),
         data_or_null<acc_t>(h_mixed), gate.const_data_ptr<float>(), p.token_samples, p.tokens, p.loras, p.rank,
         scaling, out.pu.mutable_data_ptr<scalar_t>(), mutable_data_or_null<scalar_t>(out.ph),
@@ -300,7 +300,7 @@ at::Tensor sum_per_sample(const Problem& p, const at::Tensor& dgate_tokens, cons
     offsets = at::searchsorted(sorted, at::arange(p.samples + 1, sample_index->options()));
   }
   at::Tensor partial = at::empty({p.samples, parts, p.loras}, dgate_tokens.options());
-  sample_sums_kernel<<<grid_blocks(partial.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  RECLORA_LAUNCH(sample_sums_kernel, grid_blocks(partial.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream())(
       dgate_tokens.const_data_ptr<float>(), data_or_null<int64_t>(order), data_or_null<int64_t>(offsets),
       p.token_samples.tokens_per_sample, p.samples, parts, p.loras, partial.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -14,10 +14,9 @@
 // gradients are scattered with atomics (into a float32 buffer for tables) or, in deterministic
 // mode, written per slot and summed by index_add_.
 #include <ATen/ATen.h>
-#include <ATen/cuda/Atomic.cuh>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "cuda_platform.cuh"  // last: the CUDA headers, or the CPU emulation (tests)
 
 #include <cstdint>
 #include <limits>
@@ -299,7 +298,7 @@ __global__ void __launch_bounds__(kThreads)
     score_select_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ keys, Gather gather,
                         const int64_t* __restrict__ lengths, const bool* __restrict__ mask, int dim, int chunk,
                         int chunks, int cap, int group, float scale, uint64_t* __restrict__ cand) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECLORA_DYNAMIC_SHARED(smem);
   SelectShared& sh = *reinterpret_cast<SelectShared*>(smem);
   uint32_t* code = reinterpret_cast<uint32_t*>(smem + sizeof(SelectShared));
   using Vec = Pack<scalar_t, W>;
@@ -385,7 +384,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     merge_kernel(const uint64_t* __restrict__ cand, int n, int k, int take, int sort_size, float* __restrict__ scores,
                  int64_t* __restrict__ index) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECLORA_DYNAMIC_SHARED(smem);
   SelectShared& sh = *reinterpret_cast<SelectShared*>(smem);
   uint64_t* top = reinterpret_cast<uint64_t*>(smem + sizeof(SelectShared));
   const int64_t b = blockIdx.x;
@@ -417,7 +416,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     pool_kernel(const float* __restrict__ scores, const int64_t* __restrict__ index, const scalar_t* __restrict__ values,
                 Gather gather, int dim_v, int k, float* probs, scalar_t* __restrict__ pooled) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECLORA_DYNAMIC_SHARED(smem);
   RowsShared& sh = *reinterpret_cast<RowsShared*>(smem);
   const int64_t b = blockIdx.x;
   const float* s = scores + b * k;
@@ -442,7 +441,7 @@ __global__ void __launch_bounds__(kThreads)
                              const scalar_t* __restrict__ keys, Gather gather, const int64_t* __restrict__ index, int dim,
                              int k, float scale, scalar_t* __restrict__ grad_query, scalar_t* dense_grad_keys,
                              float* table_grad_keys, float* contrib, int64_t* contrib_rows) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECLORA_DYNAMIC_SHARED(smem);
   RowsShared& sh = *reinterpret_cast<RowsShared*>(smem);
   const int64_t b = blockIdx.x;
   const float* g = grad_scores + b * k;
@@ -469,7 +468,7 @@ __global__ void __launch_bounds__(kThreads)
                               scalar_t* dense_grad_keys, float* table_grad_keys, scalar_t* dense_grad_values,
                               float* table_grad_values, float* contrib_keys, float* contrib_values,
                               int64_t* contrib_rows) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECLORA_DYNAMIC_SHARED(smem);
   RowsShared& sh = *reinterpret_cast<RowsShared*>(smem);
   const int64_t b = blockIdx.x;
   const int64_t* idx = index + b * k;
@@ -609,9 +608,9 @@ std::tuple<at::Tensor, at::Tensor> select_topk(const at::Tensor& query, const at
     const bool wide = dim % vec == 0 && aligned16(query) && aligned16(keys);
     const int64_t units = dim / (wide ? vec : 1);
     const int group = int(std::min<int64_t>(32, pow2_ceil(ceil_div(units, kUnits))));
-    const auto kernel = wide ? score_select_kernel<scalar_t, vec> : score_select_kernel<scalar_t, 1>;
+    const auto score_select = wide ? score_select_kernel<scalar_t, vec> : score_select_kernel<scalar_t, 1>;
     const size_t smem = sizeof(SelectShared) + chunk * sizeof(uint32_t);
-    kernel<<<unsigned(batch * chunks), kThreads, smem, stream>>>(
+    RECLORA_LAUNCH(score_select, unsigned(batch * chunks), kThreads, smem, stream)(
         query.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), gather, lengths ? lengths->data_ptr<int64_t>() : nullptr,
         mask ? mask->data_ptr<bool>() : nullptr, int(dim), int(chunk), int(chunks), int(cap), group, float(scale),
         cand_ptr);
@@ -621,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk(const at::Tensor& query, const at
   const int64_t take = std::min(k, n);
   if (take <= kSortMax) {
     const int64_t sort_size = pow2_ceil(take);
-    merge_kernel<<<unsigned(batch), kThreads, sizeof(SelectShared) + sort_size * sizeof(uint64_t), stream>>>(
+    RECLORA_LAUNCH(merge_kernel, unsigned(batch), kThreads, sizeof(SelectShared) + sort_size * sizeof(uint64_t), stream)(
         cand_ptr, int(n), int(k), int(take), int(sort_size), scores.data_ptr<float>(), index.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
@@ -629,7 +628,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk(const at::Tensor& query, const at
     const auto top = std::get<0>(at::topk(at::bitwise_xor(cand, std::numeric_limits<int64_t>::min()), take, 1));
     const int64_t total = batch * k;
     TORCH_CHECK(ceil_div(total, kThreads) <= std::numeric_limits<int32_t>::max(), "B * k is too large");
-    decode_kernel<<<unsigned(ceil_div(total, kThreads)), kThreads, 0, stream>>>(
+    RECLORA_LAUNCH(decode_kernel, unsigned(ceil_div(total, kThreads)), kThreads, 0, stream)(
         top.data_ptr<int64_t>(), take, k, total, scores.data_ptr<float>(), index.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -660,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_forward(
   if (batch == 0) return {pooled, index, probs};
   const Gather gather = make_gather(values, ids, batch, length);
   RECLORA_DISPATCH(values.scalar_type(), "topk_attention_cuda", [&] {
-    pool_kernel<scalar_t><<<unsigned(batch), kThreads, sizeof(RowsShared), at::cuda::getCurrentCUDAStream()>>>(
+    RECLORA_LAUNCH(pool_kernel<scalar_t>, unsigned(batch), kThreads, sizeof(RowsShared), at::cuda::getCurrentCUDAStream())(
         scores.data_ptr<float>(), index.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), gather, int(dim_v), int(k),
         probs.data_ptr<float>(), pooled.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -723,8 +722,7 @@ std::tuple<at::Tensor, at::Tensor> retrieve_topk_backward(const at::Tensor& grad
   if (launch) {
     const Gather gather = make_gather(keys, ids, batch, length);
     RECLORA_DISPATCH(query.scalar_type(), "retrieve_topk_backward_cuda", [&] {
-      retrieve_backward_kernel<scalar_t>
-          <<<unsigned(batch), kThreads, sizeof(RowsShared), at::cuda::getCurrentCUDAStream()>>>(
+      RECLORA_LAUNCH(retrieve_backward_kernel<scalar_t>, unsigned(batch), kThreads, sizeof(RowsShared), at::cuda::getCurrentCUDAStream())(
               grad_scores.data_ptr<float>(), query.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), gather,
               index.data_ptr<int64_t>(), int(dim), int(k), float(scale), grad_query.data_ptr<scalar_t>(),
               grad_keys.dense<scalar_t>(), grad_keys.table(), grad_keys.per_slot(),
@@ -758,8 +756,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward(
   if (launch) {
     auto ds = at::empty({batch, k}, probs.options());
     RECLORA_DISPATCH(query.scalar_type(), "topk_attention_backward_cuda", [&] {
-      attention_backward_kernel<scalar_t>
-          <<<unsigned(batch), kThreads, sizeof(RowsShared), at::cuda::getCurrentCUDAStream()>>>(
+      RECLORA_LAUNCH(attention_backward_kernel<scalar_t>, unsigned(batch), kThreads, sizeof(RowsShared), at::cuda::getCurrentCUDAStream())(
               grad_pooled.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
               values.data_ptr<scalar_t>(), make_gather(keys, ids, batch, length),
               make_gather(values, ids, batch, length), index.data_ptr<int64_t>(), probs.data_ptr<float>(), int(dim),

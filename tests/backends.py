@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import reclora_kernels as rk
+from tests.cuda_emulation import kernels as cuda_emulation
 
 
 def kernel_backends(op=None):
@@ -13,6 +14,11 @@ def kernel_backends(op=None):
         reason = rk.unavailable_reason(backend, device, op)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(backend, device, id=backend, marks=marks))
+    # The cuda backend's kernels on CPU tensors, run by the CUDA emulation in place of the cpu
+    # kernels (the cuda_emulation marker makes tests/conftest.py swap them in).
+    reason = cuda_emulation.unavailable_reason()
+    marks = [pytest.mark.cuda_emulation] + ([pytest.mark.skip(reason=reason)] if reason else [])
+    params.append(pytest.param("cpu", "cpu", id="cuda_emulation", marks=marks))
     return params
 
 

@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or reclora_kernels import
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -13,3 +14,17 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """Tests marked cuda_emulation run reclora's native ops through the emulated CUDA kernels."""
+    if request.node.get_closest_marker("cuda_emulation") is None:
+        yield
+        return
+    from tests.cuda_emulation import kernels
+
+    if kernels.unavailable_reason():
+        pytest.skip(kernels.unavailable_reason())
+    with kernels.emulated_cuda_kernels():
+        yield

@@ -1,0 +1,3 @@
+// The broken test kernels, compiled as C++ against the CPU emulation.
+#define RECLORA_CUDA_EMULATION
+#include "broken_kernels.cu"

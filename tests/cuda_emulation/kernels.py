@@ -1,0 +1,65 @@
+"""The test-only CUDA emulation library (scripts/build_cuda_emulation.py): loading it, and running
+the `cuda` backend's kernels through it on CPU tensors.
+
+The library registers csrc/*_cuda.cu's kernels as torch.ops.reclora_emulated.<native op> for CPU
+tensors. emulated_cuda_kernels() puts them in place of reclora's CPU kernels for its duration,
+so that any test calling backend="cpu" runs the CUDA kernels' code instead.
+"""
+import contextlib
+import os
+import warnings
+
+import torch
+
+from reclora_kernels import _native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# RECLORA_CUDA_EMULATION_LIB picks a sanitizer build; by default the plain one.
+LIBRARY_ENV = "RECLORA_CUDA_EMULATION_LIB"
+_state = {"loaded": None, "schemas": None}
+
+
+def library_path():
+    from scripts.build_cuda_emulation import library_path as built
+
+    return os.environ.get(LIBRARY_ENV) or built("none")
+
+
+def unavailable_reason():
+    """None when the emulation library can be loaded, else why not."""
+    if not _native.is_loaded():
+        return f"reclora_kernels._C is needed for the op schemas: {_native.LOAD_ERROR}"
+    path = library_path()
+    if path is None or not os.path.exists(path):
+        return "the CUDA emulation library is not built (make cuda-emulation)"
+    return None
+
+
+def load():
+    """Loads the library once and gives its ops the schemas of reclora's native ops."""
+    path = library_path()
+    if _state["loaded"] is None:
+        torch.ops.load_library(path)
+        library = torch.library.Library("reclora_emulated", "FRAGMENT")
+        for op in _native.NATIVE_OPS:
+            schema = str(getattr(torch.ops.reclora, op).default._schema)
+            library.define(schema.split("::", 1)[1])
+        _state["loaded"], _state["schemas"] = path, library
+    elif _state["loaded"] != path:
+        raise RuntimeError(f"CUDA emulation library {_state['loaded']} is loaded; cannot switch to {path}")
+    return torch.ops.reclora_emulated
+
+
+@contextlib.contextmanager
+def emulated_cuda_kernels():
+    """reclora's native ops run the emulated CUDA kernels on CPU tensors while inside."""
+    emulated = load()
+    library = torch.library.Library("reclora", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        for op in _native.NATIVE_OPS:
+            library.impl(op, getattr(emulated, op).default, "CPU")
+    try:
+        yield emulated
+    finally:
+        library._destroy()
