@@ -17,7 +17,6 @@ MovieLens 1M (3,883 movies from movies.dat alone: its ratings are not needed), u
 --sample NAME=N times a seeded random N of a catalogue's items instead (kept in catalogue order).
 """
 import argparse
-import json
 import os
 import time
 import types
@@ -31,6 +30,7 @@ from reclora.data import load_dataset, read_table
 from reclora.data.tables import item_table
 from reclora.llm import SMOLLM2, load_llm, position_ids
 from reclora.retrieval import item_sentences, llm_embeddings
+from reclora.train.outputs import write_json
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 CATALOGUES = ("ml-100k", "ml-1m")
@@ -122,8 +122,7 @@ def main(argv=None):
     args.sample = dict(args.sample)
     result = run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -14,7 +14,6 @@ sorted by length as reclora.inference sorts them):
 The paths alternate, --repeats times each; medians are reported.
 """
 import argparse
-import json
 import statistics
 import time
 
@@ -23,6 +22,7 @@ import torch
 
 from benchmarks.environment import describe
 from reclora.llm import SMOLLM2, load_llm, position_ids
+from reclora.train.outputs import write_json
 
 
 def padded(body, prompts):
@@ -82,8 +82,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -21,7 +21,6 @@ not depend on how well the adapters were trained: a small run is enough.
 """
 import argparse
 import copy
-import json
 import statistics
 import time
 
@@ -36,6 +35,7 @@ from reclora.llm import load_llm, position_ids
 from reclora.train.distributed import Processes
 from reclora.train.loop import autocast
 from reclora.train.loop import predict as trainer_predict
+from reclora.train.outputs import write_json
 
 
 def _timed(fn, device):
@@ -182,8 +182,7 @@ def main(argv=None):
         parser.error("give --run and/or --lora-run")
     result = run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 
