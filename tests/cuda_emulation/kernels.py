@@ -50,6 +50,14 @@ def load():
     return torch.ops.reclora_emulated
 
 
+def _as_cuda_backend_calls(kernel):
+    """The Python layer hands the cuda backend contiguous tensors (the cpu backend also takes strided
+    upstream gradients): give the emulated kernels what the cuda backend would get."""
+    def call(*args):
+        return kernel(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+    return call
+
+
 @contextlib.contextmanager
 def emulated_cuda_kernels():
     """reclora's native ops run the emulated CUDA kernels on CPU tensors while inside."""
@@ -58,7 +66,7 @@ def emulated_cuda_kernels():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
         for op in _native.NATIVE_OPS:
-            library.impl(op, getattr(emulated, op).default, "CPU")
+            library.impl(op, _as_cuda_backend_calls(getattr(emulated, op).default), "CPU")
     try:
         yield emulated
     finally:
