@@ -24,12 +24,13 @@ def parts(tmp_path_factory):
     return dataset, inputs, crm, embeddings
 
 
-def build(parts, method, strategy="semantic", seed=0):
+def build(parts, method, strategy="semantic", seed=0, gate_input="crm"):
     dataset, inputs, crm, embeddings = parts
     llm, tokenizer = load_llm("tiny-llama", seed=seed)
     retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3, strategy=strategy)
     config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
-    return RecLoRAModel(method, dataset, llm, tokenizer, retriever, crm, inputs, config, max_prompt_length=512)
+    return RecLoRAModel(method, dataset, llm, tokenizer, retriever, crm, inputs, config, max_prompt_length=512,
+                        gate_input=gate_input)
 
 
 @pytest.mark.parametrize("method", ["reclora", "lora", "rella", "zero-shot"])
@@ -100,12 +101,8 @@ def test_user_embedding_gate_needs_no_crm(parts):
 def test_uniform_gate_averages_the_meta_loras(parts):
     """The no-personalization ablation: every alpha is 1/K, no CRM, no gate parameters; with weight
     mixing the model equals one LoRA whose factors are the meta-LoRAs' means."""
-    dataset, _, _, embeddings = parts
-    llm, tokenizer = load_llm("tiny-llama", seed=0)
-    retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3)
-    config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
-    model = RecLoRAModel("reclora", dataset, llm, tokenizer, retriever, adapter_config=config, max_prompt_length=512,
-                         gate_input="uniform").eval()
+    dataset = parts[0]
+    model = build(parts, "reclora", gate_input="uniform").eval()
     assert model.crm is None and not any("gate_bank" in n for n, _ in model.llm.named_adapter_parameters())
     with torch.no_grad():
         for name, p in model.llm.named_adapter_parameters():
