@@ -34,7 +34,7 @@ GATE_INPUTS = ("crm", "user-embedding", "uniform")
 class RecLoRAModel(nn.Module):
     def __init__(self, method, dataset: RecDataset, llm, tokenizer, retriever: LongShortRetriever,
                  crm=None, crm_inputs: CrmInputs = None, adapter_config: AdapterConfig = None, max_prompt_length=1024,
-                 gate_input="crm"):
+                 gate_input="crm", loss="answer-ce", rating_format="stars"):
         """crm / crm_inputs: the trained CRM and its batch builder (reclora with gate_input "crm").
 
         retriever: its strategy decides the prompt's history ("recent" for lora, "semantic" for
@@ -42,6 +42,8 @@ class RecLoRAModel(nn.Module):
         gate_input: "crm" (the paper), or "user-embedding": a trainable (n_users, gate_input_dim)
         embedding feeds the gates instead, the ablation that removes the CRM's knowledge, or
         "uniform": no gates, every alpha 1/K, the ablation that removes personalization.
+        loss: the training loss, one of reclora.readout.LOSSES.
+        rating_format: how the prompt writes a rating, one of reclora.prompt.RATING_FORMATS.
         """
         super().__init__()
         if method not in METHODS:
@@ -52,7 +54,7 @@ class RecLoRAModel(nn.Module):
         if uses_crm and (crm is None or crm_inputs is None):
             raise ValueError("method 'reclora' needs a trained crm and its crm_inputs (or gate_input='user-embedding')")
         self.method, self.dataset, self.retriever, self.crm_inputs = method, dataset, retriever, crm_inputs
-        self.gate_input = gate_input
+        self.gate_input, self.loss_kind = gate_input, loss
         self.crm = crm.eval().requires_grad_(False) if uses_crm else None
         self.user_embedding = None
         if method == "zero-shot":
@@ -67,7 +69,7 @@ class RecLoRAModel(nn.Module):
             self.llm = PersonalizedLLM(llm, config)
             if method == "reclora" and gate_input == "user-embedding":
                 self.user_embedding = nn.Embedding(dataset.n_users, config.gate_input_dim, device=llm.device)
-        self.prompts = PromptBuilder(tokenizer, max_length=max_prompt_length)
+        self.prompts = PromptBuilder(tokenizer, max_length=max_prompt_length, rating_format=rating_format)
         self.readout = YesNoReadout.from_tokenizer(tokenizer)
 
     def train(self, mode=True):
@@ -145,8 +147,16 @@ class RecLoRAModel(nn.Module):
         return self.readout.yes_probability(self(batch))
 
     def loss(self, batch) -> torch.Tensor:
-        """Cross-entropy of the answer token ("Yes" / "No") over the vocabulary."""
-        return self.readout.loss(self(batch), batch["label"])
+        """The training loss (self.loss_kind) of the answer logits against the labels."""
+        return self.readout.loss(self(batch), batch["label"], self.loss_kind)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
+
+    def gate_parameters(self):
+        """The trainable parameters that decide alpha (the gate bank, the user embedding): the rest are LoRAs."""
+        return [p for name, p in self.named_parameters() if p.requires_grad and _is_gate_parameter(name)]
+
+
+def _is_gate_parameter(name: str) -> bool:
+    return "gate_bank." in name or name.startswith("user_embedding.")

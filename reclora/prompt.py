@@ -9,6 +9,9 @@ history is the K_short retrieved behaviours, oldest first):
     2. Heat (1995) (3 stars)
     Based on the movies the user has watched, deduce if the user will like the movie ***Casino (1995)***. Note that more stars the user rated the movie, the user liked the movie more. You should ONLY tell me yes or no.
 
+rating_format="out-of-5" writes each line as "1. Toy Story (1995): rated 5 of 5" and the note as
+"Ratings go from 1 (disliked) to 5 (loved)." instead (the stars as plain numbers with their scale).
+
 It is rendered with tokenizer.apply_chat_template(add_generation_prompt=True), so the next token
 is the assistant's answer, "Yes" or "No" (reclora.readout). Prompts longer than max_length
 lose their oldest history items, never the question.
@@ -31,6 +34,7 @@ class ItemDomain:
 
 MOVIES = ItemDomain("movie", "movies", "watched")
 BOOKS = ItemDomain("book", "books", "read")
+RATING_FORMATS = ("stars", "out-of-5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +59,14 @@ def describe_user(gender: str, age: str, job: str) -> str:
 class PromptBuilder:
     """Renders PromptInputs into chat prompts and token ids no longer than max_length."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, domain: ItemDomain = MOVIES):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, domain: ItemDomain = MOVIES,
+                 rating_format: str = "stars"):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (reclora.llm.load_llm sets one)")
+        if rating_format not in RATING_FORMATS:
+            raise ValueError(f"rating_format must be one of {RATING_FORMATS}, got {rating_format!r}")
         self.tokenizer, self.max_length, self.domain = tokenizer, max_length, domain
+        self.rating_format = rating_format
 
     def user_message(self, sample: PromptInput, num_history: Optional[int] = None) -> str:
         """The user turn's text with the newest num_history history items (default: all)."""
@@ -68,11 +76,14 @@ class PromptBuilder:
         lines = [sample.user] if sample.user else []
         if kept:
             lines.append(f"The user {domain.verb} the following {domain.plural} in order in the past, and rated them:")
-            lines.extend(_history_line(k, title, rating) for k, (title, rating) in enumerate(kept, start=1))
+            lines.extend(self._history_line(k, title, rating) for k, (title, rating) in enumerate(kept, start=1))
+        if self.rating_format == "stars":
+            note = f"Note that more stars the user rated the {domain.noun}, the user liked the {domain.noun} more."
+        else:
+            note = "Ratings go from 1 (disliked) to 5 (loved)."
         lines.append(
             f"Based on the {domain.plural} the user has {domain.verb}, deduce if the user will like the "
-            f"{domain.noun} ***{sample.target}***. Note that more stars the user rated the {domain.noun}, "
-            f"the user liked the {domain.noun} more. You should ONLY tell me yes or no."
+            f"{domain.noun} ***{sample.target}***. {note} You should ONLY tell me yes or no."
         )
         return "\n".join(lines)
 
@@ -118,7 +129,7 @@ class PromptBuilder:
         by tokenizing the shortened prompt (numbering and merges across lines can shift the
         count by a token or two, in which case one more round drops more).
         """
-        history_lines = [_history_line(k, title, rating) + "\n" for k, (title, rating) in enumerate(sample.history, 1)]
+        history_lines = [self._history_line(k, title, rating) + "\n" for k, (title, rating) in enumerate(sample.history, 1)]
         line_lengths = [len(line_ids) for line_ids in self._tokenize(history_lines)]
         num_history = len(sample.history)
         while len(ids) > self.max_length:
@@ -135,5 +146,8 @@ class PromptBuilder:
         return ids
 
 
-def _history_line(number: int, title: str, rating: float) -> str:
-    return f"{number}. {title} ({rating:g} stars)"  # :g writes 4.0 as 4, keeps 3.5
+    def _history_line(self, number: int, title: str, rating: float) -> str:
+        # :g writes 4.0 as 4, keeps 3.5
+        if self.rating_format == "stars":
+            return f"{number}. {title} ({rating:g} stars)"
+        return f"{number}. {title}: rated {rating:g} of 5"

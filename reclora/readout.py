@@ -3,8 +3,11 @@
 The prompt (reclora.prompt) ends with the assistant turn's opening, so the logits at its last
 position, (B, V), predict the answer's first token:
   P(Yes) = softmax([logit_No, logit_Yes])[1] = sigmoid(logit_Yes - logit_No)   (the CTR score)
-  loss   = cross-entropy of the answer's first token over the full vocabulary ("Yes" for a
-           positive sample, "No" for a negative), i.e. the causal-LM loss on the answer token.
+  loss   = one of LOSSES:
+    "answer-ce": cross-entropy of the answer's first token over the full vocabulary ("Yes" for a
+                 positive sample, "No" for a negative), i.e. the causal-LM loss (the published one);
+    "yes-no":    binary cross-entropy of P(Yes) above, the readout the metrics score;
+    "both":      their sum.
 The paper trains on every answer token ("Yes." and the end of turn); the tokens after the first
 carry no information about the label once it is given, so only the first is trained and read.
 Both are deterministic functions of the logits: with the model in eval mode, so is the score.
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 YES, NO = "Yes", "No"
+LOSSES = ("answer-ce", "yes-no", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +46,17 @@ class YesNoReadout:
         yes = torch.full_like(labels, self.yes_id, dtype=torch.long)
         return torch.where(labels.bool(), yes, self.no_id)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the full vocabulary of the answer token; logits (B, V), labels (B,)."""
-        return F.cross_entropy(logits.float(), self.answer_ids(labels))
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, kind: str = "answer-ce") -> torch.Tensor:
+        """The mean loss of kind (one of LOSSES) over the batch; logits (B, V), labels (B,)."""
+        if kind not in LOSSES:
+            raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
+        total = logits.new_zeros((), dtype=torch.float32)
+        if kind in ("answer-ce", "both"):
+            total = total + F.cross_entropy(logits.float(), self.answer_ids(labels))
+        if kind in ("yes-no", "both"):
+            margin = (logits[:, self.yes_id] - logits[:, self.no_id]).float()  # logit of P(Yes)
+            total = total + F.binary_cross_entropy_with_logits(margin, labels.float())
+        return total
 
 
 def first_answer_token(tokenizer: PreTrainedTokenizerBase, answer: str) -> int:

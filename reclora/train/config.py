@@ -17,6 +17,8 @@ from reclora.crm import KINDS as CRMS
 from reclora.crm.sim import SEARCH_MODES
 from reclora.llm import SMOLLM2, TINY_LLAMA
 from reclora.model import GATE_INPUTS
+from reclora.prompt import RATING_FORMATS
+from reclora.readout import LOSSES
 from reclora_kernels import BACKENDS
 from reclora_kernels.cpu_features import warn_if_bf16_is_slow
 from reclora_kernels.gated_lora import MIX_MODES
@@ -90,12 +92,15 @@ class TrainConfig:
                               "samples at a time)", bound=AT_LEAST_1, run_only=True)
     eval_batch_size: int = _option(32, "samples per inference batch (per process)", bound=AT_LEAST_1, run_only=True)
     lr: float = _option(1e-3, "AdamW learning rate, linearly decayed to 0 after --warmup-steps", bound=POSITIVE)
+    gate_lr: Optional[float] = _option(None, "the gates' learning rate (reclora; default: --lr)", bound=POSITIVE)
     weight_decay: float = _option(0.0, "AdamW weight decay", bound=NON_NEGATIVE)
     warmup_steps: int = _option(0, "optimizer steps of linear warm-up", bound=NON_NEGATIVE)
     max_grad_norm: float = _option(1.0, "gradient clipping by global norm; 0 disables it", bound=NON_NEGATIVE)
     patience: int = _option(1, "validations without a better validation AUC before stopping early", bound=NON_NEGATIVE)
     evals_per_epoch: int = _option(1, "validations per epoch (early stopping and model selection happen at each)",
                                    bound=AT_LEAST_1)
+    loss: str = _option("answer-ce", "answer-ce: cross-entropy of the answer token over the vocabulary (published); "
+                        "yes-no: binary cross-entropy of P(Yes), the scored readout; both: their sum", LOSSES)
     # adapters
     num_loras: int = _option(16, "K, the meta-LoRAs per adapted projection (reclora)", bound=AT_LEAST_1)
     rank: int = _option(8, "LoRA rank r", bound=AT_LEAST_1)
@@ -108,7 +113,8 @@ class TrainConfig:
     gate_input: str = _option("crm", "what feeds the gates: the frozen CRM's representation, a trainable user "
                               "embedding (an ablation without the CRM), or uniform: every alpha 1/K (an ablation "
                               "without personalization)", GATE_INPUTS)
-    target_modules: list = _option(None, "YAML only: projections to adapt (default q_proj, v_proj)", yaml_only=True)
+    target_modules: list = _option(None, "the LLM projections to adapt, comma-separated (default q_proj,v_proj; all of "
+                                   "SmolLM2's: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     backend: Optional[str] = _option(None, "kernel backend for the ops (default: the fastest available)", BACKENDS,
                                      run_only=True)
     # retrieval and prompt
@@ -119,6 +125,8 @@ class TrainConfig:
                                   HISTORY_STRATEGIES)
     embedder: str = _option("llm", "item text embeddings for semantic retrieval: the LLM's mean-pooled hidden state "
                             "or a hashed bag of words", EMBEDDERS)
+    rating_format: str = _option("stars", "how the prompt writes a rating: stars, \"(4 stars)\" with the published "
+                                 "note; out-of-5, \"rated 4 of 5\" with the scale", RATING_FORMATS)
     max_prompt_length: int = _option(1024, "prompt tokens at most (the oldest history lines are dropped to fit)",
                                      bound=AT_LEAST_1)
     # the CRM (stage 1)
@@ -204,6 +212,10 @@ class TrainConfig:
         return self.fingerprint(*(name for name, f in FIELDS.items() if not f.metadata["run_only"]))
 
 
+def _comma_list(text: str) -> list:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -228,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+        kind = {"int": int, "float": float, "list": _comma_list}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
         parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
                             help=f"{help_text} (default: {f.default})")
     return parser

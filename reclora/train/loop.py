@@ -138,6 +138,15 @@ def evaluate(model, samples, config, processes, desc) -> tuple[dict, np.ndarray]
     return dict(metrics, seconds=time.perf_counter() - start, samples=len(samples)), probs
 
 
+def _parameter_groups(model: RecLoRAModel, config: TrainConfig) -> list[dict]:
+    """One AdamW group, or two when --gate-lr gives the gates a learning rate of their own."""
+    gates = {id(p) for p in model.gate_parameters()} if config.gate_lr is not None else set()
+    groups = [{"params": [p for p in model.trainable_parameters() if id(p) not in gates]}]
+    if gates:
+        groups.append({"params": model.gate_parameters(), "lr": config.gate_lr})
+    return groups
+
+
 class Trainer:
     def __init__(self, model: RecLoRAModel, config: TrainConfig, train_samples: np.ndarray, valid_samples: np.ndarray,
                  processes: Processes, run: RunDirectory, log=print):
@@ -146,7 +155,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.parameters = model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss_module = _Loss(model)
         if processes.distributed:

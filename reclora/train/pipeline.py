@@ -205,7 +205,8 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
     )
     torch.manual_seed(config.seed)  # adapter and gate initialization
     return RecLoRAModel(config.method, dataset, llm, tokenizer, retriever, crm, inputs, adapters,
-                        config.max_prompt_length, gate_input=config.gate_input).to(device)
+                        config.max_prompt_length, gate_input=config.gate_input, loss=config.loss,
+                        rating_format=config.rating_format).to(device)
 
 
 def _retrieval_backend(config):

@@ -64,6 +64,9 @@ def test_training_reaches_adapters_and_gates_only(parts):
     assert any("gate_bank" in n for n in names) and any("lora_a" in n for n in names)
     assert all("lora" in n or "gate_bank" in n for n in names)
     assert all(p.grad is None for p in model.crm.parameters())
+    gates = {id(p) for p in model.gate_parameters()}
+    named = dict(model.named_parameters())
+    assert gates == {id(p) for n, p in named.items() if "gate_bank" in n}  # not the LLM's MLP gate_proj
 
 
 def test_lora_prompt_uses_recent_items(parts):
@@ -94,6 +97,7 @@ def test_user_embedding_gate_needs_no_crm(parts):
     model.loss(batch).backward()
     assert model.user_embedding.weight.grad.abs().sum() > 0
     assert any(p is model.user_embedding.weight for p in model.trainable_parameters())
+    assert any(p is model.user_embedding.weight for p in model.gate_parameters())
     with pytest.raises(ValueError, match="needs a trained crm"):
         RecLoRAModel("reclora", dataset, llm, tokenizer, retriever, adapter_config=config)
 

@@ -46,6 +46,18 @@ def test_ratings_and_other_domains(tokenizer):
     assert "Based on the books the user has read, deduce if the user will like the book ***Casino (1995)***" in message
 
 
+def test_ratings_out_of_5(tokenizer):
+    builder = PromptBuilder(tokenizer, rating_format="out-of-5")
+    message = builder.user_message(sample(history=[("Dune", 3.5), ("Emma", 4.0)]))
+    assert "1. Dune: rated 3.5 of 5\n2. Emma: rated 4 of 5" in message
+    assert "Ratings go from 1 (disliked) to 5 (loved). You should ONLY tell me yes or no." in message
+    assert "stars" not in message
+    long = sample(history=HISTORY)  # the oldest lines are still the ones dropped to fit
+    assert len(PromptBuilder(tokenizer, max_length=120, rating_format="out-of-5").token_ids([long])[0]) <= 120
+    with pytest.raises(ValueError, match="rating_format must be one of"):
+        PromptBuilder(tokenizer, rating_format="emoji")
+
+
 def test_render_uses_the_chat_template(tokenizer):
     builder = PromptBuilder(tokenizer)
     text = builder.render(sample())
@@ -120,6 +132,20 @@ def test_loss_is_the_answer_tokens_cross_entropy_over_the_vocabulary():
     assert readout.answer_ids(torch.tensor([True, False])).tolist() == [7, 3]
     loss.backward()
     assert logits.grad[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].gt(0).all()  # every wrong token is pushed down
+
+
+def test_yes_no_loss_is_the_binary_cross_entropy_of_the_scored_probability():
+    readout = YesNoReadout(yes_id=7, no_id=3)
+    logits = torch.randn(4, 11, requires_grad=True)
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    loss = readout.loss(logits, labels, "yes-no")
+    probability = readout.yes_probability(logits)
+    torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy(probability, labels))
+    torch.testing.assert_close(readout.loss(logits, labels, "both"), loss + readout.loss(logits, labels))
+    loss.backward()
+    assert logits.grad[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].eq(0).all()  # only the two answer logits are trained
+    with pytest.raises(ValueError, match="kind must be one of"):
+        readout.loss(logits, labels, "mse")
 
 
 def test_end_to_end_scores_are_deterministic_in_eval_and_padding_free(tokenizer):

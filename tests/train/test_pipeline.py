@@ -151,6 +151,42 @@ def test_gradient_checkpointing_and_accumulation_keep_the_result(tmp_path):
         assert other[key] == pytest.approx(plain[key], abs=1e-5), key
 
 
+def test_recipe_options_reach_the_model(tmp_path):
+    """--loss, --target-modules, --rating-format and --gate-lr: parsed, passed through, and trained with."""
+    config = config_from_args(["--method", "reclora", "--loss", "yes-no", "--target-modules", "q_proj, k_proj,o_proj",
+                               "--rating-format", "out-of-5", "--gate-lr", "0.01"])
+    assert config.target_modules == ["q_proj", "k_proj", "o_proj"] and config.gate_lr == 0.01
+    settings = dict(method="reclora", loss="both", target_modules=["q_proj", "v_proj", "down_proj"],
+                    rating_format="out-of-5", gate_lr=0.01, epochs=1, evals_per_epoch=1)
+    config = make_config(tiny_settings(tmp_path, **settings, out=str(tmp_path / "recipe")))
+    result = run(config, log=lambda line: None)
+    assert 0 <= result["auc"] <= 1 and result["config"]["loss"] == "both"
+    with pytest.raises(ConfigError, match="--gate-lr must be > 0"):
+        make_config(dict(gate_lr=0.0))
+
+
+def test_parameter_groups_give_the_gates_their_own_learning_rate():
+    from reclora.train.loop import _parameter_groups
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora = torch.nn.Linear(2, 2)
+            self.gate_bank = torch.nn.Linear(2, 2)
+
+        def trainable_parameters(self):
+            return list(self.parameters())
+
+        def gate_parameters(self):
+            return list(self.gate_bank.parameters())
+
+    model = Model()
+    assert len(_parameter_groups(model, make_config({}))) == 1
+    loras, gates = _parameter_groups(model, make_config(dict(gate_lr=0.05)))
+    assert loras["params"] == list(model.lora.parameters()) and "lr" not in loras
+    assert gates == {"params": list(model.gate_bank.parameters()), "lr": 0.05}
+
+
 def test_bf16_autocast_runs(tmp_path):
     result = run(make_config(tiny_settings(tmp_path, method="lora", bf16=True, epochs=1, evals_per_epoch=1,
                                            out=str(tmp_path / "bf16"))), log=lambda line: None)
