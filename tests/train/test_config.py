@@ -33,3 +33,14 @@ def test_a_value_outside_the_bound_is_named(name):
 def test_bounds_read_as_they_check():
     assert str(Bound(1)) == ">= 1" and str(Bound(0, low_open=True)) == "> 0" and str(Bound(0, high=1)) == "in [0, 1)"
     assert Bound(0, high=1).admits(0) and not Bound(0, high=1).admits(1) and not Bound(0, low_open=True).admits(0)
+
+
+def test_published_settings_load_and_hold_the_papers_values():
+    """configs/published.yaml: every key a known setting; the paper's ML-1M recipe (../shared/docs/RECLORA.md)."""
+    from reclora.train.config import config_from_args
+
+    config = config_from_args(["--config", "configs/published.yaml"])
+    expected = dict(method="reclora", num_loras=16, rank=8, lora_alpha=16.0, lora_dropout=0.0, temperature=5.0,
+                    mix="weight", gate_hidden=60, target_modules=["q_proj", "v_proj"], k_short=10, k_long=60,
+                    epochs=1, batch_size=256, lr=1e-3, weight_decay=0.0, loss="answer-ce", rating_format="stars")
+    assert {name: getattr(config, name) for name in expected} == expected
