@@ -182,7 +182,7 @@ struct Gather {
   __device__ int64_t row(int64_t b, int64_t pos) const {
     if (ids == nullptr) return b * length + pos;
     const int64_t r = ids[b * length + pos];
-    CUDA_KERNEL_ASSERT(r >= 0 && r < rows);
+    RECLORA_KERNEL_ASSERT(r >= 0 && r < rows);
     return r;
   }
 };
@@ -211,7 +211,7 @@ __device__ void stage_slots(const int64_t* index, const float* weight, float fac
   if (j < k) {
     const int64_t pos = index[j];
     if (pos >= 0) {
-      CUDA_KERNEL_ASSERT(pos < gather.length);
+      RECLORA_KERNEL_ASSERT(pos < gather.length);
       row = gather.row(b, pos);
       w = factor * weight[j];
     }
@@ -481,7 +481,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t pos = idx[j];
     float dot = 0.0f;
     if (pos >= 0) {
-      CUDA_KERNEL_ASSERT(pos < value_rows.length);
+      RECLORA_KERNEL_ASSERT(pos < value_rows.length);
       const scalar_t* v = values + value_rows.row(b, pos) * dim_v;
       for (int e = lane; e < dim_v; e += 32) dot = fmaf(static_cast<float>(gp[e]), static_cast<float>(v[e]), dot);
     }
