@@ -60,7 +60,10 @@ check-cuda: $(CUDA_VENV)/.installed
 	mkdir -p build/cuda
 	RECLORA_FORCE_CUDA=1 RECLORA_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=$${MAX_JOBS:-2} \
 		$(CUDA_PY) setup.py -q build_ext --build-temp build/cuda/tmp --build-lib build/cuda/lib \
-		>build/cuda/build.log 2>&1 || { cat build/cuda/build.log; exit 1; }
+		>build/cuda/build.log.new 2>&1 || { cat build/cuda/build.log.new; exit 1; }
+	# A build that compiled nothing keeps the last log: check-gpu-compile reads ptxas's spill counts there.
+	if grep -q "Compiling entry function" build/cuda/build.log.new || [ ! -f build/cuda/build.log ]; then \
+		mv build/cuda/build.log.new build/cuda/build.log; else rm build/cuda/build.log.new; fi
 	grep -c "Compiling entry function" build/cuda/build.log || true
 	$(CUDA_PY) scripts/check_cuda_build.py build/cuda/lib
 

@@ -42,7 +42,7 @@ struct TokenSamples {
   __device__ __forceinline__ int64_t operator()(int64_t m) const {
     const int64_t b = sample_index != nullptr ? sample_index[m] : m / tokens_per_sample;
     // The Python layer validated sample_index; an out-of-range row must stop here, not read past gate.
-    CUDA_KERNEL_ASSERT(b >= 0 && b < num_samples);
+    RECLORA_KERNEL_ASSERT(b >= 0 && b < num_samples);
     return b;
   }
 };

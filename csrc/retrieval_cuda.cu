@@ -182,7 +182,7 @@ struct Gather {
   __device__ int64_t row(int64_t b, int64_t pos) const {
     if (ids == nullptr) return b * length + pos;
     const int64_t r = ids[b * length + pos];
-    CUDA_KERNEL_ASSERT(r >= 0 && r < rows);
+    RECLORA_KERNEL_ASSERT(r >= 0 && r < rows);
     return r;
   }
 };
@@ -211,7 +211,7 @@ __device__ void stage_slots(const int64_t* index, const float* weight, float fac
   if (j < k) {
     const int64_t pos = index[j];
     if (pos >= 0) {
-      CUDA_KERNEL_ASSERT(pos < gather.length);
+      RECLORA_KERNEL_ASSERT(pos < gather.length);
       row = gather.row(b, pos);
       w = factor * weight[j];
     }
@@ -272,14 +272,25 @@ __device__ void scatter_rows(const int64_t* index, const float* weight, float fa
     stage_slots(index, weight, factor, gather, b, k, j0, sh);
     const int tile = min(kThreads, k - j0);
     if (contrib_rows != nullptr && tid < tile) contrib_rows[j0 + tid] = max(sh.row[tid], int64_t(0));
-    for (int64_t f = tid; f < int64_t(tile) * dim; f += kThreads) {
-      const int t = int(f / dim), e = int(f % dim);
+    if (dim == 0) continue;
+    // Thread tid takes the elements f = tid, tid + kThreads, ... of the (tile, dim) block, f = t * dim + e;
+    // (t, e) advance by (step_t, step_e) each time: no per-element division (a 64-bit one is a
+    // subroutine call, around which ptxas spilled registers).
+    const int step_t = kThreads / dim, step_e = kThreads % dim;
+    for (int t = tid / dim, e = tid % dim; t < tile;) {
       const int64_t row = sh.row[t];
       const float value = row >= 0 ? sh.weight[t] * static_cast<float>(src[e]) : 0.0f;
       if (contrib != nullptr) {
         contrib[int64_t(j0 + t) * dim + e] = value;
       } else if (row >= 0) {
         gpuAtomicAdd(dst + row * dim + e, static_cast<dst_t>(value));
+      }
+      t += step_t;
+      if (e >= dim - step_e) {  // e + step_e >= dim, without overflowing
+        e -= dim - step_e;
+        ++t;
+      } else {
+        e += step_e;
       }
     }
   }
@@ -481,7 +492,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t pos = idx[j];
     float dot = 0.0f;
     if (pos >= 0) {
-      CUDA_KERNEL_ASSERT(pos < value_rows.length);
+      RECLORA_KERNEL_ASSERT(pos < value_rows.length);
       const scalar_t* v = values + value_rows.row(b, pos) * dim_v;
       for (int e = lane; e < dim_v; e += 32) dot = fmaf(static_cast<float>(gp[e]), static_cast<float>(v[e]), dot);
     }

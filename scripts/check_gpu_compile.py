@@ -48,6 +48,9 @@ CUDA_DYNAMIC_SHARED = {
 }
 CUDA_THREADS = 256  # every CUDA kernel's block (kThreads)
 HOT_KERNELS = ("_matmul_kernel", "_chunk_topk_kernel", "score_select_kernel", "gate_loras_kernel")
+# The Triton kernels that take longest to compile (cold, 2 workers: about 4 s and 1.5 s a compilation,
+# the others under 1 s; "seconds" in build/gpu-compile.json).
+SLOW_KERNELS = ("_chunk_topk_kernel", "_matmul_kernel")
 
 
 def tool(name):
@@ -215,8 +218,10 @@ def compile_triton(job):
         cubin.flush()
         usage = resource_usage(cubin.name)
     (function, resources), = usage.items()
+    # Spills live in the stack frame: without one there are none, and ptxas need not run again.
+    spills = ptx_spills(compiled.asm["ptx"]) if resources["STACK"] + resources["LOCAL"] else 0
     result["seconds"] = round(time.perf_counter() - start, 2)
-    result.update(registers=resources["REG"], stack_bytes=resources["STACK"], spill_bytes=ptx_spills(compiled.asm["ptx"]),
+    result.update(registers=resources["REG"], stack_bytes=resources["STACK"], spill_bytes=spills,
                   shared_bytes=compiled.metadata.shared + resources["SHARED"])
     return judged(result)
 
@@ -371,6 +376,8 @@ def main(argv=None):
                     "constexprs": {str(k): v for k, v in job["constexprs"].items()}} for job in jobs],
                   sys.stdout, default=str)
         return
+    # The slowest compilations first, so that no worker is left alone with one at the end.
+    jobs.sort(key=lambda job: SLOW_KERNELS.index(job["name"]) if job["name"] in SLOW_KERNELS else len(SLOW_KERNELS))
     print(f"check_gpu_compile: {len(jobs)} Triton compilations (kernel x arch x specialization x config), "
           f"{args.jobs} at a time; cache {os.environ['TRITON_CACHE_DIR']}", flush=True)
     results = []

@@ -181,6 +181,22 @@ def test_large_k(backend, device, op):
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("table_rows", [None, 6])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rows_wider_than_a_block(backend, device, op, table_rows, deterministic):
+    """d = 300 and d_v = 257, past the CUDA kernels' 256 threads: a thread takes several elements of a
+    slot's row, and the next slot's start within its share (scatter_rows steps through rows and
+    elements without dividing)."""
+    inputs = make_inputs(3, 9, 300, table_rows=table_rows, dim_v=257, lengths=True)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_against_reference(op, inputs, 4, backend, device, torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 @given(
     batch=st.integers(1, 5),
     length=st.integers(0, 40),

@@ -157,6 +157,7 @@ T atomic_add(T* address, T value) {
 #undef CUDA_KERNEL_ASSERT
 #define CUDA_KERNEL_ASSERT(cond) \
   ((cond) ? void(0) : reclora_emu::kernel_assert_failed(#cond, RECLORA_EMU_SITE))
+#define RECLORA_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 
 template <typename T>

@@ -50,3 +50,20 @@ def test_missing_barrier_stops_threadsanitizer():
     run = sanitized_call("thread", "missing_barrier")
     assert run.returncode != 0
     assert "data race" in run.stderr and "missing_barrier_kernel" in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bad", ["table row", "position"])
+def test_device_assertion_stops_the_kernel(bad):
+    """The CUDA kernels' range checks (RECLORA_KERNEL_ASSERT) are still in the code: the Python layer
+    refuses bad ids first, so call the kernel directly with a selected id or index past its range."""
+    query, keys = torch.randn(2, 4), torch.randn(5, 4)  # a table of 5 rows; L = 3
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    index = torch.tensor([[0, 1], [2, -1]])
+    if bad == "table row":
+        ids[1, 2] = 5
+        failed = r"r >= 0 && r < rows"
+    else:
+        index[0, 1] = 3
+        failed = r"pos < gather.length"
+    with pytest.raises(RuntimeError, match=rf"retrieve_backward_kernel.*device-side assertion `{failed}`"):
+        kernels.load().retrieve_topk_backward(torch.ones(2, 2), query, keys, ids, index, 1.0)
