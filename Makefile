@@ -32,7 +32,7 @@ test: install cuda-emulation
 
 # The test-only CUDA emulation library (csrc/cuda_emulation/): csrc/*_cuda.cu compiled as C++ for
 # the CPU, plain and under AddressSanitizer and ThreadSanitizer. Never part of the package.
-EMULATION_SOURCES := $(wildcard csrc/*_cuda.cu csrc/cuda_platform.cuh csrc/cuda_emulation/* tests/cuda_emulation/broken_kernels.*)
+EMULATION_SOURCES := $(wildcard csrc/*_cuda.cu csrc/common.h csrc/cuda_platform.cuh csrc/cuda_emulation/* tests/cuda_emulation/broken_kernels.*)
 cuda-emulation: build/cuda_emulation/none/.built build/cuda_emulation/address/.built build/cuda_emulation/thread/.built
 
 build/cuda_emulation/%/.built: $(EMULATION_SOURCES) $(VENV)/.installed

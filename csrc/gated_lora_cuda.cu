@@ -18,6 +18,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "cuda_platform.cuh"  // last: the CUDA headers, or the CPU emulation (tests)
 
 #include <algorithm>
@@ -145,9 +146,7 @@ __global__ void sample_sums_kernel(
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+using reclora::ceil_div;
 
 // Blocks of a grid-stride launch over n items. Callers return early on M = 0 tokens, and K, r >= 1,
 // so every launch has n > 0.
@@ -240,7 +239,7 @@ at::Tensor mix_loras(const Problem& p, const at::Tensor& per_lora, const at::Ten
   at::Tensor mixed = at::empty({p.tokens, p.rank}, per_lora.options().dtype(at::toOpMathType(per_lora.scalar_type())));
   const int64_t n = p.tokens * p.rank;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, per_lora.scalar_type(), "mix_loras", [&] {
+  RECLORA_DISPATCH(per_lora.scalar_type(), "mix_loras", [&] {
     RECLORA_LAUNCH(mix_loras_kernel<scalar_t>, grid_blocks(n), kThreads, 0, stream)(
         per_lora.const_data_ptr<scalar_t>(), gate.const_data_ptr<float>(), p.token_samples, p.tokens, p.loras,
         p.rank, scale, mixed.mutable_data_ptr<at::opmath_type<scalar_t>>());
@@ -277,7 +276,7 @@ GatedFactors gate_loras(
   }
   const int64_t n = p.tokens * p.loras;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_all.scalar_type(), "gate_loras", [&] {
+  RECLORA_DISPATCH(u_all.scalar_type(), "gate_loras", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     RECLORA_LAUNCH(gate_loras_kernel<scalar_t>, grid_blocks(n), kThreads, 0, stream)(
         u_all.const_data_ptr<scalar_t>(), data_or_null<acc_t>(u_mixed), data_or_null<scalar_t>(h_all),
