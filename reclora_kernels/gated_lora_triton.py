@@ -13,16 +13,17 @@ extra cost, nothing per token is wider than K r, and every reduction is determin
 Kernels: one GEMM with a second accumulated product and bias in its epilogue (all products above), a
 row-wise mixing kernel and a per-sample segment sum for dgate.
 """
-import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from reclora_kernels._checks import KERNEL_DTYPES
+from reclora_kernels._triton_support import interpreter_enabled, on_device
+from reclora_kernels._triton_support import num_sms as _num_sms  # a module attribute: check_gpu_compile sets it
+
+_INTERPRET = interpreter_enabled()  # decided at import, as triton.jit decides between compiling and interpreting
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,13 +160,6 @@ def _matmul_kernel(
     c_ptrs = (c_ptr + split.to(tl.int64) * stride_cs
               + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device):
-    if device.type != "cuda":
-        return 8  # interpreted CPU runs: only steers _split_for
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _split_for(rows, cols, depth, device):
@@ -357,7 +351,7 @@ def _check(x, weight, bias, gate, lora_a, lora_b, sample_index, grad_out=None):
             raise ValueError(f"gated_lora_triton: {msg}")
 
     require(x.dim() == 2, f"x must be (M, d_in), got shape {tuple(x.shape)}")
-    require(x.dtype in _KERNEL_DTYPES, f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    require(x.dtype in KERNEL_DTYPES, f"x must be float32, float16 or bfloat16, got {x.dtype}")
     require(lora_a.dim() == 3 and lora_b.dim() == 3 and gate.dim() == 2, "gate must be 2-D, lora_a/b 3-D")
     num_samples, num_loras = gate.shape
     _, d_in = x.shape
@@ -396,22 +390,17 @@ def _factors(lora_a, lora_b):
     return lora_a.view(num_loras * rank, d_in), lora_b.transpose(1, 2).reshape(num_loras * rank, lora_b.shape[1])
 
 
-def _on_device(x):
-    """Triton launches on the current CUDA device; make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def gated_lora_forward(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix):
     """y = x W^T + bias + LoRA delta: (M, d_out) in x's dtype (see the module docstring)."""
     _check(x, weight, bias, gate, lora_a, lora_b, sample_index)
-    with _on_device(x):
+    with on_device(x):
         return _forward(x, weight, bias, gate, lora_a, lora_b, sample_index, float(scaling), output_mix)
 
 
 def gated_lora_backward(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
     """(grad_x, grad_gate float32, grad_lora_a, grad_lora_b); grad_x includes grad_out @ W given weight."""
     _check(x, weight, None, gate, lora_a, lora_b, sample_index, grad_out)
-    with _on_device(x):
+    with on_device(x):
         return _backward(grad_out, x, weight, gate, lora_a, lora_b, sample_index, float(scaling), output_mix)
 
 
