@@ -1,10 +1,10 @@
-// CPU kernels of reclora::gated_lora_forward / gated_lora_backward (schemas in registration.cpp,
-// semantics in reclora_kernels/gated_lora_reference.py).
+// CPU kernels of reclora::gated_lora_forward / gated_lora_backward (schemas in registration.cpp;
+// the algebra and its notation: reclora_kernels/gated_lora_reference.py).
 //
-// Both mixes run one token-tile pipeline on effective factors A_e (R, d_in) and B_e^T (R, d_out):
-//   weight mix: A_p and B_p^T of the token's sample (R = r), mixed once per call from the gate;
-//   output mix: the concatenated A_cat and B_cat^T (R = K r); the gate scales the K blocks of the
-//   rank-R activations of each token.
+// What differs from the other backends: both mixes run one token-tile pipeline on effective
+// factors A_e (R, d_in) and B_e^T (R, d_out), and for weight mix these are the sample's A_p and
+// B_p^T (R = r), mixed once per call from the gate, so a token's activations are r wide, not K r;
+// for output mix they are A_cat and B_cat^T (R = K r) and the gate scales the K blocks of U, H.
 // Tokens are grouped by sample (a counting sort when sample_index is given) and cut into pieces
 // of one sample, which threads share out. A piece goes through tiles of kTile tokens whose rows
 // of x and grad_out are read (and converted to float32) once, then stay in cache for three skinny

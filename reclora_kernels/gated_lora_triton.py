@@ -1,17 +1,11 @@
 """Triton kernels of the personalized LoRA (called by gated_lora.py; semantics in csrc/registration.cpp).
 
-Every LoRA term is a dense product with the meta-LoRAs concatenated, A_cat = lora_a as (K r, d_in)
-and Bt = lora_b as (K r, d_out), plus a mixing of K r numbers per token:
-  forward   U = x A_cat^T (M, K r) fp32;  V = s mix(U, g);  y = x W^T + bias + V Bt
-            mix, weight: u = sum_k g_k U_k, V_k = s g_k u;  output: V_k = s g_k U_k
-  backward  H = G Bt^T;  Z = s mix(H, g);  dx = G W + Z A_cat;  dA_cat = Z^T x;  dBt = V^T G
-            dgate[b, k] = sum over b's tokens of  (weight) <h, U_k> + s <H_k, u>, h = s sum_k g_k H_k
-                                                  (output) s <U_k, H_k>
-(the weight-mix gradients of the contract, with dA_p[b] = sum h x^T and dB_p[b] = s sum G u^T, expanded
-over tokens). Rows of one tile may thus belong to different samples (packed, unsorted tokens) at no
-extra cost, nothing per token is wider than K r, and every reduction is deterministic (no atomics).
-Kernels: one GEMM with a second accumulated product and bias in its epilogue (all products above), a
-row-wise mixing kernel and a per-sample segment sum for dgate.
+The algebra and its notation (U, H, V, Z over the concatenated meta-LoRAs) are in
+gated_lora_reference.py. Here: U is kept in float32; the products are one GEMM kernel with a
+second accumulated product and bias in its epilogue (y = x W^T + bias + V B_cat^T,
+dx = G W + Z A_cat), a row-wise mixing kernel (V, Z from U, H) and a per-sample segment sum for
+dgate. Rows of one tile may belong to different samples (packed, unsorted tokens) at no extra
+cost, and every reduction is deterministic (no atomics).
 """
 import functools
 
