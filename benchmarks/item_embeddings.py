@@ -9,8 +9,8 @@ is cut into --parts contiguous parts and each part is embedded by the baseline, 
 that a shared machine's changing load falls on both alike:
   baseline  the causal LM's full forward with output_hidden_states=True (every layer's hidden
             states kept, the vocabulary projection of every token computed), batches in catalogue
-            order: what reclora.retrieval did before.
-  ours      reclora.retrieval.llm_embeddings: the transformer body only, batches sorted by length.
+            order: what reclora.item_embeddings did before.
+  ours      reclora.item_embeddings.llm_embeddings: the transformer body only, batches sorted by length.
 Reported: seconds, items per second, the speed-up, and the largest difference between the two.
 Catalogues: MovieLens 100K (1,682 movies: the dataset's own items, as the trainer embeds them) and
 MovieLens 1M (3,883 movies from movies.dat alone: its ratings are not needed), under --data-root;
@@ -29,7 +29,7 @@ from benchmarks.environment import describe
 from reclora.data import load_dataset, read_table
 from reclora.data.tables import item_table
 from reclora.llm import SMOLLM2, load_llm, position_ids
-from reclora.retrieval import item_sentences, llm_embeddings
+from reclora.item_embeddings import item_sentences, llm_embeddings
 from reclora.train.outputs import write_json
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")

@@ -41,7 +41,8 @@ from reclora.data import load_dataset
 from reclora.llm import SMOLLM2
 from reclora.prompt import PromptBuilder
 from reclora.readout import YesNoReadout
-from reclora.retrieval import LongShortRetriever, bow_embeddings, item_sentences
+from reclora.item_embeddings import bow_embeddings, item_sentences
+from reclora.retriever import LongShortRetriever
 
 LENGTHS = [10, 30, 100, 300, 1000, 3000, 10000]
 K_LONG, K_SHORT = 60, 10

@@ -25,7 +25,7 @@ from reclora.data import RecDataset
 from reclora.llm import position_ids
 from reclora.prompt import PromptBuilder, PromptInput, describe_user
 from reclora.readout import YesNoReadout
-from reclora.retrieval import LongShortRetriever
+from reclora.retriever import LongShortRetriever
 
 METHODS = ("reclora", "lora", "rella", "zero-shot")
 GATE_INPUTS = ("crm", "user-embedding", "uniform")

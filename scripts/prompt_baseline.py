@@ -17,7 +17,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reclora.llm import load_llm  # noqa: E402
 from reclora.metrics import auc  # noqa: E402
-from reclora.retrieval import STRATEGIES, LongShortRetriever, item_embeddings  # noqa: E402
+from reclora.item_embeddings import item_embeddings  # noqa: E402
+from reclora.retriever import STRATEGIES, LongShortRetriever  # noqa: E402
 from reclora.train import make_config  # noqa: E402
 from reclora.train.pipeline import cache_path, load_run_dataset, subsets  # noqa: E402
 

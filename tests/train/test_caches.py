@@ -10,7 +10,7 @@ import pytest
 from reclora.data import load_dataset
 from reclora.files import NoSpaceLeft
 from reclora.llm import TINY_LLAMA, atomic_directory, load_tokenizer, smollm2_available, smollm2_gguf_path
-from reclora.retrieval import item_embeddings
+from reclora.item_embeddings import item_embeddings
 from reclora.train import make_config
 from reclora.train.pipeline import build_model
 from tests.train.helpers import ROOT, cli_env, tiny_settings, train_command, write_yaml
