@@ -23,12 +23,11 @@ from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm.features import CrmInputs
 from reclora.data import RecDataset
 from reclora.llm import position_ids
+from reclora.methods import GATE_INPUTS, LLM_METHODS, method
 from reclora.prompt import PromptBuilder, PromptInput, describe_user
 from reclora.readout import YesNoReadout
 from reclora.retriever import LongShortRetriever
 
-METHODS = ("reclora", "lora", "rella", "zero-shot")
-GATE_INPUTS = ("crm", "user-embedding", "uniform")
 
 
 class RecLoRAModel(nn.Module):
@@ -46,28 +45,27 @@ class RecLoRAModel(nn.Module):
         rating_format: how the prompt writes a rating, one of reclora.prompt.RATING_FORMATS.
         """
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        row = _llm_method(method)
         if gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
-        uses_crm = method == "reclora" and gate_input == "crm"
+        uses_crm = row.needs_crm(gate_input)
         if uses_crm and (crm is None or crm_inputs is None):
-            raise ValueError("method 'reclora' needs a trained crm and its crm_inputs (or gate_input='user-embedding')")
-        self.method, self.dataset, self.retriever, self.crm_inputs = method, dataset, retriever, crm_inputs
-        self.gate_input, self.loss_kind = gate_input, loss
+            raise ValueError(f"method {row.name!r} needs a trained crm and its crm_inputs (or gate_input='user-embedding')")
+        self.method, self.dataset, self.retriever, self.crm_inputs = row.name, dataset, retriever, crm_inputs
+        self.row, self.gate_input, self.loss_kind = row, gate_input, loss
         self.crm = crm.eval().requires_grad_(False) if uses_crm else None
         self.user_embedding = None
-        if method == "zero-shot":
+        if not row.tuned:
             llm.requires_grad_(False)
             self.llm = llm
         else:
             config = adapter_config or AdapterConfig()
-            if method != "reclora":
+            if not row.gated:
                 config = dataclasses.replace(config, num_loras=1, gated=False)
             elif gate_input == "uniform":
                 config = dataclasses.replace(config, uniform_gate=True)
             self.llm = PersonalizedLLM(llm, config)
-            if method == "reclora" and gate_input == "user-embedding":
+            if row.gated and gate_input == "user-embedding":
                 self.user_embedding = nn.Embedding(dataset.n_users, config.gate_input_dim, device=llm.device)
         self.prompts = PromptBuilder(tokenizer, max_length=max_prompt_length, rating_format=rating_format)
         self.readout = YesNoReadout.from_tokenizer(tokenizer)
@@ -117,7 +115,7 @@ class RecLoRAModel(nn.Module):
             embedded = self.user_embedding(torch.where(known, users, 0))
             # A user added after training (cold start, at inference) reads the mean user.
             return torch.where(known[:, None], embedded, self.user_embedding.weight.mean(0))
-        if self.method == "reclora" and self.gate_input == "uniform":
+        if self.row.gated and self.gate_input == "uniform":
             return torch.zeros(batch["input_ids"].shape[0], 0, device=self.device)
         return None
 
@@ -135,7 +133,7 @@ class RecLoRAModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         """Next-token logits at the answer position: (B, V)."""
-        if self.method == "zero-shot":
+        if not self.row.tuned:
             mask = batch["attention_mask"]
             out = self.llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
                            logits_to_keep=1, use_cache=False)
@@ -160,3 +158,9 @@ class RecLoRAModel(nn.Module):
 
 def _is_gate_parameter(name: str) -> bool:
     return "gate_bank." in name or name.startswith("user_embedding.")
+
+
+def _llm_method(name: str):
+    if name not in LLM_METHODS:
+        raise ValueError(f"method must be one of {list(LLM_METHODS)}, got {name!r}")
+    return method(name)

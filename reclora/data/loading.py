@@ -13,7 +13,7 @@ from reclora.data.dataset import RecDataset
 from reclora.data.generic import CsvSource
 from reclora.data.movielens import MovieLens1M, MovieLens100K, MovieLensCsv, MovieLensLatest
 from reclora.data.preprocess import PreprocessConfig, preprocess
-from reclora.data.source import DataSource
+from reclora.data.source import DataSource, DirectorySource
 from reclora.data.synthetic import SyntheticSource
 
 SOURCES = {
@@ -64,16 +64,26 @@ def load_dataset(
 
 def make_source(name: str, data_dir: Optional[os.PathLike] = None, **options) -> DataSource:
     """The `DataSource` for a dataset name (see `load_dataset`)."""
+    directory = data_directory(name, data_dir)
+    source = SOURCES[name]
+    return source(**options) if directory is None else source(directory, **options)
+
+
+def data_directory(name: str, data_dir: Optional[os.PathLike] = None) -> Optional[Path]:
+    """Where a dataset's files lie: data_dir, else $RECLORA_DATA_DIR/<name>; None for generated data.
+
+    Raises ValueError when the dataset reads files and neither says where, or when generated
+    data is given a directory.
+    """
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(SOURCES)}")
-    source = SOURCES[name]
-    if source is SyntheticSource:
+    if not issubclass(SOURCES[name], DirectorySource):
         if data_dir is not None:
-            raise ValueError("the synthetic dataset is generated: it takes no data_dir")
-        return source(**options)
-    if data_dir is None:
-        root = os.environ.get("RECLORA_DATA_DIR")
-        if not root:
-            raise ValueError(f"{name}: pass data_dir (the directory with its files) or set RECLORA_DATA_DIR")
-        data_dir = Path(root) / name
-    return source(Path(data_dir), **options)
+            raise ValueError(f"the {name} dataset is generated: it takes no data_dir")
+        return None
+    if data_dir is not None:
+        return Path(data_dir)
+    root = os.environ.get("RECLORA_DATA_DIR")
+    if not root:
+        raise ValueError(f"{name}: pass data_dir (--data-dir: the directory with its files) or set RECLORA_DATA_DIR")
+    return Path(root) / name

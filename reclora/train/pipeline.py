@@ -26,7 +26,6 @@ from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import Trainer, data_conflict, evaluate, run_identity, settings_conflict
 from reclora.train.outputs import RunDirectory, RunInUse, write_json
 
-TUNED_METHODS = ("reclora", "lora", "rella")
 GAUC_WEIGHTING = "mean of per-user AUCs weighted by each user's number of evaluated samples (users with both labels)"
 
 
@@ -35,7 +34,7 @@ def subsets(config: TrainConfig, dataset) -> dict:
 
     Methods that tune no LLM get the whole training split (the CRM trains on all of it).
     """
-    sizes = {"train": config.train_size if config.method in TUNED_METHODS else 0,
+    sizes = {"train": config.train_size if config.method_row.tuned else 0,
              "valid": config.eval_size if config.valid_size is None else config.valid_size, "test": config.eval_size}
     out = {}
     for offset, (split, size) in enumerate(sizes.items()):
@@ -59,8 +58,6 @@ def subsets(config: TrainConfig, dataset) -> dict:
 def run(config: TrainConfig, log=None) -> dict:
     """Runs the pipeline config describes (see reclora.train.config) and returns results.json's content."""
     config = dataclasses.replace(config).validate()
-    if not config.is_llm_method:
-        config.crm = config.method
     processes = distributed.start(config.device)
     try:
         return _run(config, processes, log or _logger(processes))
@@ -125,7 +122,7 @@ def _run_locked(config: TrainConfig, processes, run_dir: RunDirectory, log) -> d
 
     crm = inputs = crm_info = None
     stage = time.perf_counter()
-    if not config.is_llm_method or (config.method == "reclora" and config.gate_input == "crm"):
+    if config.needs_crm:
         crm, inputs, crm_info = prepare_crm(config, dataset, run_dir.crm, processes, log)
     seconds["crm"] = time.perf_counter() - stage
 
@@ -161,7 +158,7 @@ def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, sec
     model = build_model(config, dataset, crm, inputs, processes.device)
     seconds["model"] = time.perf_counter() - stage
     results = {"trainable_parameters": sum(p.numel() for p in model.trainable_parameters())}
-    if config.method != "zero-shot":
+    if config.method_row.tuned:
         trainer = Trainer(model, config, parts["train"], parts["valid"], processes, run_dir, log)
         if checkpoint is not None:
             trainer.restore(checkpoint)
@@ -238,10 +235,14 @@ def _crm_results(config, crm, inputs, parts, crm_info, processes, run_dir, log, 
 def _run_facts(config, dataset, parts, processes, crm_info, seconds, total) -> dict:
     import transformers
 
-    train_size = dataset.split_sizes["train"] if not config.is_llm_method else len(parts["train"])
+    # what was trained on: a CRM alone, the whole split; an LLM, its subset, or nothing when untuned
+    if not config.is_llm_method:
+        train_size = dataset.split_sizes["train"]
+    else:
+        train_size = len(parts["train"]) if config.method_row.tuned else 0
     return {
         "method": config.method, "dataset": config.dataset, "llm": config.llm if config.is_llm_method else "",
-        "seed": config.seed, "eval_seed": config.eval_seed, "train_size": 0 if config.method == "zero-shot" else train_size,
+        "seed": config.seed, "eval_seed": config.eval_seed, "train_size": train_size,
         "valid_size": len(parts["valid"]), "test_size": len(parts["test"]),
         "gauc_weighting": GAUC_WEIGHTING,
         "train_seconds": seconds.get("train", 0.0), "eval_seconds": seconds.get("eval", 0.0),

@@ -67,7 +67,7 @@ def test_runs_without_gates_are_refused(tmp_path, capsys):
     out = tmp_path / "lora"
     run(make_config(tiny_settings(tmp_path, method="lora", out=str(out), epochs=1)), log=lambda line: None)
     assert main([str(out)]) == 2
-    assert "only reclora has gates" in capsys.readouterr().err
+    assert "only gated methods (reclora) have gates" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "config.json" in capsys.readouterr().err
 

@@ -120,7 +120,8 @@ def test_command_line_wins_over_yaml(tmp_path):
     ({"lora_dropout": 1.0}, "--lora-dropout"),
     ({"resume": True, "overwrite": True}, "contradict"),
 ])
-def test_bad_settings_are_named(settings, message):
+def test_bad_settings_are_named(settings, message, monkeypatch):
+    monkeypatch.delenv("RECLORA_DATA_DIR", raising=False)
     with pytest.raises(ConfigError, match=message):
         make_config(settings)
 
