@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.environment import describe
 from reclora.llm import SMOLLM2, load_llm, position_ids
-from reclora.train.outputs import write_json
+from reclora.files import write_json
 
 
 def padded(body, prompts):

@@ -35,7 +35,7 @@ from reclora.llm import load_llm, position_ids
 from reclora.train.distributed import Processes
 from reclora.train.loop import autocast
 from reclora.train.loop import predict as trainer_predict
-from reclora.train.outputs import write_json
+from reclora.files import write_json
 
 
 def _timed(fn, device):

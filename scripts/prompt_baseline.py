@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reclora.files import cache_folder  # noqa: E402
 from reclora.llm import load_llm  # noqa: E402
 from reclora.metrics import auc  # noqa: E402
 from reclora.item_embeddings import item_embeddings  # noqa: E402
 from reclora.retriever import STRATEGIES, LongShortRetriever  # noqa: E402
 from reclora.train import make_config  # noqa: E402
-from reclora.train.pipeline import cache_path, load_run_dataset, subsets  # noqa: E402
+from reclora.train.pipeline import load_run_dataset, subsets  # noqa: E402
 
 
 def prompt_baseline(config) -> dict:
@@ -30,7 +31,7 @@ def prompt_baseline(config) -> dict:
     if config.embedder == "llm":
         llm, tokenizer = load_llm(config.llm, device="cpu", cache_dir=config.cache_dir)
     embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
-                                 cache_dir=cache_path(config, "embeddings"), progress=False)
+                                 cache_dir=cache_folder("embeddings", config.cache_dir), progress=False)
     labels = dataset.samples.label[test]
     out = {"test_size": len(test), "eval_seed": config.eval_seed, "k_short": config.k_short}
     for strategy in STRATEGIES:

@@ -8,13 +8,14 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from reclora.data.cache import cache_entry_name, default_cache_dir, load_cached_dataset, save_dataset
+from reclora.data.cache import cache_entry_name, load_cached_dataset, save_dataset
 from reclora.data.dataset import RecDataset
 from reclora.data.generic import CsvSource
 from reclora.data.movielens import MovieLens1M, MovieLens100K, MovieLensCsv, MovieLensLatest
 from reclora.data.preprocess import PreprocessConfig, preprocess
 from reclora.data.source import DataSource, DirectorySource
 from reclora.data.synthetic import SyntheticSource
+from reclora.files import cache_folder
 
 SOURCES = {
     source.name: source
@@ -41,8 +42,8 @@ def load_dataset(
         (a MovieLens directory as GroupLens distributes it) or "csv" (see `CsvSource`).
     data_dir: the directory holding the files; default $RECLORA_DATA_DIR/<name>.
     label_threshold, min_history, train_fraction, valid_fraction: see preprocess.py.
-    cache, cache_dir: reuse processed arrays from `cache_dir` (default `default_cache_dir()`:
-        ~/.cache/reclora/datasets); the key covers the source files and every parameter.
+    cache, cache_dir: reuse processed arrays from `cache_dir` (default: the `datasets` folder of
+        reclora.files.default_cache_dir()); the key covers the source files and every parameter.
     options: the source's own options, e.g. n_users / seed for synthetic, column names for csv.
     """
     source = make_source(name, data_dir, **options)
@@ -50,7 +51,8 @@ def load_dataset(
     files = source.files()  # raises first, naming every missing file
     if not cache:
         return preprocess(source.read(progress), config)
-    entry = Path(cache_dir if cache_dir is not None else default_cache_dir()) / cache_entry_name(source, files, config)
+    folder = Path(cache_dir) if cache_dir is not None else cache_folder("datasets")
+    entry = folder / cache_entry_name(source, files, config)
     if entry.exists():
         try:
             return load_cached_dataset(entry)

@@ -152,7 +152,8 @@ class TrainConfig:
     checkpoint_every: int = _option(50, "optimizer steps between checkpoints (one is also written after each "
                                     "validation)", bound=AT_LEAST_1, run_only=True)
     cache_dir: Optional[str] = _option(None, "cache for datasets, embeddings, converted models and trained CRMs "
-                                       "(default: $RECLORA_CACHE_DIR or ~/.cache/reclora)", run_only=True)
+                                       "(default: $RECLORA_CACHE_DIR, $XDG_CACHE_HOME/reclora or ~/.cache/reclora)",
+                                       run_only=True)
     progress: bool = _option(True, "progress bars (tqdm on a terminal; in a log file or a pipe, a line every 10%%)",
                              run_only=True)
 

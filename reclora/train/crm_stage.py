@@ -18,11 +18,9 @@ from reclora.crm import build_crm, history_slots
 from reclora.crm.features import CrmInputs
 from reclora.crm.train import CrmTrainConfig, train_crm
 from reclora.data import RecDataset
-from reclora.files import file_digest
-from reclora.llm import atomic_directory, default_cache_dir
+from reclora.files import atomic_directory, cache_folder, file_digest, save_torch, write_json
 from reclora.train.config import TrainConfig
 from reclora.train.distributed import Processes
-from reclora.train.outputs import save_torch, write_json
 
 CRM_SETTINGS = ("crm", "crm_search", "crm_epochs", "crm_batch_size", "crm_lr", "crm_embed_dim", "crm_hidden",
                 "crm_dropout", "k_long", "seed")
@@ -45,7 +43,7 @@ def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, pro
     """Returns (crm in eval mode on the device, its CrmInputs, info: key, cached, train_seconds, metrics)."""
     inputs = crm_inputs(config, dataset)
     key = crm_key(config, dataset)
-    cache = Path(config.cache_dir or default_cache_dir()) / "crms" / key
+    cache = cache_folder("crms", config.cache_dir) / key
     found = next((d for d in (run_crm_dir, cache) if _holds(d, key, log)), None)
     if found is None and processes.is_main:
         _train_and_save(config, inputs, key, [run_crm_dir, cache], processes.device, log)

@@ -28,7 +28,8 @@ from reclora.train import distributed
 from reclora.train.config import make_config
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import load_trainable_state
-from reclora.train.outputs import RunDirectory, write_json
+from reclora.files import write_json
+from reclora.train.outputs import RunDirectory
 from reclora.train.pipeline import build_model, load_run_dataset, subsets
 
 STATISTICS = ("entropy", "top", "spread", "usage")

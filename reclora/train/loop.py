@@ -29,7 +29,8 @@ from reclora.model import RecLoRAModel
 from reclora.progress import progress_bar
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.distributed import Processes
-from reclora.train.outputs import RunDirectory, save_torch
+from reclora.files import save_torch
+from reclora.train.outputs import RunDirectory
 
 # Raise it when a checkpoint's content changes meaning: older checkpoints are then refused by name.
 CHECKPOINT_FORMAT = 2

@@ -42,14 +42,6 @@ class UnreadableFile(ConfigError):
     """A file of an earlier run that cannot be used: truncated, corrupt or not what it should be."""
 
 
-def write_json(path, value) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2, default=str) + "\n"))
-
-
-def save_torch(path, state) -> None:
-    atomic_write(path, lambda f: torch.save(state, f), mode="wb")
-
-
 class RunDirectory:
     def __init__(self, path):
         self.path = Path(path)

@@ -15,7 +15,8 @@ from reclora.adapters import AdapterConfig
 from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.data import load_dataset
-from reclora.llm import TINY_LLAMA, default_cache_dir, load_llm
+from reclora.files import cache_folder, write_json
+from reclora.llm import TINY_LLAMA, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.item_embeddings import item_embeddings
@@ -24,7 +25,7 @@ from reclora.train import distributed
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import Trainer, data_conflict, evaluate, run_identity, settings_conflict
-from reclora.train.outputs import RunDirectory, RunInUse, write_json
+from reclora.train.outputs import RunDirectory, RunInUse
 
 GAUC_WEIGHTING = "mean of per-user AUCs weighted by each user's number of evaluated samples (users with both labels)"
 
@@ -187,7 +188,7 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
     # tiny-llama's weights are drawn from the seed: its embeddings are cached per seed
     model_name = f"{config.llm} seed {config.seed}" if config.llm == TINY_LLAMA else config.llm
     embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=model_name,
-                                 cache_dir=cache_path(config, "embeddings"), device=device, progress=config.progress)
+                                 cache_dir=cache_folder("embeddings", config.cache_dir), device=device, progress=config.progress)
     retriever = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, config.history_strategy,
                                    backend=_retrieval_backend(config))
     if config.grad_checkpointing:
@@ -267,12 +268,7 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def cache_path(config, name):
-    """config's cache directory for one kind of artefact ("datasets", "embeddings", ...)."""
-    return os.path.join(config.cache_dir or default_cache_dir(), name)
-
-
 def load_run_dataset(config: TrainConfig, progress: bool = False):
     """The dataset config names, through the cache."""
-    return load_dataset(config.dataset, config.data_dir, cache_dir=cache_path(config, "datasets"), progress=progress,
+    return load_dataset(config.dataset, config.data_dir, cache_dir=cache_folder("datasets", config.cache_dir), progress=progress,
                         **config.dataset_options)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from reclora.data import load_dataset
-from reclora.files import NoSpaceLeft
-from reclora.llm import TINY_LLAMA, atomic_directory, load_tokenizer, smollm2_available, smollm2_gguf_path
+from reclora.files import NoSpaceLeft, atomic_directory
+from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, smollm2_gguf_path
 from reclora.item_embeddings import item_embeddings
 from reclora.train import make_config
 from reclora.train.pipeline import build_model
