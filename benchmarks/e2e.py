@@ -44,7 +44,7 @@ from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
-from reclora.llm import load_llm, load_tokenizer, position_ids, SMOLLM2
+from reclora.llm import SMOLLM2, last_token_logits, load_llm, load_tokenizer
 from reclora.prompt import PromptBuilder, PromptInput
 from reclora.readout import YesNoReadout
 
@@ -94,26 +94,6 @@ def history_prompt(dataset, items, ratings, target) -> PromptInput:
     return PromptInput([(titles[int(i)], float(r)) for i, r in zip(items, ratings)], titles[int(target)])
 
 
-def encode_exact(builder: PromptBuilder, prompts, length):
-    """Left-padded (B, length) batch: each prompt cut to at most length tokens (oldest history first;
-    when even no history does not fit, the prompt's last tokens)."""
-    ids = builder._tokenize([builder.render(p) for p in prompts])
-    fitted = []
-    for prompt, row in zip(prompts, ids):
-        if len(row) > length:
-            try:
-                row = builder._fit(prompt, row)
-            except ValueError:
-                row = row[-length:]
-        fitted.append(row)
-    input_ids = torch.full((len(fitted), length), builder.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(fitted), length), dtype=torch.long)
-    for r, row in enumerate(fitted):
-        input_ids[r, length - len(row):] = torch.tensor(row)
-        mask[r, length - len(row):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
-
-
 def make_batch(dataset, tokenizer, crm_inputs, batch_size, seq_len, device, seed=0):
     """Prompts of about seq_len tokens for batch_size training samples, their labels and CRM batch."""
     rng = np.random.default_rng(seed)
@@ -123,7 +103,7 @@ def make_batch(dataset, tokenizer, crm_inputs, batch_size, seq_len, device, seed
     for s in samples:
         items, ratings = synthetic_history(dataset, rng, seq_len // 6 + 10)  # more lines than fit
         prompts.append(history_prompt(dataset, items, ratings, dataset.samples.item[s]))
-    batch = {k: v.to(device) for k, v in encode_exact(builder, prompts, seq_len).items()}
+    batch = {k: v.to(device) for k, v in builder.encode(prompts, pad_to=seq_len, overflow="cut").items()}
     batch["label"] = torch.from_numpy(dataset.samples.label[samples].astype(np.float32)).to(device)
     batch["crm"] = crm_inputs.batch(samples, device)
     return batch
@@ -171,10 +151,7 @@ class Config:
 
 def _base_forward(llm):
     def forward(batch):
-        mask = batch["attention_mask"]
-        out = llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                  logits_to_keep=1, use_cache=False)
-        return out.logits[:, -1]
+        return last_token_logits(llm, batch["input_ids"], batch["attention_mask"])
     return forward
 
 

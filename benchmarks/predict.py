@@ -31,7 +31,7 @@ from benchmarks.environment import describe
 from benchmarks.memory import peak_bytes
 from benchmarks.published_reclora import PublishedRecLoRA
 from reclora import Recommender
-from reclora.llm import load_llm, position_ids
+from reclora.llm import last_token_logits, load_llm
 from reclora.train.distributed import Processes
 from reclora.train.loop import autocast
 from reclora.train.loop import predict as trainer_predict
@@ -98,9 +98,7 @@ def _peft_forward(recommender):
             theirs.lora_B["default"].weight.copy_(ours.lora_b[0])
 
     def forward(batch):
-        mask = batch["attention_mask"]
-        return peft_model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                          logits_to_keep=1, use_cache=False).logits[:, -1]
+        return last_token_logits(peft_model, batch["input_ids"], batch["attention_mask"])
     return forward
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from reclora.llm import position_ids
+from reclora.llm import last_token_logits
 
 
 class PublishedGate(nn.Module):
@@ -98,14 +98,7 @@ class PublishedRecLoRA(nn.Module):
         for gate, lora in zip(self.gates, self.loras):  # one gate module per slot, in Python
             lora.alpha = gate(features)
         try:
-            out = self.llm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
-                logits_to_keep=1,
-                use_cache=False,
-            )
-            return out.logits[:, -1]
+            return last_token_logits(self.llm, input_ids, attention_mask)
         finally:
             for lora in self.loras:
                 lora.alpha = None

@@ -27,7 +27,7 @@ from torch import nn
 
 import reclora_kernels
 from reclora.files import atomic_directory
-from reclora.llm import position_ids
+from reclora.llm import last_token_logits
 from reclora_kernels.gated_lora import MIX_MODES
 
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
@@ -279,17 +279,10 @@ class PersonalizedLLM(nn.Module):
             raise ValueError(
                 "gate_features (B, gate_input_dim) are required for gated adapters and refused for vanilla LoRA"
             )
-        llm_inputs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            logits_to_keep=1,  # the vocabulary projection of the other positions is never needed
-            use_cache=False,
-        )
         if self.gate_context is not None:
             self.gate_context.alpha = self.gate_bank(gate_features)
         try:
-            return self.llm(**llm_inputs).logits[:, -1]
+            return last_token_logits(self.llm, input_ids, attention_mask)
         finally:
             # The model does not keep the batch's graph alive, except under gradient
             # checkpointing: the backward pass reruns the layers, which read alpha again.

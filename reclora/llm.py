@@ -152,7 +152,15 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def last_token_logits(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at the last position, (B, V), of a causal LM over left-padded prompts.
 
+    Only the last position goes through the vocabulary projection; positions count real tokens
+    only (position_ids), so a padded row computes what it would alone.
+    """
+    out = llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+              logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1]
 
 
 def smollm2_available() -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm.features import CrmInputs
 from reclora.data import RecDataset
-from reclora.llm import position_ids
+from reclora.llm import last_token_logits
 from reclora.methods import GATE_INPUTS, LLM_METHODS, method
 from reclora.prompt import PromptBuilder, PromptInput, describe_user
 from reclora.readout import YesNoReadout
@@ -134,10 +134,7 @@ class RecLoRAModel(nn.Module):
     def forward(self, batch) -> torch.Tensor:
         """Next-token logits at the answer position: (B, V)."""
         if not self.row.tuned:
-            mask = batch["attention_mask"]
-            out = self.llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                           logits_to_keep=1, use_cache=False)
-            return out.logits[:, -1]
+            return last_token_logits(self.llm, batch["input_ids"], batch["attention_mask"])
         return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=self.gate_features(batch))
 
     def yes_probability(self, batch) -> torch.Tensor:
