@@ -5,7 +5,6 @@ Writes gpu-<card>-<date>.json (timings at quantiles 0.5/0.2/0.8, ratios, TFLOP/s
 beside the card's peak) and gpu-scaling-<card>-<date>.png.
 """
 import argparse
-import json
 import os
 import re
 
@@ -14,10 +13,11 @@ import triton.testing
 
 import reclora_kernels as rk
 from benchmarks import baselines, bench_gated_lora, bench_retrieval
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
 from benchmarks.memory import peak_bytes
-from benchmarks.run import RESULTS, plot_scaling
+from benchmarks.run import plot_scaling
 from benchmarks.shapes import LORA_7B, LORA_SMOLLM2, RETRIEVAL_GPU, SCALING, lora_inputs
+from reclora.files import write_json
 
 # Where the benchmarks run, and the attention scaling study's sizes; tests/test_gpu_check.py runs the
 # whole entry point on CPU with small stand-ins for these and for the timer.
@@ -198,8 +198,7 @@ def main(argv=None):
         result["topk_target_attention_scaling"] = {"batch": SCALING_BATCH, "backend": backends[0], "rows": rows,
                                                    "plot": os.path.basename(png)}
     path = os.path.join(args.out, f"gpu-{card}-{env['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(path, result)
     print(f"wrote {path}")
     return result
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.e2e import stats, timed_ms
+from benchmarks.timing import stats, timed_ms
 
 FLOAT = 4
 GEMM_SIZE = 2048

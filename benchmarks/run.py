@@ -22,13 +22,13 @@ import time
 import torch
 
 from benchmarks import bench_gated_lora, bench_retrieval, roofline
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
 from benchmarks.memory import peak_bytes
 from benchmarks.shapes import RETRIEVAL_CPU
+from reclora.files import write_json
 from reclora_kernels import cpu_features
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 # What a CPU without the wider levels would run, for PyTorch's libraries as for ours.
 LIBRARY_CAPS = {
     "avx512": {},
@@ -77,14 +77,6 @@ def run_path(level, rounds, warmup):
         subprocess.run(cmd, check=True, cwd=os.path.dirname(HERE), env=env)
         with open(out) as f:
             return json.load(f)
-
-
-def write_json(path, data):
-    """Atomically: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def cpu_slug():

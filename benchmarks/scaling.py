@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 import reclora_kernels as rk
-from benchmarks.e2e import DTYPES, RECLORA, RESULTS, build_llm, history_prompt, stats, synthetic_history, timed_ms
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
+from benchmarks.timing import stats, timed_ms
+from benchmarks.workload import DTYPES, RECLORA, build_llm, history_prompt, synthetic_history
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
