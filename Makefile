@@ -82,7 +82,7 @@ train: install
 	$(PY) -m reclora.train --config configs/make-train.yaml --method sim --out $(TRAIN_RUNS)/sim --overwrite
 	$(PY) -m reclora.train --config configs/make-train.yaml --method reclora --out $(TRAIN_RUNS)/reclora --overwrite
 	$(PY) -m reclora.train --config configs/make-train.yaml --method lora --out $(TRAIN_RUNS)/lora --overwrite
-	$(PY) -m reclora.train.report $(TRAIN_RUNS)
+	$(PY) -m reclora.analysis.report $(TRAIN_RUNS)
 
 clean:
 	rm -rf build reclora_kernels/_C*.so *.egg-info

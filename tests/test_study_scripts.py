@@ -1,28 +1,23 @@
-"""The study scripts: summarize_study.py on a hand-made study directory (intervals, seed verdicts,
-ablations, plot), prompt_baseline.py on a tiny synthetic dataset."""
-import importlib.util
+"""The study commands: reclora.analysis.study on a hand-made study directory (intervals, seed
+verdicts, ablations, plot), reclora.analysis.prompt_baseline on a tiny synthetic dataset."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from reclora.analysis import prompt_baseline
+from reclora.analysis import study as summarize_study_module
 from reclora.metrics import auc
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_study.py"
 N = 400
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def summarize_study():
-    return load_script(SCRIPT)
+    return summarize_study_module
 
 
 def write_run(root: Path, name: str, method: str, quality: float, seed=0, train_size=2000, samples=None):
@@ -127,12 +122,19 @@ def test_rank_correlation_with_sim(summarize_study, tmp_path):
 
 
 def test_prompt_baseline_scores_both_prompt_histories(tmp_path):
-    module = load_script(SCRIPT.parent / "prompt_baseline.py")
     from reclora.train import make_config
     from tests.train.helpers import tiny_settings
 
     config = make_config(tiny_settings(tmp_path, method="lora", eval_size=0))  # the whole test split
-    result = module.prompt_baseline(config)
+    result = prompt_baseline.prompt_baseline(config)
     assert result["test_size"] > 100 and result["k_short"] == 3
     for strategy in ("recent", "semantic"):
         assert 0 <= result[strategy]["mean_rating_auc"] <= 1 and 0 <= result[strategy]["positive_share_auc"] <= 1
+
+
+def test_the_old_report_command_still_answers(tmp_path):
+    (tmp_path / "results.csv").write_text("method,auc,out\nlora,0.61,runs/a\nlora,0.65,runs/a\n")
+    done = subprocess.run([sys.executable, "-m", "reclora.train.report", str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "| lora |" in done.stdout and "0.6500" in done.stdout
+    assert "python -m reclora.analysis.report now" in done.stderr

@@ -1,4 +1,4 @@
-"""reclora.train.gates: the gate statistics, on hand-made alphas and on tiny trained runs."""
+"""reclora.analysis.gates: the gate statistics, on hand-made alphas and on tiny trained runs."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from reclora.llm import smollm2_available
 from reclora.train import make_config, run
-from reclora.train.gates import STATISTICS, analyze, gate_statistics, main
+from reclora.analysis.gates import STATISTICS, analyze, gate_statistics, main
 from tests.train.helpers import tiny_settings
 
 

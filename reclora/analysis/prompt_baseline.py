@@ -5,23 +5,21 @@ rating of those items (and by their share rated >= 4) needs no training; it is t
 reading the prompt should clear. Both prompt histories are scored: "recent" (lora) and
 "semantic" (rella, reclora), on the same seeded test subset as the trainer's runs.
 
-  python scripts/prompt_baseline.py --data-dir ../shared/data/ml-100k --eval-size 3000 --json docs/results/ml100k-prompt-baseline.json
+  python -m reclora.analysis.prompt_baseline --data-dir ../shared/data/ml-100k --eval-size 3000 --json docs/results/ml100k-prompt-baseline.json
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reclora.files import cache_folder  # noqa: E402
-from reclora.llm import load_llm  # noqa: E402
-from reclora.metrics import auc  # noqa: E402
-from reclora.item_embeddings import item_embeddings  # noqa: E402
-from reclora.retriever import STRATEGIES, LongShortRetriever  # noqa: E402
-from reclora.train import make_config  # noqa: E402
-from reclora.train.pipeline import load_run_dataset, subsets  # noqa: E402
+from reclora.files import cache_folder, write_json
+from reclora.item_embeddings import item_embeddings
+from reclora.llm import load_llm
+from reclora.metrics import auc
+from reclora.retriever import STRATEGIES, LongShortRetriever
+from reclora.train import make_config
+from reclora.train.pipeline import load_run_dataset, subsets
 
 
 def prompt_baseline(config) -> dict:
@@ -59,8 +57,7 @@ def main(argv=None) -> int:
         print(f"{strategy:>8} prompt: AUC of the mean rating {result[strategy]['mean_rating_auc']:.4f}, "
               f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

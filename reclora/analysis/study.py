@@ -7,13 +7,13 @@ For reclora against each other method: the mean AUC difference, its paired boots
 Each attempt-* run over seeds (attempt-NAME-seedS) against the CRMs, the same way.
 For each ablation-* and attempt-* run: its AUC minus reclora's at the same seed (its -seedS suffix,
 else seed 0: the same training and test samples), paired bootstrap interval. For each run with a
-gates.json (python -m reclora.train.gates): the trained gates' statistics. For each run, the rank
+gates.json (python -m reclora.analysis.gates): the trained gates' statistics. For each run, the rank
 correlation of its predictions with SIM's.
 The Few2Many curve (table and plot): test AUC against the training-subset size for lora and reclora
 at seed 0 (the curve-* runs and METHOD-seed0), with the mean and spread over seeds at the main
 runs' size, the CRMs as lines.
 
-  python scripts/summarize_study.py runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
+  python -m reclora.analysis.study runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
 """
 import argparse
 import json
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reclora.crm import KINDS  # noqa: E402
-from reclora.metrics import auc  # noqa: E402
-from reclora.train.gates import STATISTICS as GATE_STATISTICS  # noqa: E402
+from reclora.analysis.gates import STATISTICS as GATE_STATISTICS
+from reclora.crm import KINDS
+from reclora.files import write_json
+from reclora.metrics import auc
 
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
@@ -277,8 +277,7 @@ def main(argv=None) -> int:
     summary["gates"] = gates(args.directory, runs)
     print(markdown(summary))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
     if args.plot and summary["few2many"]["seed0"]:
         plot(summary["few2many"], args.plot)
     return 0
