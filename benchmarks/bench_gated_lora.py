@@ -6,8 +6,7 @@ timer) at each ISA path of the CPU and writes the ratios to benchmarks/results/.
 import torch
 
 import reclora_kernels as rk
-from benchmarks import baselines
-from benchmarks import shapes
+from benchmarks import baselines, shapes
 from benchmarks.shapes import LORA_SMOLLM2, SCALING, lora_inputs
 
 PASSES = ["forward", "forward+backward"]

@@ -5,8 +5,7 @@
 import torch
 
 import reclora_kernels as rk
-from benchmarks import baselines
-from benchmarks import shapes
+from benchmarks import baselines, shapes
 from benchmarks.shapes import RETRIEVAL_CPU, retrieval_inputs
 
 PASSES = ["forward", "forward+backward"]

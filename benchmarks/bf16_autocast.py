@@ -17,9 +17,9 @@ from benchmarks.environment import RESULTS, describe
 from benchmarks.roofline import interleaved
 from benchmarks.run import cpu_slug
 from benchmarks.workload import DTYPES, build_configs, build_crm_for, build_llm, make_batch
+from reclora.data import load_dataset
 from reclora.files import write_json
 from reclora.llm import SMOLLM2
-from reclora.data import load_dataset
 
 PRECISIONS = ("float32", "bf16_autocast")
 

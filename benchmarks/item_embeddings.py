@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from benchmarks.environment import describe
 from reclora.data import load_dataset, read_table
 from reclora.data.tables import item_table
-from reclora.llm import SMOLLM2, load_llm, position_ids
-from reclora.item_embeddings import item_sentences, llm_embeddings
 from reclora.files import write_json
+from reclora.item_embeddings import item_sentences, llm_embeddings
+from reclora.llm import SMOLLM2, load_llm, position_ids
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 CATALOGUES = ("ml-100k", "ml-1m")

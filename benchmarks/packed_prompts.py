@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from benchmarks.environment import describe
-from reclora.llm import SMOLLM2, load_llm, position_ids
 from reclora.files import write_json
+from reclora.llm import SMOLLM2, load_llm, position_ids
 
 
 def padded(body, prompts):

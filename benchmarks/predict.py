@@ -21,6 +21,7 @@ not depend on how well the adapters were trained: a small run is enough.
 """
 import argparse
 import copy
+import functools
 import statistics
 import time
 
@@ -31,11 +32,11 @@ from benchmarks.environment import describe
 from benchmarks.memory import peak_bytes
 from benchmarks.published_reclora import PublishedRecLoRA
 from reclora import Recommender
+from reclora.files import write_json
 from reclora.llm import last_token_logits, load_llm
 from reclora.train.distributed import Processes
 from reclora.train.loop import autocast
 from reclora.train.loop import predict as trainer_predict
-from reclora.files import write_json
 
 
 def _timed(fn, device):
@@ -120,7 +121,7 @@ def measure(recommender, samples, baseline_name, baseline_forward, rounds) -> di
     seconds, peaks, scores = {name: [] for name in paths}, {name: [] for name in paths}, {}
     for _ in range(rounds):  # every path once per round: a shared machine's drift falls on all alike
         for name, path in paths.items():
-            elapsed, peak, scores[name] = _timed(lambda: path(samples), recommender.device)
+            elapsed, peak, scores[name] = _timed(functools.partial(path, samples), recommender.device)
             seconds[name].append(elapsed)
             peaks[name].append(peak)
     rows = {name: {"seconds": statistics.median(seconds[name]), "all_seconds": seconds[name],

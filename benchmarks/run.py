@@ -11,6 +11,7 @@ cpu-scaling-<cpu>-<date>[-<N>thread].png (atomically).
 GPU (when visible): benchmarks/gpu.py with triton.testing.do_bench.
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -89,7 +90,8 @@ def retrieval_memory():
     result = {}
     for name, fn in bench_retrieval.implementations().items():
         bench_retrieval.step(fn, tensors, "forward+backward")  # warm-up: gradients exist from here on
-        peaks = sorted(peak_bytes(lambda: bench_retrieval.step(fn, tensors, "forward+backward"), "cpu") for _ in range(3))
+        step = functools.partial(bench_retrieval.step, fn, tensors, "forward+backward")
+        peaks = sorted(peak_bytes(step, "cpu") for _ in range(3))
         result[name] = peaks[1] / 2**20
     return {"peak_MiB": result, "composition / fused": result["composition"] / max(result["fused"], 1e-9)}
 
@@ -111,7 +113,7 @@ def retrieval_scaling(batch, lengths, repeats=3):
         tensors = bench_retrieval.prepare(shape)
         row = {"L": length}
         for name, fn in bench_retrieval.implementations().items():
-            step = lambda: bench_retrieval.step(fn, tensors, "forward+backward")
+            step = functools.partial(bench_retrieval.step, fn, tensors, "forward+backward")
             step()
             row[f"{name}_ms"] = median_ms(step, repeats)
         rows.append(row)
@@ -145,8 +147,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per group (medians; at least 25)")
     parser.add_argument("--warmup", type=int, default=3)
     levels = cpu_features.isa_levels()
-    parser.add_argument("--isa", nargs="+", choices=cpu_features.ISA_LEVELS, default=[l for l in levels if l != "baseline"],
-                        help=f"ISA paths to measure (default: {' '.join(l for l in levels if l != 'baseline')})")
+    parser.add_argument("--isa", nargs="+", choices=cpu_features.ISA_LEVELS, default=[v for v in levels if v != "baseline"],
+                        help=f"ISA paths to measure (default: {' '.join(v for v in levels if v != 'baseline')})")
     parser.add_argument("--scaling-batch", type=int, default=32)
     parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[512 * 2**i for i in range(8)])
     parser.add_argument("--no-scaling", action="store_true", help="skip the memory and scaling study")

@@ -23,6 +23,7 @@ measured, none extrapolated; the JSON records the count. Reported: the median ti
 (step time / B).
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -39,10 +40,10 @@ from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
+from reclora.item_embeddings import bow_embeddings, item_sentences
 from reclora.llm import SMOLLM2
 from reclora.prompt import PromptBuilder
 from reclora.readout import YesNoReadout
-from reclora.item_embeddings import bow_embeddings, item_sentences
 from reclora.retriever import LongShortRetriever
 
 LENGTHS = [10, 30, 100, 300, 1000, 3000, 10000]
@@ -157,9 +158,9 @@ def run(args):
         # (a) and (b) alternate step by step
         times = {"a": [], "b": []}
         fns = {"a": study.step_prompt, "b": study.step_long_short} if run_a else {"b": study.step_long_short}
-        for name, fn in fns.items():
+        for fn in fns.values():
             for _ in range(args.warmup):
-                if timed_ms(lambda: fn(items, ratings), study.device) > 5000:
+                if timed_ms(functools.partial(fn, items, ratings), study.device) > 5000:
                     break
         study.history_ms = {"a": [], "b": []}
         for i in range(args.steps):  # (b) takes every step; (a) while its time budget lasts (at least one)
@@ -167,7 +168,7 @@ def run(args):
                 spent = sum(times[name]) / 1e3
                 if times[name] and spent * (i + 1) / i > args.max_seconds:
                     continue
-                times[name].append(timed_ms(lambda: fn(items, ratings), study.device))
+                times[name].append(timed_ms(functools.partial(fn, items, ratings), study.device))
         if run_a:
             row["a_ms_per_sample"] = stats(times["a"])["median_ms"] / study.batch_size
             row["a"] = stats(times["a"])

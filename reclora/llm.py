@@ -16,9 +16,10 @@ import importlib.util
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 from huggingface_hub import constants as hub_constants

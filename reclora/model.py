@@ -29,7 +29,6 @@ from reclora.readout import YesNoReadout
 from reclora.retriever import LongShortRetriever
 
 
-
 class RecLoRAModel(nn.Module):
     def __init__(self, method, dataset: RecDataset, llm, tokenizer, retriever: LongShortRetriever,
                  crm=None, crm_inputs: CrmInputs = None, adapter_config: AdapterConfig = None, max_prompt_length=1024,

@@ -17,7 +17,8 @@ is the assistant's answer, "Yes" or "No" (reclora.readout). Prompts longer than 
 lose their oldest history items, never the question.
 """
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase

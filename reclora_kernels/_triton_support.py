@@ -15,7 +15,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device: torch.device) -> int:
     """The GPU's streaming multiprocessors; 8 for interpreted CPU runs (it only steers grid sizes)."""
     if device.type != "cuda":

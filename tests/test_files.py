@@ -21,10 +21,9 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "out"
     with atomic_directory(target) as staging:
         (staging / "a").write_text("first")
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target) as staging:
-            (staging / "a").write_text("half")
-            raise RuntimeError("failed while writing")
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "a").write_text("half")
+        raise RuntimeError("failed while writing")
     assert (target / "a").read_text() == "first"
     with atomic_directory(target, overwrite=False) as staging:
         (staging / "a").write_text("late duplicate")

@@ -80,7 +80,7 @@ def test_gpu_benchmarks_write_their_json_with_stand_ins(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu, "SCALING_BATCH", 2)
     monkeypatch.setattr(gpu, "SCALING_LENGTHS", [8, 16])
     result = gpu.main(["--out", str(tmp_path)])
-    written = json.load(open(tmp_path / "gpu-Stand-in-GPU-2026-01-01.json"))
+    written = json.loads((tmp_path / "gpu-Stand-in-GPU-2026-01-01.json").read_text())
     assert written["device"] == "cpu" and len(written["gated_lora"]) == 2 and len(written["topk_target_attention"]) == 2
     assert "fused_cpu" in result["gated_lora"][0]["timings"]["gated_lora_linear forward"]
     assert (tmp_path / "gpu-scaling-Stand-in-GPU-2026-01-01.png").exists()

@@ -32,7 +32,8 @@ def launched_kernels():
     """Every Triton kernel the two Triton modules define (@triton.jit functions named *_kernel)."""
     names = set()
     for module in ("gated_lora_triton", "retrieval_triton"):
-        source = open(os.path.join(ROOT, "reclora_kernels", f"{module}.py")).read()
+        with open(os.path.join(ROOT, "reclora_kernels", f"{module}.py")) as f:
+            source = f.read()
         names |= set(re.findall(r"@triton\.jit\ndef (\w+_kernel)\(", source))
     return names
 
@@ -67,7 +68,8 @@ def test_a_real_compile_reads_its_resources(tmp_path):
     run = run_script("--cuda-lib", "none", "--select", "_segment_sum_kernel sm_90", "--out", str(out), "--jobs", "1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "_segment_sum_kernel" in run.stdout and "Occupancy" in run.stdout
-    kernels = json.load(open(out))["kernels"]
+    with open(out) as f:
+        kernels = json.load(f)["kernels"]
     assert kernels and all(k["name"] == "_segment_sum_kernel" and k["arch"] == "sm_90" for k in kernels)
     for k in kernels:
         assert set(k) >= {"name", "backend", "arch", "config", "dtype", "registers", "spill_bytes", "shared_bytes", "ok", "reason"}

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reclora.files import write_json
 from reclora.train import distributed
 from reclora.train.config import make_config
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import load_trainable_state
-from reclora.files import write_json
 from reclora.train.outputs import RunDirectory
 from reclora.train.pipeline import build_model, load_run_dataset, subsets
 

@@ -221,8 +221,8 @@ def comparison_row(name: str, c: dict) -> str:
 def markdown(summary: dict) -> str:
     lines = ["| run | train | test | AUC [95% bootstrap] | LogLoss | accuracy | train s | train samples/s | eval s | "
              "eval samples/s | rank corr. with sim | device |", "|" + "---|" * 12]
-    rate = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
-    corr = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    rate = lambda v: "" if v is None else f"{v:.1f}"
+    corr = lambda v: "" if v is None else f"{v:.3f}"
     for name, r in summary["runs"].items():
         lo, hi = r["auc_95"]
         lines.append(f"| {name} | {r['train_size']} | {r['test_size']} | {r['auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
@@ -231,7 +231,7 @@ def markdown(summary: dict) -> str:
                      f"{rate(r['eval_samples_per_second'])} | {corr(r.get('rank_correlation_with_sim'))} | {r['device']} |")
     lines += ["", "| method | seeds | AUC mean ± sd | LogLoss mean ± sd |", "|---|---|---|---|"]
     for method, s in summary["over_seeds"].items():
-        sd = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        sd = lambda v: "n/a" if v is None else f"{v:.4f}"
         lines.append(f"| {method} | {len(s['runs'])} | {s['auc_mean']:.4f} ± {sd(s['auc_std'])} | "
                      f"{s['logloss_mean']:.4f} ± {sd(s['logloss_std'])} |")
     lines += ["", "| reclora vs | AUC difference | paired 95% interval | seed spread | larger than both |", "|---|---|---|---|---|"]

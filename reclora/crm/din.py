@@ -17,6 +17,7 @@ from torch import nn
 
 from reclora_kernels.retrieval_reference import valid_positions
 
+
 class DIN(nn.Module):
     # Blocks of embed_dim width beside the user fields in the MLP's input: [target; pooled history].
     readout_blocks = 2

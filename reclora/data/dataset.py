@@ -63,7 +63,7 @@ class Samples:
     timestamp: np.ndarray
 
     @classmethod
-    def at(cls, sequences: UserSequences, user: np.ndarray, history_length: np.ndarray) -> "Samples":
+    def at(cls, sequences: UserSequences, user: np.ndarray, history_length: np.ndarray) -> Samples:
         """The samples whose targets are interaction `history_length` of each `user`'s sequence."""
         target = sequences.offsets[user] + history_length
         return cls(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import gc
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Union
 
 import numpy as np
 

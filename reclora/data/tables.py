@@ -6,8 +6,9 @@ turns `RawDataset` into the sample arrays the models consume.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -60,11 +61,11 @@ class UserTable:
         return len(self.raw_ids)
 
     @classmethod
-    def without_attributes(cls, raw_ids: np.ndarray) -> "UserTable":
+    def without_attributes(cls, raw_ids: np.ndarray) -> UserTable:
         return cls.from_attributes(raw_ids, {})
 
     @classmethod
-    def from_attributes(cls, raw_ids: np.ndarray, attributes: Mapping[str, tuple]) -> "UserTable":
+    def from_attributes(cls, raw_ids: np.ndarray, attributes: Mapping[str, tuple]) -> UserTable:
         """attributes: name -> (values (U,), text) as taken by `encode_categories`."""
         encoded = [encode_categories(values, text) for values, text in attributes.values()]
         codes = np.zeros((len(raw_ids), len(encoded)), dtype=np.int64)

@@ -16,7 +16,8 @@ import dataclasses
 import os
 import threading
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ class Recommender:
 
     @classmethod
     def load(cls, run_dir, device=None, bf16: Optional[bool] = None, batch_size: Optional[int] = None,
-             data_dir=None, backend: Optional[str] = None, progress: bool = False) -> "Recommender":
+             data_dir=None, backend: Optional[str] = None, progress: bool = False) -> Recommender:
         """Restores the run in run_dir as its results.json reports it.
 
         device: "cpu", "cuda", ... (default: cuda when available). bf16: autocast as the run did

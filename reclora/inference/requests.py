@@ -13,7 +13,8 @@ sample's history). No timestamp: every known interaction of the user.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -16,11 +16,11 @@ import yaml
 from reclora.crm import KINDS as CRMS
 from reclora.crm.sim import SEARCH_MODES
 from reclora.data import SOURCES, data_directory
+from reclora.item_embeddings import EMBEDDERS
 from reclora.llm import SMOLLM2, TINY_LLAMA
 from reclora.methods import CRM_METHODS, GATE_INPUTS, METHODS, Method, describe_methods, method
 from reclora.prompt import RATING_FORMATS
 from reclora.readout import LOSSES
-from reclora.item_embeddings import EMBEDDERS
 from reclora.retriever import STRATEGIES
 from reclora_kernels import BACKENDS
 from reclora_kernels.cpu_features import warn_if_bf16_is_slow
@@ -187,7 +187,7 @@ class TrainConfig:
             return self.prompt_history
         return self.method_row.prompt_history
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:

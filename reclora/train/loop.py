@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from reclora.files import save_torch
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.progress import progress_bar
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.distributed import Processes
-from reclora.files import save_torch
 from reclora.train.outputs import RunDirectory
 
 # Raise it when a checkpoint's content changes meaning: older checkpoints are then refused by name.

@@ -16,10 +16,10 @@ from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.data import load_dataset
 from reclora.files import cache_folder, write_json
+from reclora.item_embeddings import item_embeddings
 from reclora.llm import TINY_LLAMA, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
-from reclora.item_embeddings import item_embeddings
 from reclora.retriever import LongShortRetriever
 from reclora.train import distributed
 from reclora.train.config import ConfigError, TrainConfig

@@ -123,9 +123,9 @@ def test_hard_search_keeps_only_shared_genres():
     mask = sim.search_mask(batch)
     target = sim.item_genres[batch["target_item"]]
     for b in range(6):
-        for l in range(9):
-            shared = bool((sim.item_genres[batch["history_items"][b, l]] * target[b]).sum() > 0)
-            assert bool(mask[b, l]) == shared
+        for position in range(9):
+            shared = bool((sim.item_genres[batch["history_items"][b, position]] * target[b]).sum() > 0)
+            assert bool(mask[b, position]) == shared
 
 
 @pytest.mark.parametrize("cls", [DIN, GRU4Rec, SASRec])

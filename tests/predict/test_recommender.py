@@ -99,7 +99,7 @@ def test_unknown_user_is_a_counted_cold_start(loaded, name):
         warnings.simplefilter("always")
         scores = recommender.score([10**9, 10**9 + 1, recommender.table.dataset.users.raw_ids[0]], [item] * 3)
     assert [str(w.message).split(" requests")[0] for w in caught] == ["2 of 3"]
-    assert np.isfinite(scores).all() and 0 <= scores.min() and scores.max() <= 1
+    assert np.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # two strangers look alike
 
 

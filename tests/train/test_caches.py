@@ -9,8 +9,8 @@ import pytest
 
 from reclora.data import load_dataset
 from reclora.files import NoSpaceLeft, atomic_directory
-from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, smollm2_gguf_path
 from reclora.item_embeddings import item_embeddings
+from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, smollm2_gguf_path
 from reclora.train import make_config
 from reclora.train.pipeline import build_model
 from tests.train.helpers import ROOT, cli_env, tiny_settings, train_command, write_yaml
@@ -86,7 +86,7 @@ def test_a_full_disk_in_a_converted_folder_is_named(tmp_path):
     def fill(staging):
         raise RuntimeError("unexpected pos 64") from OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(NoSpaceLeft, match=f"no space left on device while writing {tmp_path / 'model'}$"):
-        with atomic_directory(tmp_path / "model") as staging:
-            fill(staging)
+    with (pytest.raises(NoSpaceLeft, match=f"no space left on device while writing {tmp_path / 'model'}$"),
+          atomic_directory(tmp_path / "model") as staging):
+        fill(staging)
     assert list(tmp_path.iterdir()) == []

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from reclora.analysis.gates import STATISTICS, analyze, gate_statistics, main
 from reclora.llm import smollm2_available
 from reclora.train import make_config, run
-from reclora.analysis.gates import STATISTICS, analyze, gate_statistics, main
 from tests.train.helpers import tiny_settings
 
 
