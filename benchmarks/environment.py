@@ -1,5 +1,6 @@
 """What every results file records (machine, ISA path, versions, threads, load, date), and where
 results files go (RESULTS)."""
+
 import datetime
 import os
 import platform

@@ -12,6 +12,7 @@ for mix=output):
                        key rows, the ids, the query; backward adds the k selected rows, their
                        gradients and the dense (N, d) table gradient it must write
 """
+
 import statistics
 import time
 

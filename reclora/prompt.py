@@ -16,6 +16,7 @@ It is rendered with tokenizer.apply_chat_template(add_generation_prompt=True), s
 is the assistant's answer, "Yes" or "No" (reclora.readout). Prompts longer than max_length
 lose their oldest history items, never the question.
 """
+
 import dataclasses
 from collections.abc import Sequence
 from typing import Optional
@@ -61,8 +62,13 @@ def describe_user(gender: str, age: str, job: str) -> str:
 class PromptBuilder:
     """Renders PromptInputs into chat prompts and token ids no longer than max_length."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, domain: ItemDomain = MOVIES,
-                 rating_format: str = "stars"):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 1024,
+        domain: ItemDomain = MOVIES,
+        rating_format: str = "stars",
+    ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (reclora.llm.load_llm sets one)")
         if rating_format not in RATING_FORMATS:
@@ -122,8 +128,9 @@ class PromptBuilder:
             attention_mask[row, length - len(ids) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def encode(self, samples: Sequence[PromptInput], pad_to: Optional[int] = None,
-               overflow: str = "raise") -> dict[str, torch.Tensor]:
+    def encode(
+        self, samples: Sequence[PromptInput], pad_to: Optional[int] = None, overflow: str = "raise"
+    ) -> dict[str, torch.Tensor]:
         """A left-padded batch ready for the LLM: pad(token_ids(samples, overflow), pad_to)."""
         return self.pad(self.token_ids(samples, overflow), pad_to)
 
@@ -138,7 +145,9 @@ class PromptBuilder:
         by tokenizing the shortened prompt (numbering and merges across lines can shift the
         count by a token or two, in which case one more round drops more).
         """
-        history_lines = [self._history_line(k, title, rating) + "\n" for k, (title, rating) in enumerate(sample.history, 1)]
+        history_lines = [
+            self._history_line(k, title, rating) + "\n" for k, (title, rating) in enumerate(sample.history, 1)
+        ]
         line_lengths = [len(line_ids) for line_ids in self._tokenize(history_lines)] if history_lines else []
         num_history, full = len(sample.history), ids
         while len(ids) > self.max_length:
@@ -155,7 +164,6 @@ class PromptBuilder:
                 num_history -= 1
             ids = self._tokenize([self.render(sample, num_history)])[0]
         return ids
-
 
     def _history_line(self, number: int, title: str, rating: float) -> str:
         # :g writes 4.0 as 4, keeps 3.5

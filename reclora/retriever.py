@@ -6,6 +6,7 @@ reclora_kernels.retrieve_topk over the item-embedding table (gather fused, top k
 older item). The top K_long go to the CRM (ids), the top K_short to the LLM prompt (texts);
 both lists are returned in chronological order. strategy="recent" takes the last K instead.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,9 @@ class LongShortRetriever:
             raise ValueError(f"need 1 <= k_short <= k_long, got k_short={k_short}, k_long={k_long}")
         embeddings = torch.as_tensor(item_embeddings, dtype=torch.float32)
         if embeddings.shape[0] != dataset.n_items:
-            raise ValueError(f"item_embeddings must have {dataset.n_items} rows (one per item), got {tuple(embeddings.shape)}")
+            raise ValueError(
+                f"item_embeddings must have {dataset.n_items} rows (one per item), got {tuple(embeddings.shape)}"
+            )
         self.dataset = dataset
         self.table = torch.nn.functional.normalize(embeddings, dim=-1)
         self.k_long, self.k_short, self.strategy, self.backend = k_long, k_short, strategy, backend

@@ -6,6 +6,7 @@ Backends:
   triton  Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, for tests)
   cuda    CUDA C++ kernels in reclora_kernels._C (CUDA tensors)
 """
+
 import importlib.util
 
 from reclora_kernels import _native, cpu_features

@@ -3,6 +3,7 @@
 The interpreter switch, the SM count that sizes grids, and the device guard every launch needs.
 The dtypes the kernels take are reclora_kernels._checks.KERNEL_DTYPES.
 """
+
 import contextlib
 import functools
 import os

@@ -20,6 +20,7 @@ R = K r. The meta-LoRAs concatenated: A_cat = lora_a as (R, d_in), B_cat^T = lor
 Nothing per token is wider than R, and no per-sample (r, d) matrix is needed (the CPU backend
 forms A_p, B_p once per sample instead: its header says why).
 """
+
 import torch
 
 
@@ -52,4 +53,3 @@ def gated_lora_reference(x, gate, lora_a, lora_b, sample_ids, scaling: float, ou
         u_mixed = (g[:, :, None] * u).sum(1)  # A_p x_m
         v = g[:, :, None] * u_mixed[:, None, :]  # B_p u = sum_k g_k B_k u
     return scaling * (v.reshape(-1, num_loras * rank) @ b_cat.t())
-

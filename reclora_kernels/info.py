@@ -1,5 +1,6 @@
 """`python -m reclora_kernels.info`: versions, the CPU and its ISA path, and which backends can run
 here (and why not)."""
+
 import importlib
 import platform
 import sys

@@ -65,8 +65,19 @@ def _rows(ids, b, pos, found, L):
 
 @triton.jit
 def _finish(
-    top, b, k, L, Dv, ids, values, scores, index, probs, pooled,
-    K_PAD: tl.constexpr, BLOCK_DV: tl.constexpr,
+    top,
+    b,
+    k,
+    L,
+    Dv,
+    ids,
+    values,
+    scores,
+    index,
+    probs,
+    pooled,
+    K_PAD: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Writes row b's outputs from its ascending top list; values None: retrieval."""
     slot = K_PAD - 1 - tl.arange(0, K_PAD)
@@ -97,9 +108,28 @@ def _finish(
 
 @triton.jit
 def _chunk_topk_kernel(
-    query, keys, ids, lengths, mask, values, cand, scores, index, probs, pooled,
-    L, D, Dv, k, CHUNK, scale,
-    FINAL: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, D_UNROLL: tl.constexpr,
+    query,
+    keys,
+    ids,
+    lengths,
+    mask,
+    values,
+    cand,
+    scores,
+    index,
+    probs,
+    pooled,
+    L,
+    D,
+    Dv,
+    k,
+    CHUNK,
+    scale,
+    FINAL: tl.constexpr,
+    K_PAD: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_UNROLL: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -140,8 +170,19 @@ def _chunk_topk_kernel(
 
 @triton.jit
 def _merge_chunks_kernel(
-    cand, ids, values, scores, index, probs, pooled, L, Dv, k, C,
-    K_PAD: tl.constexpr, BLOCK_DV: tl.constexpr,
+    cand,
+    ids,
+    values,
+    scores,
+    index,
+    probs,
+    pooled,
+    L,
+    Dv,
+    k,
+    C,
+    K_PAD: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     # the chunk lists are ascending: read backwards, each is the descending side of a merge
@@ -175,9 +216,27 @@ def _scatter_rows(dst, rows, slots, found, cols, width, contrib, SCATTER: tl.con
 
 @triton.jit
 def _backward_kernel(
-    grad_scores, grad_pooled, probs, query, keys, values, ids, index,
-    grad_query, grad_keys, grad_values, slot_rows, L, D, Dv, k, scale,
-    SCATTER: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    grad_scores,
+    grad_pooled,
+    probs,
+    query,
+    keys,
+    values,
+    ids,
+    index,
+    grad_query,
+    grad_keys,
+    grad_values,
+    slot_rows,
+    L,
+    D,
+    Dv,
+    k,
+    scale,
+    SCATTER: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, K_PAD)
@@ -235,10 +294,7 @@ def _tile_configs(configs, named_args, **kwargs):
 
 if not _INTERPRET:
     _chunk_topk_kernel = triton.autotune(
-        configs=[
-            triton.Config({"TILE": tile}, num_warps=warps)
-            for tile, warps in _TILE_CONFIGS
-        ],
+        configs=[triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in _TILE_CONFIGS],
         key=["D", "Dv", "K_PAD", "FINAL"],
         prune_configs_by={"early_config_prune": _tile_configs},
     )(_chunk_topk_kernel)

@@ -4,6 +4,7 @@ Usage: python scripts/check_cuda_build.py BUILD_LIB_DIR
 Runs without a GPU: registration is checked through the dispatcher, nothing is launched.
 The op list comes from the schemas in csrc/registration.cpp, so a new op is covered at once.
 """
+
 import glob
 import os
 import re

@@ -1,4 +1,5 @@
 """Test setup: Triton kernels run interpreted on CPU; hypothesis sized for a 2-core CI."""
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or reclora_kernels import

@@ -1,4 +1,5 @@
 """reclora.files: the cache's location, and folders written whole."""
+
 import pytest
 
 from reclora.files import atomic_directory, cache_folder, default_cache_dir

@@ -13,6 +13,7 @@ adapted slots:
   usage    normalized entropy of the mean alpha: below 1 when some meta-LoRAs are used less.
 Writes RUN_DIR/gates.json as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,12 @@ def gate_statistics(alpha: torch.Tensor) -> dict:
     mean = alpha.mean(1)  # (S, K)
     spread = 0.5 * (alpha - mean[:, None, :]).abs().sum(-1)  # (S, N)
     usage = -(mean * mean.clamp_min(1e-30).log()).sum(-1) / log_k  # (S,)
-    per_slot = {"entropy": entropy.mean(1), "top": alpha.max(-1).values.mean(1), "spread": spread.mean(1), "usage": usage}
+    per_slot = {
+        "entropy": entropy.mean(1),
+        "top": alpha.max(-1).values.mean(1),
+        "spread": spread.mean(1),
+        "usage": usage,
+    }
     out = {name: float(values.mean()) for name, values in per_slot.items()}
     out["per_slot"] = {name: [round(float(v), 6) for v in values] for name, values in per_slot.items()}
     return out
@@ -69,7 +75,9 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
     if not config.method_row.gated:
         raise ValueError(f"{run_dir} is a {config.method!r} run: only gated methods (reclora) have gates")
     if not run.checkpoint.exists():
-        raise FileNotFoundError(f"{run.checkpoint} does not exist: the run has not trained (or its checkpoint was removed)")
+        raise FileNotFoundError(
+            f"{run.checkpoint} does not exist: the run has not trained (or its checkpoint was removed)"
+        )
     processes = distributed.start("cpu")
     try:
         dataset = load_run_dataset(config)
@@ -86,15 +94,24 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
         trained = gate_statistics(run_alpha(model, samples))
     finally:
         distributed.stop()
-    return {"run": str(run_dir), "samples": len(samples), "num_loras": config.num_loras,
-            "temperature": config.temperature, "gate_input": config.gate_input,
-            "optimizer_step": state["best_step"] if best else state["step"], "initial": initial, "trained": trained}
+    return {
+        "run": str(run_dir),
+        "samples": len(samples),
+        "num_loras": config.num_loras,
+        "temperature": config.temperature,
+        "gate_input": config.gate_input,
+        "optimizer_step": state["best_step"] if best else state["step"],
+        "initial": initial,
+        "trained": trained,
+    }
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['run']}: gates of K={report['num_loras']} (T={report['temperature']}, input "
-             f"{report['gate_input']}) over {report['samples']:,} test samples, step {report['optimizer_step']}",
-             "           " + "".join(f"{name:>10}" for name in STATISTICS)]
+    lines = [
+        f"{report['run']}: gates of K={report['num_loras']} (T={report['temperature']}, input "
+        f"{report['gate_input']}) over {report['samples']:,} test samples, step {report['optimizer_step']}",
+        "           " + "".join(f"{name:>10}" for name in STATISTICS),
+    ]
     for when in ("initial", "trained"):
         lines.append(f"{when:>10} " + "".join(f"{report[when][name]:>10.4f}" for name in STATISTICS))
     return "\n".join(lines)

@@ -7,6 +7,7 @@ reading the prompt should clear. Both prompt histories are scored: "recent" (lor
 
   python -m reclora.analysis.prompt_baseline --data-dir ../shared/data/ml-100k --eval-size 3000 --json docs/results/ml100k-prompt-baseline.json
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -28,15 +29,24 @@ def prompt_baseline(config) -> dict:
     llm = tokenizer = None
     if config.embedder == "llm":
         llm, tokenizer = load_llm(config.llm, device="cpu", cache_dir=config.cache_dir)
-    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
-                                 cache_dir=cache_folder("embeddings", config.cache_dir), progress=False)
+    embeddings = item_embeddings(
+        dataset,
+        config.embedder,
+        model=llm,
+        tokenizer=tokenizer,
+        model_name=config.llm,
+        cache_dir=cache_folder("embeddings", config.cache_dir),
+        progress=False,
+    )
     labels = dataset.samples.label[test]
     out = {"test_size": len(test), "eval_seed": config.eval_seed, "k_short": config.k_short}
     for strategy in STRATEGIES:
         short = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, strategy).retrieve(test).short
         ratings, lengths = short.ratings.numpy(), np.maximum(short.lengths.numpy(), 1)
-        out[strategy] = {"mean_rating_auc": auc(labels, ratings.sum(1) / lengths),
-                         "positive_share_auc": auc(labels, (ratings >= 4).sum(1) / lengths)}
+        out[strategy] = {
+            "mean_rating_auc": auc(labels, ratings.sum(1) / lengths),
+            "positive_share_auc": auc(labels, (ratings >= 4).sum(1) / lengths),
+        }
     return out
 
 
@@ -50,12 +60,23 @@ def main(argv=None) -> int:
     parser.add_argument("--embedder", default="llm")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
-    config = make_config(dict(method="lora", dataset=args.dataset, data_dir=args.data_dir, llm=args.llm,
-                              eval_size=args.eval_size, eval_seed=args.eval_seed, embedder=args.embedder))
+    config = make_config(
+        dict(
+            method="lora",
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            llm=args.llm,
+            eval_size=args.eval_size,
+            eval_seed=args.eval_seed,
+            embedder=args.embedder,
+        )
+    )
     result = prompt_baseline(config)
     for strategy in STRATEGIES:
-        print(f"{strategy:>8} prompt: AUC of the mean rating {result[strategy]['mean_rating_auc']:.4f}, "
-              f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)")
+        print(
+            f"{strategy:>8} prompt: AUC of the mean rating {result[strategy]['mean_rating_auc']:.4f}, "
+            f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)"
+        )
     if args.json:
         write_json(args.json, result)
     return 0

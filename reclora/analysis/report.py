@@ -2,15 +2,25 @@
 
 The latest row of each output directory is shown (a rerun replaces its earlier row).
 """
+
 import argparse
 import csv
 import sys
 from pathlib import Path
 
-COLUMNS = (("method", "method", "{}"), ("train_size", "train", "{}"), ("test_size", "test", "{}"),
-           ("auc", "AUC", "{:.4f}"), ("logloss", "LogLoss", "{:.4f}"), ("accuracy", "accuracy", "{:.4f}"),
-           ("gauc", "gAUC", "{:.4f}"), ("train_seconds", "train s", "{:.0f}"), ("eval_seconds", "eval s", "{:.0f}"),
-           ("train_samples_per_second", "train samples/s", "{:.2f}"), ("device", "device", "{}"))
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("train_size", "train", "{}"),
+    ("test_size", "test", "{}"),
+    ("auc", "AUC", "{:.4f}"),
+    ("logloss", "LogLoss", "{:.4f}"),
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("gauc", "gAUC", "{:.4f}"),
+    ("train_seconds", "train s", "{:.0f}"),
+    ("eval_seconds", "eval s", "{:.0f}"),
+    ("train_samples_per_second", "train samples/s", "{:.2f}"),
+    ("device", "device", "{}"),
+)
 
 
 def latest_rows(csv_path) -> list:

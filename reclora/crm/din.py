@@ -12,6 +12,7 @@ Batch (dict of tensors, B samples, L history slots):
   history_items, history_ratings: (B, L) int64 (rating codes in [1, num_ratings); padding anything)
   history_lengths: (B,) int64 valid prefix of the history slots
 """
+
 import torch
 from torch import nn
 

@@ -8,6 +8,7 @@
 
 See dataset.py for the layout of the arrays and preprocess.py for the sample and split rules.
 """
+
 from reclora.data.cache import load_cached_dataset, save_dataset
 from reclora.data.dataset import SPLITS, History, HistoryBatch, RecDataset, Samples, UserSequences
 from reclora.data.generic import CsvSource

@@ -5,6 +5,7 @@ its source files' names, sizes and modification times, the loader's options and 
 preprocessing parameters, so changing any of them builds a new entry. Entries are written to a
 temporary directory and renamed into place, so a reader never sees half of one.
 """
+
 from __future__ import annotations
 
 import dataclasses

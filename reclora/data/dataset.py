@@ -8,6 +8,7 @@ Layout (N interactions, U users, S samples, I items):
   precede it in that user's sequence.
 - splits: contiguous ranges of samples in the global order (train, then valid, then test).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """`load_dataset`: the one entry point from a dataset's name to a processed, cached `RecDataset`."""
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@
 4. The remaining samples are split in the global order: train = the first
    int(train_fraction * S), valid = the next int(valid_fraction * S), test = the rest.
 """
+
 from __future__ import annotations
 
 import dataclasses

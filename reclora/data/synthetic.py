@@ -11,6 +11,7 @@ It has what RecLoRA's two models can learn from:
 - rating = 1 + the number of cut points below taste . genres + quality + user bias + logistic
   noise; the cut points are set where MovieLens 100K's rating distribution puts them.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ Every loader maps the dataset's own ids to contiguous rows: item i is row i of `
 user u row u of `UserTable`, in ascending order of the raw ids. Preprocessing (preprocess.py)
 turns `RawDataset` into the sample arrays the models consume.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -137,9 +138,7 @@ def lookup_ids(catalog_ids: np.ndarray, table: Table, column: str, what: str) ->
     return rows.astype(np.int64)
 
 
-def encode_categories(
-    values: Sequence, text: Optional[Mapping | Callable] = None
-) -> tuple[np.ndarray, tuple]:
+def encode_categories(values: Sequence, text: Optional[Mapping | Callable] = None) -> tuple[np.ndarray, tuple]:
     """Categorical codes and their words for one attribute.
 
     values: (U,) raw values; codes follow their sorted order, starting at 1 (0 is "unknown";

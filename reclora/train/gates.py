@@ -1,4 +1,5 @@
 """`python -m reclora.train.gates` is now `python -m reclora.analysis.gates`: kept for old scripts."""
+
 import sys
 import warnings
 

@@ -1,4 +1,5 @@
 """reclora.llm: SmolLM2 from its GGUF (converted once, cached), the tiny LLaMA, local directories."""
+
 import time
 
 import pytest

@@ -1,4 +1,5 @@
 """reclora.prompt and reclora.readout with the SmolLM2 tokenizer; end to end on the tiny LLaMA."""
+
 import pytest
 import torch
 

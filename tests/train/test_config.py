@@ -1,4 +1,5 @@
 """The settings' rules live beside their help text, in each field's metadata: none can be forgotten."""
+
 import math
 import re
 
@@ -46,13 +47,22 @@ def test_the_choices_come_from_their_owners():
 
 
 def test_what_each_method_is_made_of():
-    made_of = {name: (m.llm, m.adapters, m.needs_crm("crm"), m.needs_crm("user-embedding"))
-               for name, m in METHODS.items()}
-    assert made_of == {"reclora": (True, "gated", True, False), "lora": (True, "shared", False, False),
-                       "rella": (True, "shared", False, False), "zero-shot": (True, None, False, False),
-                       **{crm: (False, None, True, True) for crm in CRMS}}
+    made_of = {
+        name: (m.llm, m.adapters, m.needs_crm("crm"), m.needs_crm("user-embedding")) for name, m in METHODS.items()
+    }
+    assert made_of == {
+        "reclora": (True, "gated", True, False),
+        "lora": (True, "shared", False, False),
+        "rella": (True, "shared", False, False),
+        "zero-shot": (True, None, False, False),
+        **{crm: (False, None, True, True) for crm in CRMS},
+    }
     assert {name: m.prompt_history for name, m in LLM_METHODS.items()} == {
-        "reclora": "semantic", "lora": "recent", "rella": "semantic", "zero-shot": "semantic"}
+        "reclora": "semantic",
+        "lora": "recent",
+        "rella": "semantic",
+        "zero-shot": "semantic",
+    }
     assert make_config({"method": "lora"}).history_strategy == "recent"
     assert make_config({"method": "lora", "prompt_history": "semantic"}).history_strategy == "semantic"
 

@@ -1,4 +1,5 @@
 """reclora.analysis.gates: the gate statistics, on hand-made alphas and on tiny trained runs."""
+
 import json
 import math
 
@@ -43,8 +44,10 @@ def test_one_meta_lora_is_always_fully_used():
 @pytest.mark.parametrize("gate_input", ["crm", "user-embedding"])
 def test_gates_of_a_trained_run(tmp_path, gate_input, capsys):
     out = tmp_path / "reclora"
-    run(make_config(tiny_settings(tmp_path, method="reclora", gate_input=gate_input, out=str(out), lr=0.05)),
-        log=lambda line: None)
+    run(
+        make_config(tiny_settings(tmp_path, method="reclora", gate_input=gate_input, out=str(out), lr=0.05)),
+        log=lambda line: None,
+    )
     report = analyze(out)
     assert report["samples"] == 16 and report["num_loras"] == 4 and report["gate_input"] == gate_input
     checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
