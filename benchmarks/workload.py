@@ -12,7 +12,7 @@ from benchmarks.published_reclora import PublishedRecLoRA
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
-from reclora.llm import SMOLLM2, last_token_logits, load_llm, load_tokenizer
+from reclora.llm import SMOLLM2, last_token_logits, load_llm, load_tokenizer, random_llama
 from reclora.prompt import PromptBuilder, PromptInput
 from reclora.readout import YesNoReadout
 
@@ -46,21 +46,8 @@ def build_llm(name, dtype, device, seed=0, tokenizer=None):
     """(llm, tokenizer). "llama-1b" and "smollm2-135m-random" are built with random weights directly on
     device, with SmolLM2's tokenizer, or the tokenizer directory given (e.g. where the GGUF is absent)."""
     if name in RANDOM_SHAPES:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         tokenizer = load_tokenizer(tokenizer or SMOLLM2)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **RANDOM_SHAPES[name],
-        )
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
-            llm = LlamaForCausalLM(config).to(dtype)
-        return llm.eval(), tokenizer
+        return random_llama(tokenizer, RANDOM_SHAPES[name], seed, device).to(dtype).eval(), tokenizer
     return load_llm(name, dtype=dtype, device=device, seed=seed)
 
 

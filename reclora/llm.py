@@ -140,7 +140,14 @@ def load_tokenizer(
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    """A random LLaMA of TINY_LLAMA_SHAPE over tokenizer's vocabulary, identical for equal seeds.
+    """A random LLaMA of TINY_LLAMA_SHAPE over tokenizer's vocabulary, identical for equal seeds."""
+    return random_llama(tokenizer, TINY_LLAMA_SHAPE, seed)
+
+
+def random_llama(
+    tokenizer: PreTrainedTokenizerBase, shape: dict, seed: int = 0, device: Union[str, torch.device] = "cpu"
+) -> LlamaForCausalLM:
+    """A LLaMA of shape (LlamaConfig's sizes) over tokenizer's vocabulary, its weights drawn from seed on device.
 
     The global RNG is left untouched (the seed applies inside a forked RNG state).
     """
@@ -150,9 +157,9 @@ def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCau
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA_SHAPE,
+        **shape,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
 

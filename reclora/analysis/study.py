@@ -29,7 +29,10 @@ from reclora.analysis.gates import STATISTICS as GATE_STATISTICS
 from reclora.crm import KINDS
 from reclora.files import write_json
 from reclora.metrics import auc
+from reclora.train.outputs import CSV_COLUMNS
 
+# A run's row: results.csv's columns but those the study shares (dataset, LLM) or names (out).
+RUN_COLUMNS = tuple(c for c in CSV_COLUMNS if c not in ("dataset", "llm", "out"))
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
 CRMS = KINDS  # the CRMs alone: one deterministic run each, on the whole training split
@@ -65,24 +68,7 @@ def summarize(runs: dict) -> dict:
     table = {}
     for name, (results, predictions) in runs.items():
         boot = bootstrap_aucs(predictions["label"], predictions["prob"])
-        table[name] = {
-            k: results.get(k)
-            for k in (
-                "method",
-                "seed",
-                "train_size",
-                "test_size",
-                "auc",
-                "logloss",
-                "accuracy",
-                "gauc",
-                "train_seconds",
-                "eval_seconds",
-                "train_samples_per_second",
-                "eval_samples_per_second",
-                "device",
-            )
-        }
+        table[name] = {k: results.get(k) for k in RUN_COLUMNS}
         table[name]["auc_95"] = interval(boot)
         if "sim" in runs and np.array_equal(predictions["sample"], runs["sim"][1]["sample"]):
             table[name]["rank_correlation_with_sim"] = rank_correlation(predictions["prob"], runs["sim"][1]["prob"])

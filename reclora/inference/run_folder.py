@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 import reclora_kernels
-from reclora.crm import build_crm
 from reclora.train.config import ConfigError, TrainConfig, make_config
-from reclora.train.crm_stage import INFO, WEIGHTS, crm_inputs, crm_key
+from reclora.train.crm_stage import INFO, WEIGHTS, crm_inputs, crm_key, new_crm
 from reclora.train.outputs import RunDirectory
 
 
@@ -102,15 +101,7 @@ class RunFolder(RunDirectory):
         if self._read_json(info).get("key") != crm_key(config, dataset):
             raise RunFolderError(f"{self.crm}: this CRM was trained on other data or settings than the run's")
         inputs = crm_inputs(config, dataset)
-        model = build_crm(
-            config.crm,
-            inputs,
-            config.crm_embed_dim,
-            config.crm_hidden,
-            config.k_long,
-            config.crm_search,
-            config.crm_dropout,
-        )
+        model = new_crm(config, inputs)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return model.to(device).eval().requires_grad_(False), inputs
 

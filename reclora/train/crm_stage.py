@@ -50,6 +50,19 @@ def crm_inputs(config: TrainConfig, dataset: RecDataset) -> CrmInputs:
     return CrmInputs(dataset, history_slots=history_slots(config.crm, config.k_long))
 
 
+def new_crm(config: TrainConfig, inputs: CrmInputs):
+    """The CRM config describes (--crm and its --crm-* settings), untrained."""
+    return build_crm(
+        config.crm,
+        inputs,
+        config.crm_embed_dim,
+        config.crm_hidden,
+        config.k_long,
+        config.crm_search,
+        config.crm_dropout,
+    )
+
+
 def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, processes: Processes, log=print):
     """Returns (crm in eval mode on the device, its CrmInputs, info: key, cached, train_seconds, metrics)."""
     inputs = crm_inputs(config, dataset)
@@ -66,15 +79,7 @@ def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, pro
         log(f"stage 1: the CRM ({config.crm}) trained before is in {found}")
         if found != run_crm_dir and processes.is_main:
             _copy(found, run_crm_dir)
-    model = build_crm(
-        config.crm,
-        inputs,
-        config.crm_embed_dim,
-        config.crm_hidden,
-        config.k_long,
-        config.crm_search,
-        config.crm_dropout,
-    )
+    model = new_crm(config, inputs)
     model.load_state_dict(torch.load(source / WEIGHTS, map_location="cpu", weights_only=True))
     return model.to(processes.device).eval(), inputs, info
 
@@ -104,15 +109,7 @@ def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directorie
         f"stage 1: training the CRM ({config.crm}) on the whole training split ({inputs.dataset.split_sizes['train']:,} samples)"
     )
     torch.manual_seed(config.seed)
-    model = build_crm(
-        config.crm,
-        inputs,
-        config.crm_embed_dim,
-        config.crm_hidden,
-        config.k_long,
-        config.crm_search,
-        config.crm_dropout,
-    )
+    model = new_crm(config, inputs)
     train_config = CrmTrainConfig(
         epochs=config.crm_epochs,
         batch_size=config.crm_batch_size,
