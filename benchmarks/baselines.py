@@ -1,4 +1,5 @@
 """What users run today, written as faithfully as we can: the baselines every benchmark compares to."""
+
 import torch
 import torch.nn.functional as F
 

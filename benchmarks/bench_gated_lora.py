@@ -3,11 +3,11 @@
 `python -m benchmarks.run` times every group below round-robin (benchmarks/roofline.py has the
 timer) at each ISA path of the CPU and writes the ratios to benchmarks/results/.
 """
+
 import torch
 
 import reclora_kernels as rk
-from benchmarks import baselines
-from benchmarks import shapes
+from benchmarks import baselines, shapes
 from benchmarks.shapes import LORA_SMOLLM2, SCALING, lora_inputs
 
 PASSES = ["forward", "forward+backward"]
@@ -19,7 +19,9 @@ TRAINABLE = ("x", "gate", "lora_a", "lora_b")  # the base weight stays frozen, a
 
 def implementations(mix):
     fused = lambda t: rk.gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix=mix, backend="cpu")
-    composed = lambda t: baselines.composed_gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix == "output")
+    composed = lambda t: baselines.composed_gated_lora(
+        t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix == "output"
+    )
     # No torch.compile'd composition here: its Inductor kernel aborts the process (index out of bounds)
     # under ATEN_CPU_CAPABILITY=avx2 with torch 2.13; it was never faster than the eager one on CPU.
     impls = {"fused": fused, "composition": composed}
@@ -59,7 +61,10 @@ def groups(shape=LORA_SMOLLM2):
         for passes in PASSES:
             for gradient in GRADIENTS if passes != "forward" else [None]:
                 tensors = prepare(shape, gradient or "dense")
-                impls = {name: (lambda fn=fn, t=tensors, p=passes: step(fn, t, p)) for name, fn in implementations(mix).items()}
+                impls = {
+                    name: (lambda fn=fn, t=tensors, p=passes: step(fn, t, p))
+                    for name, fn in implementations(mix).items()
+                }
                 name = f"gated_lora mix={mix} {passes}" + (f" grad={gradient}" if gradient else "")
                 meta = dict(op="gated_lora", shape=shape, dtype="float32", mix=mix, passes=passes, gradient=gradient)
                 out.append((name, impls, meta))

@@ -2,11 +2,11 @@
 
 `python -m benchmarks.run` times the groups below round-robin at each ISA path of the CPU.
 """
+
 import torch
 
 import reclora_kernels as rk
-from benchmarks import baselines
-from benchmarks import shapes
+from benchmarks import baselines, shapes
 from benchmarks.shapes import RETRIEVAL_CPU, retrieval_inputs
 
 PASSES = ["forward", "forward+backward"]
@@ -45,8 +45,13 @@ def groups(shape=RETRIEVAL_CPU):
         (
             f"topk_target_attention {passes}",
             {name: (lambda fn=fn, p=passes: step(fn, tensors, p)) for name, fn in implementations().items()},
-            dict(op="topk_target_attention", shape=shape, dtype="float32", passes=passes,
-                 valid_positions=int(tensors["lengths"].sum())),
+            dict(
+                op="topk_target_attention",
+                shape=shape,
+                dtype="float32",
+                passes=passes,
+                valid_positions=int(tensors["lengths"].sum()),
+            ),
         )
         for passes in PASSES
     ]

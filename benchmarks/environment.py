@@ -1,4 +1,6 @@
-"""What every results file records: machine, ISA path, versions, threads, load, date."""
+"""What every results file records (machine, ISA path, versions, threads, load, date), and where
+results files go (RESULTS)."""
+
 import datetime
 import os
 import platform
@@ -8,6 +10,7 @@ import torch
 
 from reclora_kernels import cpu_features
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Environment variables that choose an ISA path: ours, and those of the libraries behind PyTorch.
 ISA_VARIABLES = ("RECLORA_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 

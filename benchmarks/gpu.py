@@ -4,8 +4,8 @@
 Writes gpu-<card>-<date>.json (timings at quantiles 0.5/0.2/0.8, ratios, TFLOP/s and GB/s
 beside the card's peak) and gpu-scaling-<card>-<date>.png.
 """
+
 import argparse
-import json
 import os
 import re
 
@@ -14,10 +14,11 @@ import triton.testing
 
 import reclora_kernels as rk
 from benchmarks import baselines, bench_gated_lora, bench_retrieval
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
 from benchmarks.memory import peak_bytes
-from benchmarks.run import RESULTS, plot_scaling
+from benchmarks.run import plot_scaling
 from benchmarks.shapes import LORA_7B, LORA_SMOLLM2, RETRIEVAL_GPU, SCALING, lora_inputs
+from reclora.files import write_json
 
 # Where the benchmarks run, and the attention scaling study's sizes; tests/test_gpu_check.py runs the
 # whole entry point on CPU with small stand-ins for these and for the timer.
@@ -51,7 +52,9 @@ def lora_impls(backends):
         return lambda t: baselines.base_linear(t["x"], t["weight"]) + delta(t)
 
     # The published code's gate lives in the model's dtype (einsum takes no mixed dtypes).
-    published = lambda t: baselines.published_gated_lora(t["x"], t["gate"].to(t["x"].dtype), t["lora_a"], t["lora_b"], SCALING)
+    published = lambda t: baselines.published_gated_lora(
+        t["x"], t["gate"].to(t["x"].dtype), t["lora_a"], t["lora_b"], SCALING
+    )
     composed = lambda t: baselines.composed_gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING)
     impls = {
         "base_linear": lambda t: baselines.base_linear(t["x"], t["weight"]),
@@ -60,10 +63,8 @@ def lora_impls(backends):
         "composition_compiled+linear": torch.compile(linear_plus(composed)),
     }
     for backend in backends:
-        impls[f"fused_{backend}"] = (
-            lambda t, b=backend: rk.gated_lora_linear(
-                t["x"], t["weight"], None, t["gate"], t["lora_a"], t["lora_b"], SCALING, backend=b
-            )
+        impls[f"fused_{backend}"] = lambda t, b=backend: rk.gated_lora_linear(
+            t["x"], t["weight"], None, t["gate"], t["lora_a"], t["lora_b"], SCALING, backend=b
         )
     return impls
 
@@ -72,7 +73,9 @@ def bench_lora(shape, backends):
     tensors = lora_inputs(**shape, device=DEVICE, dtype=torch.bfloat16)
     for name in bench_gated_lora.TRAINABLE:
         tensors[name].requires_grad_()
-    tensors["grad_out"] = torch.randn(shape["batch"], shape["tokens"], shape["d_out"], device=DEVICE, dtype=torch.bfloat16)
+    tensors["grad_out"] = torch.randn(
+        shape["batch"], shape["tokens"], shape["d_out"], device=DEVICE, dtype=torch.bfloat16
+    )
     table = {}
     for passes in ("forward", "forward+backward"):
         group = table.setdefault(f"gated_lora_linear {passes}", {})
@@ -99,16 +102,26 @@ def bench_lora(shape, backends):
             ratio[f"{passes}: fused_{backend} / base_linear"] = fused / group["base_linear"]["median_ms"]
             ratio[f"{passes}: published+linear / fused_{backend}"] = group["published+linear"]["median_ms"] / fused
             ratio[f"{passes}: composition+linear / fused_{backend}"] = group["composition+linear"]["median_ms"] / fused
-    return {"shape": shape, "dtype": "bfloat16", "timings": table, "ratios": ratio, "achieved": achieved,
-            "peaks": {"flop_per_s": flop_peak, "bytes_per_s": byte_peak}}
+    return {
+        "shape": shape,
+        "dtype": "bfloat16",
+        "timings": table,
+        "ratios": ratio,
+        "achieved": achieved,
+        "peaks": {"flop_per_s": flop_peak, "bytes_per_s": byte_peak},
+    }
 
 
 def attention_impls(backends):
-    impls = {"composition": lambda t: baselines.composed_topk_attention(
-        t["query"], t["table"], t["ids"], t["lengths"], t["k"], t["scale"])[0]}
+    impls = {
+        "composition": lambda t: baselines.composed_topk_attention(
+            t["query"], t["table"], t["ids"], t["lengths"], t["k"], t["scale"]
+        )[0]
+    }
     for backend in backends:
         impls[f"fused_{backend}"] = lambda t, b=backend: rk.topk_target_attention(
-            t["query"], t["table"], t["k"], lengths=t["lengths"], ids=t["ids"], scale=t["scale"], backend=b)[0]
+            t["query"], t["table"], t["k"], lengths=t["lengths"], ids=t["ids"], scale=t["scale"], backend=b
+        )[0]
     return impls
 
 
@@ -142,15 +155,23 @@ def bench_attention(shape, backends):
             "GB/s (key + id bytes)": (key_bytes + ids_bytes) / seconds / 1e9,
             "fraction of peak (key + id bytes)": (key_bytes + ids_bytes) / seconds / byte_peak if byte_peak else None,
         }
-    return {"shape": shape, "dtype": "bfloat16", "timings": table, "ratios": ratios_by_baseline(table, backends),
-            "bandwidth": bandwidth, "peak_memory_MiB": memory}
+    return {
+        "shape": shape,
+        "dtype": "bfloat16",
+        "timings": table,
+        "ratios": ratios_by_baseline(table, backends),
+        "bandwidth": bandwidth,
+        "peak_memory_MiB": memory,
+    }
 
 
 def ratios_by_baseline(table, backends):
     out = {}
     for group, impls in table.items():
         for backend in backends:
-            out[f"{group}: composition / fused_{backend}"] = impls["composition"]["median_ms"] / impls[f"fused_{backend}"]["median_ms"]
+            out[f"{group}: composition / fused_{backend}"] = (
+                impls["composition"]["median_ms"] / impls[f"fused_{backend}"]["median_ms"]
+            )
     return out
 
 
@@ -160,11 +181,13 @@ def attention_scaling(batch, lengths, backend):
         shape = dict(RETRIEVAL_GPU[0], batch=batch, length=length)
         tensors = attention_tensors(shape)
         impls = attention_impls([backend])
-        rows.append({
-            "L": length,
-            "fused_ms": timed(attention_step(impls[f"fused_{backend}"], tensors, "forward+backward"))["median_ms"],
-            "composition_ms": timed(attention_step(impls["composition"], tensors, "forward+backward"))["median_ms"],
-        })
+        rows.append(
+            {
+                "L": length,
+                "fused_ms": timed(attention_step(impls[f"fused_{backend}"], tensors, "forward+backward"))["median_ms"],
+                "composition_ms": timed(attention_step(impls["composition"], tensors, "forward+backward"))["median_ms"],
+            }
+        )
         print(f"gpu scaling L={length}: {rows[-1]}")
         del tensors
         torch.cuda.empty_cache()
@@ -184,7 +207,11 @@ def main(argv=None):
     env = describe()
     lora_backends, retrieval_backends = usable_backends("gated_lora"), usable_backends("retrieval")
     card = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-")
-    result = {"environment": env, "device": DEVICE, "backends": {"gated_lora": lora_backends, "retrieval": retrieval_backends}}
+    result = {
+        "environment": env,
+        "device": DEVICE,
+        "backends": {"gated_lora": lora_backends, "retrieval": retrieval_backends},
+    }
     shapes = [LORA_7B] + ([] if args.quick else [LORA_SMOLLM2])
     result["gated_lora"] = [bench_lora(shape, lora_backends) for shape in shapes]
     result["topk_target_attention"] = [
@@ -195,11 +222,14 @@ def main(argv=None):
         rows = attention_scaling(SCALING_BATCH, SCALING_LENGTHS, backends[0])
         png = os.path.join(args.out, f"gpu-scaling-{card}-{env['date']}.png")
         plot_scaling(rows, SCALING_BATCH, png, f"top-k attention, {env['gpu']}, B={SCALING_BATCH}, d=64, k=64, bf16")
-        result["topk_target_attention_scaling"] = {"batch": SCALING_BATCH, "backend": backends[0], "rows": rows,
-                                                   "plot": os.path.basename(png)}
+        result["topk_target_attention_scaling"] = {
+            "batch": SCALING_BATCH,
+            "backend": backends[0],
+            "rows": rows,
+            "plot": os.path.basename(png),
+        }
     path = os.path.join(args.out, f"gpu-{card}-{env['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(path, result)
     print(f"wrote {path}")
     return result
 

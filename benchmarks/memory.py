@@ -1,4 +1,5 @@
 """Peak memory of one call: the CUDA allocator's peak on GPU, the peak resident set on CPU."""
+
 import re
 
 import torch

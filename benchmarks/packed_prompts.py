@@ -13,6 +13,7 @@ sorted by length as reclora.inference sorts them):
           prompt and no attention mask (transformers then builds the block-diagonal mask)
 The paths alternate, --repeats times each; medians are reported.
 """
+
 import argparse
 import statistics
 import time
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from benchmarks.environment import describe
+from reclora.files import write_json
 from reclora.llm import SMOLLM2, load_llm, position_ids
-from reclora.train.outputs import write_json
 
 
 def padded(body, prompts):
@@ -56,17 +57,31 @@ def run(args) -> dict:
                     forward(body, batch)
                 times[name].append(time.perf_counter() - start)
         check = batches[0]
-        difference = max(float((padded(body, check)[row, -1] - packed(body, check)[0, end - 1]).abs().max())
-                         for row, end in enumerate(np.cumsum([len(p) for p in check])))
+        difference = max(
+            float((padded(body, check)[row, -1] - packed(body, check)[0, end - 1]).abs().max())
+            for row, end in enumerate(np.cumsum([len(p) for p in check]))
+        )
     medians = {name: statistics.median(values[1:]) for name, values in times.items()}
-    result = {"environment": describe(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "llm": args.llm,
-              "dtype": "float32", "prompts": args.prompts, "batch_size": args.batch_size,
-              "tokens": int(lengths.sum()), "padded_tokens": int(sum(len(b) * len(b[-1]) for b in batches)),
-              "seconds": times, "median_s": medians, "packed_over_padded": medians["packed"] / medians["padded"],
-              "max_abs_difference_at_last_token": difference}
-    print(f"padded {medians['padded']:.2f} s, packed {medians['packed']:.2f} s "
-          f"(packed takes {result['packed_over_padded']:.2f}x the time); {result['tokens']} tokens, "
-          f"{result['padded_tokens']} padded; max |difference| {difference:.1e}", flush=True)
+    result = {
+        "environment": describe(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "llm": args.llm,
+        "dtype": "float32",
+        "prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "tokens": int(lengths.sum()),
+        "padded_tokens": int(sum(len(b) * len(b[-1]) for b in batches)),
+        "seconds": times,
+        "median_s": medians,
+        "packed_over_padded": medians["packed"] / medians["padded"],
+        "max_abs_difference_at_last_token": difference,
+    }
+    print(
+        f"padded {medians['padded']:.2f} s, packed {medians['packed']:.2f} s "
+        f"(packed takes {result['packed_over_padded']:.2f}x the time); {result['tokens']} tokens, "
+        f"{result['padded_tokens']} padded; max |difference| {difference:.1e}",
+        flush=True,
+    )
     return result
 
 

@@ -19,8 +19,10 @@ the pass (CUDA: the allocator's peak; CPU: the resident set's high-water mark ab
 the largest score difference to `predict` (all paths compute the same function). Throughput does
 not depend on how well the adapters were trained: a small run is enough.
 """
+
 import argparse
 import copy
+import functools
 import statistics
 import time
 
@@ -31,11 +33,11 @@ from benchmarks.environment import describe
 from benchmarks.memory import peak_bytes
 from benchmarks.published_reclora import PublishedRecLoRA
 from reclora import Recommender
-from reclora.llm import load_llm, position_ids
+from reclora.files import write_json
+from reclora.llm import last_token_logits, load_llm
 from reclora.train.distributed import Processes
 from reclora.train.loop import autocast
 from reclora.train.loop import predict as trainer_predict
-from reclora.train.outputs import write_json
 
 
 def _timed(fn, device):
@@ -69,8 +71,12 @@ def _batched(recommender, forward, samples):
 
 
 def _published_forward(recommender):
-    llm, _ = load_llm(recommender.config.llm, device=recommender.device, cache_dir=recommender.config.cache_dir,
-                      seed=recommender.config.seed)
+    llm, _ = load_llm(
+        recommender.config.llm,
+        device=recommender.device,
+        cache_dir=recommender.config.cache_dir,
+        seed=recommender.config.seed,
+    )
     published = PublishedRecLoRA.from_personalized(llm, recommender.model.llm).eval()
     model = recommender.model
     return lambda batch: published(batch["input_ids"], batch["attention_mask"], model.gate_features(batch))
@@ -84,13 +90,18 @@ def _peft_forward(recommender):
     for name in adapters.slot_names:  # back to plain nn.Linear layers holding the same frozen weights
         layer = llm.get_submodule(name)
         parent, _, attribute = name.rpartition(".")
-        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                device=layer.weight.device)
+        plain = torch.nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device
+        )
         plain.weight, plain.bias = layer.weight, layer.bias
         setattr(llm.get_submodule(parent), attribute, plain)
     config = adapters.config
-    peft_model = get_peft_model(llm, LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                                target_modules=list(config.target_modules))).eval()
+    peft_model = get_peft_model(
+        llm,
+        LoraConfig(
+            r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(config.target_modules)
+        ),
+    ).eval()
     with torch.no_grad():
         for name in adapters.slot_names:
             ours, theirs = adapters.llm.get_submodule(name), peft_model.base_model.model.get_submodule(name)
@@ -98,9 +109,8 @@ def _peft_forward(recommender):
             theirs.lora_B["default"].weight.copy_(ours.lora_b[0])
 
     def forward(batch):
-        mask = batch["attention_mask"]
-        return peft_model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                          logits_to_keep=1, use_cache=False).logits[:, -1]
+        return last_token_logits(peft_model, batch["input_ids"], batch["attention_mask"])
+
     return forward
 
 
@@ -122,12 +132,18 @@ def measure(recommender, samples, baseline_name, baseline_forward, rounds) -> di
     seconds, peaks, scores = {name: [] for name in paths}, {name: [] for name in paths}, {}
     for _ in range(rounds):  # every path once per round: a shared machine's drift falls on all alike
         for name, path in paths.items():
-            elapsed, peak, scores[name] = _timed(lambda: path(samples), recommender.device)
+            elapsed, peak, scores[name] = _timed(functools.partial(path, samples), recommender.device)
             seconds[name].append(elapsed)
             peaks[name].append(peak)
-    rows = {name: {"seconds": statistics.median(seconds[name]), "all_seconds": seconds[name],
-                   "requests_per_s": len(samples) / statistics.median(seconds[name]), "peak_mib": max(peaks[name])}
-            for name in paths}
+    rows = {
+        name: {
+            "seconds": statistics.median(seconds[name]),
+            "all_seconds": seconds[name],
+            "requests_per_s": len(samples) / statistics.median(seconds[name]),
+            "peak_mib": max(peaks[name]),
+        }
+        for name in paths
+    }
     for name, row in rows.items():
         row["max_abs_score_difference_to_predict"] = float(np.abs(scores[name] - scores["predict"]).max())
         row["speedup_of_predict"] = row["seconds"] / rows["predict"]["seconds"]
@@ -141,10 +157,16 @@ def _prompt_tokens(recommender, samples) -> dict:
 
 
 def run(args) -> dict:
-    result = {"environment": describe(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "note": "throughput does not depend on the adapters' quality: the runs may be small", "runs": {}}
+    result = {
+        "environment": describe(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "note": "throughput does not depend on the adapters' quality: the runs may be small",
+        "runs": {},
+    }
     for run_dir, expected, baseline_name, make_baseline in (
-        (args.run, "reclora", "published", _published_forward), (args.lora_run, "lora", "peft", _peft_forward)):
+        (args.run, "reclora", "published", _published_forward),
+        (args.lora_run, "lora", "peft", _peft_forward),
+    ):
         if run_dir is None:
             continue
         recommender = Recommender.load(run_dir, device=args.device, bf16=args.bf16, batch_size=args.batch_size)
@@ -153,16 +175,25 @@ def run(args) -> dict:
         samples = recommender.split_samples("test")[: args.requests]
         rows = measure(recommender, samples, baseline_name, make_baseline(recommender), args.rounds)
         result["runs"][expected] = {
-            "run": str(run_dir), "dataset": recommender.config.dataset, "llm": recommender.config.llm,
-            "requests": len(samples), "batch_size": recommender.batch_size, "device": str(recommender.device),
+            "run": str(run_dir),
+            "dataset": recommender.config.dataset,
+            "llm": recommender.config.llm,
+            "requests": len(samples),
+            "batch_size": recommender.batch_size,
+            "device": str(recommender.device),
             "dtype": "bfloat16 autocast" if recommender.config.bf16 else "float32",
             "kernel_backend": recommender.model.llm.config.backend or "default",
             "train_size": recommender.run.results_json.get("train_size"),
-            "prompt_tokens": _prompt_tokens(recommender, samples), "paths": rows}
+            "prompt_tokens": _prompt_tokens(recommender, samples),
+            "paths": rows,
+        }
         for name, row in rows.items():
-            print(f"{expected} {name:>12}: {row['requests_per_s']:7.2f} requests/s ({row['seconds']:.1f} s, peak "
-                  f"{row['peak_mib']:.0f} MiB, predict is {row['speedup_of_predict']:.2f}x faster, max |score "
-                  f"difference| {row['max_abs_score_difference_to_predict']:.1e})", flush=True)
+            print(
+                f"{expected} {name:>12}: {row['requests_per_s']:7.2f} requests/s ({row['seconds']:.1f} s, peak "
+                f"{row['peak_mib']:.0f} MiB, predict is {row['speedup_of_predict']:.2f}x faster, max |score "
+                f"difference| {row['max_abs_score_difference_to_predict']:.1e})",
+                flush=True,
+            )
     return result
 
 
@@ -174,8 +205,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="passes of every path, in turn; medians are reported")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: as the run was trained)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: as the run was trained)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not (args.run or args.lora_run):

@@ -14,12 +14,13 @@ It is a benchmark baseline, not library code. `PublishedRecLoRA.from_personalize
 parameter values of a reclora.adapters.PersonalizedLLM, so both compute the same function and
 the comparison is about cost only (tests/test_benchmarks_e2e.py checks outputs and gradients).
 """
+
 from typing import Optional
 
 import torch
 from torch import nn
 
-from reclora.llm import position_ids
+from reclora.llm import last_token_logits
 
 
 class PublishedGate(nn.Module):
@@ -71,8 +72,18 @@ class PublishedRecLoRA(nn.Module):
     the same contract as reclora.adapters.PersonalizedLLM.
     """
 
-    def __init__(self, llm: nn.Module, target_modules=("q_proj", "v_proj"), num_loras=16, rank=8, lora_alpha=16.0,
-                 gate_input_dim=256, gate_hidden_dim=60, gate_dropout=0.1, temperature=5.0):
+    def __init__(
+        self,
+        llm: nn.Module,
+        target_modules=("q_proj", "v_proj"),
+        num_loras=16,
+        rank=8,
+        lora_alpha=16.0,
+        gate_input_dim=256,
+        gate_hidden_dim=60,
+        gate_dropout=0.1,
+        temperature=5.0,
+    ):
         super().__init__()
         llm.requires_grad_(False)
         self.llm = llm
@@ -98,14 +109,7 @@ class PublishedRecLoRA(nn.Module):
         for gate, lora in zip(self.gates, self.loras):  # one gate module per slot, in Python
             lora.alpha = gate(features)
         try:
-            out = self.llm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
-                logits_to_keep=1,
-                use_cache=False,
-            )
-            return out.logits[:, -1]
+            return last_token_logits(self.llm, input_ids, attention_mask)
         finally:
             for lora in self.loras:
                 lora.alpha = None
@@ -124,8 +128,17 @@ class PublishedRecLoRA(nn.Module):
         config = personalized.config
         if not config.gated or config.share_gate:
             raise ValueError("the published way has one gate per slot: need a gated, unshared PersonalizedLLM")
-        model = cls(llm, config.target_modules, config.num_loras, config.rank, config.lora_alpha,
-                    config.gate_input_dim, config.gate_hidden_dim, config.gate_dropout, config.temperature)
+        model = cls(
+            llm,
+            config.target_modules,
+            config.num_loras,
+            config.rank,
+            config.lora_alpha,
+            config.gate_input_dim,
+            config.gate_hidden_dim,
+            config.gate_dropout,
+            config.temperature,
+        )
         if model.slot_names != personalized.slot_names:
             raise ValueError(f"slots differ: {model.slot_names} vs {personalized.slot_names}")
         model.load_from_personalized(personalized)
@@ -161,7 +174,9 @@ class PublishedRecLoRA(nn.Module):
         grads = {k: [] for k in ("norm_weight", "norm_bias", "hidden_weight", "hidden_bias", "out_weight", "out_bias")}
         for gate in self.gates:
             norm, first, _, _, second = gate.net
-            for key, parameter in zip(grads, (norm.weight, norm.bias, first.weight, first.bias, second.weight, second.bias)):
+            for key, parameter in zip(
+                grads, (norm.weight, norm.bias, first.weight, first.bias, second.weight, second.bias)
+            ):
                 grads[key].append(parameter.grad)
         for key, values in grads.items():
             out[f"gate_bank.{key}"] = torch.stack(values)

@@ -12,12 +12,13 @@ for mix=output):
                        key rows, the ids, the query; backward adds the k selected rows, their
                        gradients and the dense (N, d) table gradient it must write
 """
+
 import statistics
 import time
 
 import torch
 
-from benchmarks.e2e import stats, timed_ms
+from benchmarks.timing import stats, timed_ms
 
 FLOAT = 4
 GEMM_SIZE = 2048

@@ -10,7 +10,9 @@ top-k attention at the best path. Writes benchmarks/results/cpu-<cpu>-<date>[-<N
 cpu-scaling-<cpu>-<date>[-<N>thread].png (atomically).
 GPU (when visible): benchmarks/gpu.py with triton.testing.do_bench.
 """
+
 import argparse
+import functools
 import json
 import os
 import re
@@ -22,13 +24,13 @@ import time
 import torch
 
 from benchmarks import bench_gated_lora, bench_retrieval, roofline
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
 from benchmarks.memory import peak_bytes
 from benchmarks.shapes import RETRIEVAL_CPU
+from reclora.files import write_json
 from reclora_kernels import cpu_features
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 # What a CPU without the wider levels would run, for PyTorch's libraries as for ours.
 LIBRARY_CAPS = {
     "avx512": {},
@@ -41,17 +43,27 @@ PYTORCH_WAYS = ("published", "composition")
 def measure_path(rounds, warmup):
     """This process's ISA path: machine peaks, every group round-robin, ratios and roofline."""
     peaks = roofline.machine_peaks(max(rounds // 2, 10))
-    print(f"[{cpu_features.active_isa()}] torch.mm {peaks['mm_gflops']:.1f} GFLOP/s, triad "
-          f"{peaks['triad_l3_gbs']:.1f} GB/s (L3), {peaks['triad_dram_gbs']:.1f} GB/s (DRAM)", flush=True)
+    print(
+        f"[{cpu_features.active_isa()}] torch.mm {peaks['mm_gflops']:.1f} GFLOP/s, triad "
+        f"{peaks['triad_l3_gbs']:.1f} GB/s (L3), {peaks['triad_dram_gbs']:.1f} GB/s (DRAM)",
+        flush=True,
+    )
     groups = {}
     for name, impls, meta in bench_gated_lora.groups() + bench_retrieval.groups():
         table = roofline.interleaved(impls, rounds, warmup)
-        groups[name] = {"meta": meta, "timings": table, "ratios": ratios(table),
-                        "cpu_time_ratios": ratios(table, "cpu_median_ms"),
-                        "roofline": roofline.roofline(table["fused"]["median_ms"], meta, peaks),
-                        "loadavg": os.getloadavg()}
-        print(f"[{cpu_features.active_isa()}] {name}: " + ", ".join(
-            f"{impl} {s['median_ms']:.3f} ms" for impl, s in table.items()), flush=True)
+        groups[name] = {
+            "meta": meta,
+            "timings": table,
+            "ratios": ratios(table),
+            "cpu_time_ratios": ratios(table, "cpu_median_ms"),
+            "roofline": roofline.roofline(table["fused"]["median_ms"], meta, peaks),
+            "loadavg": os.getloadavg(),
+        }
+        print(
+            f"[{cpu_features.active_isa()}] {name}: "
+            + ", ".join(f"{impl} {s['median_ms']:.3f} ms" for impl, s in table.items()),
+            flush=True,
+        )
     return {"environment": describe(), "peaks": peaks, "groups": groups}
 
 
@@ -79,14 +91,6 @@ def run_path(level, rounds, warmup):
             return json.load(f)
 
 
-def write_json(path, data):
-    """Atomically: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def cpu_slug():
     return re.sub(r"[^a-z0-9]+", "-", cpu_features.cpu_model().lower()).strip("-")
 
@@ -97,7 +101,8 @@ def retrieval_memory():
     result = {}
     for name, fn in bench_retrieval.implementations().items():
         bench_retrieval.step(fn, tensors, "forward+backward")  # warm-up: gradients exist from here on
-        peaks = sorted(peak_bytes(lambda: bench_retrieval.step(fn, tensors, "forward+backward"), "cpu") for _ in range(3))
+        step = functools.partial(bench_retrieval.step, fn, tensors, "forward+backward")
+        peaks = sorted(peak_bytes(step, "cpu") for _ in range(3))
         result[name] = peaks[1] / 2**20
     return {"peak_MiB": result, "composition / fused": result["composition"] / max(result["fused"], 1e-9)}
 
@@ -119,7 +124,7 @@ def retrieval_scaling(batch, lengths, repeats=3):
         tensors = bench_retrieval.prepare(shape)
         row = {"L": length}
         for name, fn in bench_retrieval.implementations().items():
-            step = lambda: bench_retrieval.step(fn, tensors, "forward+backward")
+            step = functools.partial(bench_retrieval.step, fn, tensors, "forward+backward")
             step()
             row[f"{name}_ms"] = median_ms(step, repeats)
         rows.append(row)
@@ -153,14 +158,23 @@ def main():
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per group (medians; at least 25)")
     parser.add_argument("--warmup", type=int, default=3)
     levels = cpu_features.isa_levels()
-    parser.add_argument("--isa", nargs="+", choices=cpu_features.ISA_LEVELS, default=[l for l in levels if l != "baseline"],
-                        help=f"ISA paths to measure (default: {' '.join(l for l in levels if l != 'baseline')})")
+    parser.add_argument(
+        "--isa",
+        nargs="+",
+        choices=cpu_features.ISA_LEVELS,
+        default=[v for v in levels if v != "baseline"],
+        help=f"ISA paths to measure (default: {' '.join(v for v in levels if v != 'baseline')})",
+    )
     parser.add_argument("--scaling-batch", type=int, default=32)
     parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[512 * 2**i for i in range(8)])
     parser.add_argument("--no-scaling", action="store_true", help="skip the memory and scaling study")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice); 1 keeps a busy shared machine from stalling "
-                             "every parallel region on a descheduled thread")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 keeps a busy shared machine from stalling "
+        "every parallel region on a descheduled thread",
+    )
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,7 +212,11 @@ def main():
         rows = retrieval_scaling(args.scaling_batch, args.scaling_lengths)
         png = os.path.join(args.out, stem.replace("cpu-", "cpu-scaling-", 1) + ".png")
         plot_scaling(rows, args.scaling_batch, png, f"top-k attention, CPU, B={args.scaling_batch}, d=64, k=64")
-        result["topk_target_attention_scaling"] = {"batch": args.scaling_batch, "rows": rows, "plot": os.path.basename(png)}
+        result["topk_target_attention_scaling"] = {
+            "batch": args.scaling_batch,
+            "rows": rows,
+            "plot": os.path.basename(png),
+        }
     result["environment"]["loadavg_after"] = os.getloadavg()
     path = os.path.join(args.out, f"{stem}.json")
     write_json(path, result)

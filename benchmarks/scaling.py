@@ -22,7 +22,9 @@ then --steps steps, for (a) fewer when they would pass --max-seconds per N (at l
 measured, none extrapolated; the JSON records the count. Reported: the median time per sample
 (step time / B).
 """
+
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -32,16 +34,18 @@ import numpy as np
 import torch
 
 import reclora_kernels as rk
-from benchmarks.e2e import DTYPES, RECLORA, RESULTS, build_llm, history_prompt, stats, synthetic_history, timed_ms
-from benchmarks.environment import describe
+from benchmarks.environment import RESULTS, describe
+from benchmarks.timing import stats, timed_ms
+from benchmarks.workload import DTYPES, RECLORA, build_llm, history_prompt, synthetic_history
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
+from reclora.item_embeddings import bow_embeddings, item_sentences
 from reclora.llm import SMOLLM2
 from reclora.prompt import PromptBuilder
 from reclora.readout import YesNoReadout
-from reclora.retrieval import LongShortRetriever, bow_embeddings, item_sentences
+from reclora.retriever import LongShortRetriever
 
 LENGTHS = [10, 30, 100, 300, 1000, 3000, 10000]
 K_LONG, K_SHORT = 60, 10
@@ -91,8 +95,12 @@ class Study:
         return self.crm_inputs.batch(self.samples, self.device, history=(items, ratings, lengths))
 
     def prompt_tokens(self, items, ratings):
-        return [len(ids) for ids in self.builder.token_ids(
-            [history_prompt(self.dataset, i, r, t) for i, r, t in zip(items, ratings, self.targets)])]
+        return [
+            len(ids)
+            for ids in self.builder.token_ids(
+                [history_prompt(self.dataset, i, r, t) for i, r, t in zip(items, ratings, self.targets)]
+            )
+        ]
 
     def train(self, prompts, crm_batch, way, retrieval_ms=0.0):
         batch = {k: v.to(self.device) for k, v in self.builder.encode(prompts).items()}
@@ -120,7 +128,9 @@ class Study:
         _, positions = rk.retrieve_topk(query, self.table, K_LONG, lengths=lengths, ids=ids)
         short = positions[:, :K_SHORT].sort(1).values.cpu().numpy()  # chronological
         retrieval_ms = (self._clock() - start) * 1e3
-        prompts = [history_prompt(self.dataset, items[b, p], ratings[b, p], self.targets[b]) for b, p in enumerate(short)]
+        prompts = [
+            history_prompt(self.dataset, items[b, p], ratings[b, p], self.targets[b]) for b, p in enumerate(short)
+        ]
         return self.train(prompts, self.crm_batch(items, ratings), "b", retrieval_ms)
 
     def max_fitting_lines(self, items, ratings, hi):
@@ -148,16 +158,23 @@ def run(args):
         row["a_prompt_tokens"] = tokens_a
         run_a = stop is None and tokens_a <= study.context
         if stop is None and not run_a:
-            stop = {"N": length, "prompt_tokens": tokens_a, "context": study.context,
-                    "max_lines_fitting": study.max_fitting_lines(items, ratings, length)}
-            print(f"(a) stops at N={length}: {tokens_a} tokens > context {study.context} "
-                  f"(at most {stop['max_lines_fitting']} lines fit)", flush=True)
+            stop = {
+                "N": length,
+                "prompt_tokens": tokens_a,
+                "context": study.context,
+                "max_lines_fitting": study.max_fitting_lines(items, ratings, length),
+            }
+            print(
+                f"(a) stops at N={length}: {tokens_a} tokens > context {study.context} "
+                f"(at most {stop['max_lines_fitting']} lines fit)",
+                flush=True,
+            )
         # (a) and (b) alternate step by step
         times = {"a": [], "b": []}
         fns = {"a": study.step_prompt, "b": study.step_long_short} if run_a else {"b": study.step_long_short}
-        for name, fn in fns.items():
+        for fn in fns.values():
             for _ in range(args.warmup):
-                if timed_ms(lambda: fn(items, ratings), study.device) > 5000:
+                if timed_ms(functools.partial(fn, items, ratings), study.device) > 5000:
                     break
         study.history_ms = {"a": [], "b": []}
         for i in range(args.steps):  # (b) takes every step; (a) while its time budget lasts (at least one)
@@ -165,7 +182,7 @@ def run(args):
                 spent = sum(times[name]) / 1e3
                 if times[name] and spent * (i + 1) / i > args.max_seconds:
                     continue
-                times[name].append(timed_ms(lambda: fn(items, ratings), study.device))
+                times[name].append(timed_ms(functools.partial(fn, items, ratings), study.device))
         if run_a:
             row["a_ms_per_sample"] = stats(times["a"])["median_ms"] / study.batch_size
             row["a"] = stats(times["a"])
@@ -177,9 +194,12 @@ def run(args):
         if run_a:
             row["a_history_ms_per_sample"] = statistics.median(study.history_ms["a"]) / study.batch_size
         rows.append(row)
-        print(f"N={length}: (a) {row.get('a_ms_per_sample', float('nan')):.1f} ms/sample ({tokens_a} tokens), "
-              f"(b) {row['b_ms_per_sample']:.1f} ms/sample ({row['b_prompt_tokens']} tokens, retrieval + CRM "
-              f"{row['b_history_ms_per_sample']:.2f} ms)", flush=True)
+        print(
+            f"N={length}: (a) {row.get('a_ms_per_sample', float('nan')):.1f} ms/sample ({tokens_a} tokens), "
+            f"(b) {row['b_ms_per_sample']:.1f} ms/sample ({row['b_prompt_tokens']} tokens, retrieval + CRM "
+            f"{row['b_history_ms_per_sample']:.2f} ms)",
+            flush=True,
+        )
     b = [r["b_ms_per_sample"] for r in rows]
     load["after"] = os.getloadavg()
     result = {
@@ -196,9 +216,11 @@ def run(args):
         "crm": "SIM (retrieve_topk top-60 over the history, then DIN attention), frozen, random weights",
         "method": {
             "step": "retrieval (b) + prompt rendering and tokenization + frozen CRM forward + LLM forward, loss,"
-                    " backward, AdamW step; time per sample = median step time / batch size",
+            " backward, AdamW step; time per sample = median step time / batch size",
             "interleaving": "(a) and (b) alternate step by step at each N",
-            "warmup_steps": args.warmup, "max_steps": args.steps, "max_seconds_per_N": args.max_seconds,
+            "warmup_steps": args.warmup,
+            "max_steps": args.steps,
+            "max_seconds_per_N": args.max_seconds,
         },
         "rows": rows,
         "a_stops": stop,
@@ -225,15 +247,21 @@ def plot(result, path):
     ax.plot(*zip(*b), marker="s", label=f"(b) K_short={K_SHORT} in the prompt, N to the CRM (SIM)")
     stop = result["a_stops"]
     if stop:
-        ax.axvline(stop["max_lines_fitting"], color="grey", linestyle="--",
-                   label=f"(a) leaves the {stop['context']}-token context (N > {stop['max_lines_fitting']})")
+        ax.axvline(
+            stop["max_lines_fitting"],
+            color="grey",
+            linestyle="--",
+            label=f"(a) leaves the {stop['context']}-token context (N > {stop['max_lines_fitting']})",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("user history length N (behaviours)")
     ax.set_ylabel("training time per sample (ms)")
     env = result["environment"]
     where = env.get("gpu") or "CPU"
-    ax.set_title(f"{result['llm']}, {where}, {result['dtype']}, batch {result['batch_size']}, {env['date']}", fontsize=9)
+    ax.set_title(
+        f"{result['llm']}, {where}, {result['dtype']}, batch {result['batch_size']}, {env['date']}", fontsize=9
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,4 +1,5 @@
 """Benchmark shapes (from the issues), input builders and the timed step, shared by the CPU and GPU benchmarks."""
+
 import torch
 
 # SmolLM2-135M q_proj / v_proj: d = 576; RecLoRA's K = 16 meta-LoRAs of rank 8, lora_alpha 16

@@ -1,10 +1,10 @@
-// CPU kernels of reclora::gated_lora_forward / gated_lora_backward (schemas in registration.cpp,
-// semantics in reclora_kernels/gated_lora_reference.py).
+// CPU kernels of reclora::gated_lora_forward / gated_lora_backward (schemas in registration.cpp;
+// the algebra and its notation: reclora_kernels/gated_lora_reference.py).
 //
-// Both mixes run one token-tile pipeline on effective factors A_e (R, d_in) and B_e^T (R, d_out):
-//   weight mix: A_p and B_p^T of the token's sample (R = r), mixed once per call from the gate;
-//   output mix: the concatenated A_cat and B_cat^T (R = K r); the gate scales the K blocks of the
-//   rank-R activations of each token.
+// What differs from the other backends: both mixes run one token-tile pipeline on effective
+// factors A_e (R, d_in) and B_e^T (R, d_out), and for weight mix these are the sample's A_p and
+// B_p^T (R = r), mixed once per call from the gate, so a token's activations are r wide, not K r;
+// for output mix they are A_cat and B_cat^T (R = K r) and the gate scales the K blocks of U, H.
 // Tokens are grouped by sample (a counting sort when sample_index is given) and cut into pieces
 // of one sample, which threads share out. A piece goes through tiles of kTile tokens whose rows
 // of x and grad_out are read (and converted to float32) once, then stay in cache for three skinny
@@ -13,7 +13,6 @@
 // the end; output-mix gradients are gated per token and kept per thread. Nothing per token of
 // size r * d is ever formed, and results do not depend on how threads pick up pieces.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,6 +22,7 @@
 #include <memory>
 #include <vector>
 
+#include "common.h"
 #include "cpu_utils.h"
 
 namespace reclora {
@@ -30,14 +30,6 @@ namespace {
 
 // Tokens per tile: the tile's rows of x and grad_out (2 x 32 x d floats) stay in L2.
 constexpr int64_t kTile = 32;
-
-#define RECLORA_DISPATCH_KERNEL_DTYPES(TYPE, NAME, ...)                                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Skinny kernels on float32 rows given by pointers (gathered or converted tokens cost nothing).
@@ -582,7 +574,7 @@ at::Tensor gated_lora_forward_cpu(
   }
   if (x.size(0) == 0) return y;
   const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling, output_mix);
-  RECLORA_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "gated_lora_forward_cpu", [&] {
+  RECLORA_DISPATCH(x.scalar_type(), "gated_lora_forward_cpu", [&] {
     forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value());
   });
   return y;
@@ -687,7 +679,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   acc.data = at::empty({slots, R * (d_in + d_out)}, float_options);
   acc.written.assign(slots, 0);
   std::vector<float> dgate_pieces(P * K, 0.f);
-  RECLORA_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "gated_lora_backward_cpu", [&] {
+  RECLORA_DISPATCH(x.scalar_type(), "gated_lora_backward_cpu", [&] {
     backward_pieces<scalar_t>(pb, strided_rows<scalar_t>(grad_rows), strided_rows<scalar_t>(x),
                               grad_x.data_ptr<scalar_t>(), weight.has_value(), acc, dgate_pieces.data());
   });

@@ -1,23 +1,17 @@
-// CUDA kernels of the personalized LoRA (schemas: registration.cpp; ground truth:
-// reclora_kernels/gated_lora_reference.py).
+// CUDA kernels of the personalized LoRA (schemas: registration.cpp; the algebra and its notation,
+// U, H, V, Z over the concatenated meta-LoRAs: reclora_kernels/gated_lora_reference.py).
 //
-// Both mixing modes run on the K meta-LoRAs concatenated, R = K r: A_cat = lora_a as (R, d_in),
-// B_cat = lora_b as (d_out, R), U = x A_cat^T and Hraw = G B_cat (both (M, R): A_k x_m and
-// B_k^T G_m for every k; G = grad_out, g = gate[b(m)], s = scaling).
-//   weight mix: u_m = sum_k g_k U_mk and h_m = s sum_k g_k Hraw_mk (the sample's A_p x_m, s B_p^T G_m)
-//   output mix: u_mk = U_mk and h_mk = s Hraw_mk
-//   Pu_mk = s g_k u_m(k), Ph_mk = g_k h_m(k)
-//   y = Pu B_cat^T (+ bias + x W^T)          dx = Ph A_cat (+ G W)
-//   dA_cat = Ph^T x    dB_cat = G^T Pu      dgate[b, k] = sum_{m in b} <h_m(k), U_mk> (+ s <u_m, Hraw_mk>)
-// (the last term only for weight mix, where g_k enters both A_p and B_p). Every GEMM is then one
-// cuBLAS call on the whole batch whatever the order of sample_index, with rows of R = K r, and the
-// kernels here do only the per-token gate work on (M, R) and the per-sample dgate sums. In each
-// kernel every output element is written by exactly one thread and threads share nothing
-// (no shared memory, no atomics): race-free, and every sum runs in a fixed order (deterministic).
+// Every product there (U = x A_cat^T, H = G B_cat, y = V B_cat^T (+ bias + x W^T), dx = Z A_cat
+// (+ G W), dA_cat = Z^T x, dB_cat^T = V^T G) is one cuBLAS call on the whole batch whatever the
+// order of sample_index, with rows of R = K r; the kernels here do only the per-token gate work on
+// (M, R) (V, Z and each token's share of dgate) and the per-sample dgate sums. In each kernel every
+// output element is written by exactly one thread and threads share nothing (no shared memory, no
+// atomics): race-free, and every sum runs in a fixed order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "cuda_platform.cuh"  // last: the CUDA headers, or the CPU emulation (tests)
 
 #include <algorithm>
@@ -73,13 +67,13 @@ __global__ void mix_loras_kernel(
   }
 }
 
-// One thread per (token m, meta-LoRA k): Pu_mk, and in backward (h_all given) Ph_mk and token m's
+// One thread per (token m, meta-LoRA k): V_mk, and in backward (h_all given) Z_mk and token m's
 // share of dgate[b(m), k]. u_mixed / h_mixed are given for weight mix only.
 template <typename scalar_t>
 __global__ void gate_loras_kernel(
     const scalar_t* __restrict__ u_all,                  // (M, K, r) U
     const at::opmath_type<scalar_t>* __restrict__ u_mixed,  // (M, r) or null
-    const scalar_t* __restrict__ h_all,                  // (M, K, r) Hraw, or null (forward)
+    const scalar_t* __restrict__ h_all,                  // (M, K, r) H, or null (forward)
     const at::opmath_type<scalar_t>* __restrict__ h_mixed,  // (M, r) or null
     const float* __restrict__ gate,                      // (B, K)
     TokenSamples samples,
@@ -87,8 +81,8 @@ __global__ void gate_loras_kernel(
     int64_t num_loras,
     int64_t rank,
     double scaling,
-    scalar_t* __restrict__ pu,             // (M, K, r)
-    scalar_t* __restrict__ ph,             // (M, K, r), or null (forward)
+    scalar_t* __restrict__ v,              // (M, K, r)
+    scalar_t* __restrict__ z,              // (M, K, r), or null (forward)
     float* __restrict__ dgate_tokens) {    // (M, K), or null (forward)
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t s = static_cast<acc_t>(scaling);
@@ -102,11 +96,11 @@ __global__ void gate_loras_kernel(
     for (int64_t j = 0; j < rank; ++j) {
       const acc_t u_k = static_cast<acc_t>(u_all[row + j]);
       const acc_t u = u_mixed != nullptr ? u_mixed[m * rank + j] : u_k;
-      pu[row + j] = static_cast<scalar_t>(s * g * u);
+      v[row + j] = static_cast<scalar_t>(s * g * u);
       if (h_all != nullptr) {
         const acc_t h_raw = static_cast<acc_t>(h_all[row + j]);
         const acc_t h = h_mixed != nullptr ? h_mixed[m * rank + j] : s * h_raw;
-        ph[row + j] = static_cast<scalar_t>(g * h);
+        z[row + j] = static_cast<scalar_t>(g * h);
         dgate += h * u_k + (u_mixed != nullptr ? s * u * h_raw : acc_t{0});
       }
     }
@@ -145,9 +139,7 @@ __global__ void sample_sums_kernel(
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+using reclora::ceil_div;
 
 // Blocks of a grid-stride launch over n items. Callers return early on M = 0 tokens, and K, r >= 1,
 // so every launch has n > 0.
@@ -240,7 +232,7 @@ at::Tensor mix_loras(const Problem& p, const at::Tensor& per_lora, const at::Ten
   at::Tensor mixed = at::empty({p.tokens, p.rank}, per_lora.options().dtype(at::toOpMathType(per_lora.scalar_type())));
   const int64_t n = p.tokens * p.rank;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, per_lora.scalar_type(), "mix_loras", [&] {
+  RECLORA_DISPATCH(per_lora.scalar_type(), "mix_loras", [&] {
     RECLORA_LAUNCH(mix_loras_kernel<scalar_t>, grid_blocks(n), kThreads, 0, stream)(
         per_lora.const_data_ptr<scalar_t>(), gate.const_data_ptr<float>(), p.token_samples, p.tokens, p.loras,
         p.rank, scale, mixed.mutable_data_ptr<at::opmath_type<scalar_t>>());
@@ -250,7 +242,7 @@ at::Tensor mix_loras(const Problem& p, const at::Tensor& per_lora, const at::Ten
 }
 
 struct GatedFactors {
-  at::Tensor pu, ph, dgate_tokens;  // ph and dgate_tokens only in backward
+  at::Tensor v, z, dgate_tokens;  // z and dgate_tokens only in backward
 };
 
 // The gate work of forward (h_all undefined) and backward.
@@ -270,19 +262,19 @@ GatedFactors gate_loras(
     }
   }
   GatedFactors out;
-  out.pu = at::empty_like(u_all);
+  out.v = at::empty_like(u_all);
   if (backward) {
-    out.ph = at::empty_like(h_all);
+    out.z = at::empty_like(h_all);
     out.dgate_tokens = at::empty({p.tokens, p.loras}, gate.options());
   }
   const int64_t n = p.tokens * p.loras;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_all.scalar_type(), "gate_loras", [&] {
+  RECLORA_DISPATCH(u_all.scalar_type(), "gate_loras", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     RECLORA_LAUNCH(gate_loras_kernel<scalar_t>, grid_blocks(n), kThreads, 0, stream)(
         u_all.const_data_ptr<scalar_t>(), data_or_null<acc_t>(u_mixed), data_or_null<scalar_t>(h_all),
         data_or_null<acc_t>(h_mixed), gate.const_data_ptr<float>(), p.token_samples, p.tokens, p.loras, p.rank,
-        scaling, out.pu.mutable_data_ptr<scalar_t>(), mutable_data_or_null<scalar_t>(out.ph),
+        scaling, out.v.mutable_data_ptr<scalar_t>(), mutable_data_or_null<scalar_t>(out.z),
         mutable_data_or_null<float>(out.dgate_tokens));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -323,10 +315,10 @@ at::Tensor gated_lora_forward_cuda(
     return at::empty({0, p.d_out}, x.options());
   }
   const auto [a_cat, b_cat] = concat_loras(p, lora_a, lora_b);
-  const at::Tensor pu = gate_loras(p, at::mm(x, a_cat.t()), at::Tensor(), gate, scaling, output_mix).pu;
+  const at::Tensor v = gate_loras(p, at::mm(x, a_cat.t()), at::Tensor(), gate, scaling, output_mix).v;
   // The memory-bound LoRA GEMM writes y; the compute-bound base GEMM then adds into it (beta = 1),
   // where reading y hides under its math.
-  at::Tensor y = bias ? at::addmm(*bias, pu, b_cat.t()) : at::mm(pu, b_cat.t());
+  at::Tensor y = bias ? at::addmm(*bias, v, b_cat.t()) : at::mm(v, b_cat.t());
   if (weight) {
     y.addmm_(x, weight->t());
   }
@@ -352,9 +344,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   // U and grad_lora_a both read x: back to back, the second read may partly hit L2.
   const at::Tensor h_all = at::mm(grad_out, b_cat);
   const GatedFactors f = gate_loras(p, at::mm(x, a_cat.t()), h_all, gate, scaling, output_mix);
-  at::Tensor grad_a = at::mm(f.ph.t(), x).view(lora_a.sizes());
-  at::Tensor grad_b = at::mm(grad_out.t(), f.pu).view({p.d_out, p.loras, p.rank}).permute({1, 0, 2}).contiguous();
-  at::Tensor grad_x = at::mm(f.ph, a_cat);
+  at::Tensor grad_a = at::mm(f.z.t(), x).view(lora_a.sizes());
+  at::Tensor grad_b = at::mm(grad_out.t(), f.v).view({p.d_out, p.loras, p.rank}).permute({1, 0, 2}).contiguous();
+  at::Tensor grad_x = at::mm(f.z, a_cat);
   if (weight) {
     grad_x.addmm_(grad_out, *weight);
   }

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "cuda_platform.cuh"  // last: the CUDA headers, or the CPU emulation (tests)
 
 #include <cstdint>
@@ -34,13 +35,6 @@ constexpr int kSortMax = 4096;   // survivors sorted in shared memory (32 KB of 
 constexpr int kUnits = 2;        // query vectors each lane holds per tile of the dimension
 constexpr int kUnroll = 4;       // key rows each group has in flight
 constexpr uint64_t kSignBit = uint64_t(1) << 63;
-
-// Same dispatch as AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16) minus double, which the
-// contract excludes: no kernels are compiled for it.
-#define RECLORA_DISPATCH(TYPE, NAME, ...)                \
-  AT_DISPATCH_SWITCH(                                    \
-      TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // ---- keys: (score, position) as one sortable integer -----------------------------------------
 
@@ -523,7 +517,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side ----------------------------------------------------------------------------------
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using reclora::ceil_div;
 
 int64_t pow2_ceil(int64_t x) {
   int64_t p = 1;

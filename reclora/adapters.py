@@ -13,12 +13,14 @@ Vanilla LoRA (TALLRec/ReLLa baselines) is the same machinery with K = 1 and a co
   PersonalizedLLM   LLM + adapters + gate bank; forward -> next-token logits at the last position
   save_adapters / load_adapters   adapters and gates only (safetensors + JSON config)
 """
+
 import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import reclora_kernels
-from reclora.llm import atomic_directory, position_ids
+from reclora.files import atomic_directory
+from reclora.llm import last_token_logits
 from reclora_kernels.gated_lora import MIX_MODES
 
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
@@ -163,7 +166,8 @@ class UniformGate(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: (B, anything), read for B only -> alpha: (S, B, K)."""
         return features.new_full((1, features.shape[0], self.num_loras), 1.0 / self.num_loras).expand(
-            self.num_slots, -1, -1)
+            self.num_slots, -1, -1
+        )
 
 
 class GateContext:
@@ -178,9 +182,7 @@ class GateContext:
 
     def slot(self, index: int) -> torch.Tensor:
         if self.alpha is None:
-            raise RuntimeError(
-                "a gated LoRA layer ran without gates: call the PersonalizedLLM, not the LLM inside it"
-            )
+            raise RuntimeError("a gated LoRA layer ran without gates: call the PersonalizedLLM, not the LLM inside it")
         return self.alpha[index]
 
 
@@ -278,17 +280,10 @@ class PersonalizedLLM(nn.Module):
             raise ValueError(
                 "gate_features (B, gate_input_dim) are required for gated adapters and refused for vanilla LoRA"
             )
-        llm_inputs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            logits_to_keep=1,  # the vocabulary projection of the other positions is never needed
-            use_cache=False,
-        )
         if self.gate_context is not None:
             self.gate_context.alpha = self.gate_bank(gate_features)
         try:
-            return self.llm(**llm_inputs).logits[:, -1]
+            return last_token_logits(self.llm, input_ids, attention_mask)
         finally:
             # The model does not keep the batch's graph alive, except under gradient
             # checkpointing: the backward pass reruns the layers, which read alpha again.
@@ -359,9 +354,7 @@ def save_adapters(model: PersonalizedLLM, directory: Union[str, os.PathLike]) ->
     return directory
 
 
-def load_adapters(
-    llm: nn.Module, directory: Union[str, os.PathLike], backend: Optional[str] = None
-) -> PersonalizedLLM:
+def load_adapters(llm: nn.Module, directory: Union[str, os.PathLike], backend: Optional[str] = None) -> PersonalizedLLM:
     """Injects the adapters saved in directory into llm (a fresh base model of the same architecture)."""
     directory = Path(directory)
     metadata = json.loads((directory / ADAPTER_CONFIG_FILE).read_text())

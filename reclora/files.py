@@ -1,18 +1,28 @@
-"""Writing files whole, with the permissions the umask gives, and reading them back with a check.
+"""The filesystem: where the cache lives, and files and folders written whole.
 
 Every file the trainer and its caches write goes through atomic_write (a temporary file beside
-the target, then one rename), so a reader never sees half of one; a full disk becomes a
-NoSpaceLeft naming the file. Files that come from a cache are verified on load (a checksum
-or a load check); what fails the check is rebuilt or named with what to delete.
+the target, then one rename), every folder through atomic_directory (a staging folder, then one
+rename), so a reader never sees half of one; a full disk becomes a NoSpaceLeft naming the file
+or folder. Both get the permissions the umask gives, so a team can share one cache. Files that
+come from a cache are verified on load (a checksum or a load check); what fails the check is
+rebuilt or named with what to delete.
 """
+
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Union
+
+import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -70,6 +80,63 @@ def atomic_write(path, write, mode="w") -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def write_json(path, value) -> None:
+    """value as indented JSON (anything JSON cannot hold written as str), atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2, default=str) + "\n"))
+
+
+def save_torch(path, state) -> None:
+    """torch.save(state), atomically."""
+    atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Union[str, os.PathLike], overwrite: bool = True) -> Iterator[Path]:
+    """Yields an empty temporary directory beside path; once the block succeeds it becomes path.
+
+    A reader never sees a half-written path: it is renamed into place whole. An existing path
+    is replaced when overwrite is True; otherwise the new content is discarded (another process
+    produced the same thing first). On error the temporary directory is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        with disk_full_named(path):
+            yield staging
+        retired = None
+        if overwrite and path.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            path.rename(retired)
+        try:
+            staging.rename(path)
+        except OSError:
+            if overwrite or not path.exists():
+                raise
+            # Another process finished the same directory first: keep theirs.
+        if retired is not None:
+            shutil.rmtree(retired)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def default_cache_dir() -> Path:
+    """The cache of datasets, item embeddings, converted models and trained CRMs (each in its own
+    folder): $RECLORA_CACHE_DIR, else $XDG_CACHE_HOME/reclora, else ~/.cache/reclora."""
+    if os.environ.get("RECLORA_CACHE_DIR"):
+        return Path(os.environ["RECLORA_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reclora"
+
+
+def cache_folder(kind: str, cache_dir=None) -> Path:
+    """The folder of one kind of cached thing ("datasets", "embeddings", "crms", ...) under cache_dir
+    (default: default_cache_dir())."""
+    return Path(cache_dir or default_cache_dir()) / kind
 
 
 def file_digest(path) -> str:

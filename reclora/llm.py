@@ -8,18 +8,19 @@ load_llm(name_or_path) accepts:
                   and quick runs, with realistic prompts and Yes/No token ids.
   a directory     any local Hugging Face causal LM (or a hub name already in the local HF cache).
 
-Cache directory: the cache_dir argument, else $RECLORA_CACHE_DIR, else $XDG_CACHE_HOME/reclora
-(~/.cache/reclora). Delete <cache>/<gguf name>/ to convert again; a converted copy that fails to
-load (truncated, corrupt, non-finite weights) is converted again by itself.
+Cache directory: the cache_dir argument, else reclora.files.default_cache_dir(). Delete
+<cache>/<gguf name>/ to convert again; a converted copy that fails to load (truncated, corrupt,
+non-finite weights) is converted again by itself.
 """
+
 import importlib.util
 import os
 import shutil
-import uuid
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -33,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from reclora.files import disk_full_named
+from reclora.files import atomic_directory, cache_folder
 
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
@@ -98,8 +99,13 @@ def load_llm(
     """
     name = str(name_or_path)
     if name == SMOLLM2:
-        model = _load_converted(_smollm2_model_dir, cache_dir, lambda directory: _finite(
-            AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)))
+        model = _load_converted(
+            _smollm2_model_dir,
+            cache_dir,
+            lambda directory: _finite(
+                AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+            ),
+        )
         tokenizer = load_tokenizer(SMOLLM2, cache_dir)
     elif name == TINY_LLAMA:
         tokenizer = load_tokenizer(SMOLLM2, cache_dir)
@@ -118,8 +124,11 @@ def load_tokenizer(
     """The tokenizer load_llm pairs with name_or_path ("tiny-llama" uses SmolLM2's)."""
     name = str(name_or_path)
     if name in (SMOLLM2, TINY_LLAMA):
-        tokenizer = _load_converted(_smollm2_tokenizer_dir, cache_dir,
-                                    lambda directory: AutoTokenizer.from_pretrained(directory, local_files_only=True))
+        tokenizer = _load_converted(
+            _smollm2_tokenizer_dir,
+            cache_dir,
+            lambda directory: AutoTokenizer.from_pretrained(directory, local_files_only=True),
+        )
     else:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         if tokenizer.pad_token is None:
@@ -131,7 +140,14 @@ def load_tokenizer(
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    """A random LLaMA of TINY_LLAMA_SHAPE over tokenizer's vocabulary, identical for equal seeds.
+    """A random LLaMA of TINY_LLAMA_SHAPE over tokenizer's vocabulary, identical for equal seeds."""
+    return random_llama(tokenizer, TINY_LLAMA_SHAPE, seed)
+
+
+def random_llama(
+    tokenizer: PreTrainedTokenizerBase, shape: dict, seed: int = 0, device: Union[str, torch.device] = "cpu"
+) -> LlamaForCausalLM:
+    """A LLaMA of shape (LlamaConfig's sizes) over tokenizer's vocabulary, its weights drawn from seed on device.
 
     The global RNG is left untouched (the seed applies inside a forked RNG state).
     """
@@ -141,9 +157,9 @@ def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCau
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA_SHAPE,
+        **shape,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
 
@@ -151,6 +167,22 @@ def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCau
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counting real tokens only, so a left-padded row sees what it would unpadded."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_logits(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at the last position, (B, V), of a causal LM over left-padded prompts.
+
+    Only the last position goes through the vocabulary projection; positions count real tokens
+    only (position_ids), so a padded row computes what it would alone.
+    """
+    out = llm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.logits[:, -1]
 
 
 def smollm2_available() -> bool:
@@ -175,45 +207,6 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def default_cache_dir() -> Path:
-    if "RECLORA_CACHE_DIR" in os.environ:
-        return Path(os.environ["RECLORA_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reclora"
-
-
-@contextmanager
-def atomic_directory(path: Union[str, os.PathLike], overwrite: bool = True) -> Iterator[Path]:
-    """Yields an empty temporary directory beside path; once the block succeeds it becomes path.
-
-    A reader never sees a half-written path: it is renamed into place whole. An existing path
-    is replaced when overwrite is True; otherwise the new content is discarded (another process
-    produced the same thing first). On error the temporary directory is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    staging.mkdir()
-    try:
-        with disk_full_named(path):
-            yield staging
-        retired = None
-        if overwrite and path.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-            path.rename(retired)
-        try:
-            staging.rename(path)
-        except OSError:
-            if overwrite or not path.exists():
-                raise
-            # Another process finished the same directory first: keep theirs.
-        if retired is not None:
-            shutil.rmtree(retired)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
 def _load_converted(convert, cache_dir, load):
     """load(convert(cache_dir)); a converted copy in the cache that fails to load is converted again."""
     directory = convert(cache_dir)
@@ -232,7 +225,7 @@ def _finite(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _smollm2_cache(cache_dir) -> Path:
-    return Path(cache_dir or default_cache_dir()) / smollm2_gguf_path().stem
+    return cache_folder(smollm2_gguf_path().stem, cache_dir)
 
 
 def _smollm2_tokenizer_dir(cache_dir) -> Path:

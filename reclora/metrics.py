@@ -1,4 +1,5 @@
 """CTR metrics: AUC, LogLoss, accuracy and GAUC (FuxiCTR's weighting: samples per user)."""
+
 import numpy as np
 
 EPS = 1e-7

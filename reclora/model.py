@@ -13,6 +13,7 @@ Data flow for a batch of sample indices:
 The baselines run through the same class: "lora" (one shared LoRA, the most recent K_short items
 in the prompt: TALLRec-style), "rella" (one shared LoRA, retrieved prompt), "zero-shot" (no tuning).
 """
+
 import dataclasses
 
 import numpy as np
@@ -22,19 +23,29 @@ from torch import nn
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm.features import CrmInputs
 from reclora.data import RecDataset
-from reclora.llm import position_ids
+from reclora.llm import last_token_logits
+from reclora.methods import GATE_INPUTS, LLM_METHODS, method
 from reclora.prompt import PromptBuilder, PromptInput, describe_user
 from reclora.readout import YesNoReadout
-from reclora.retrieval import LongShortRetriever
-
-METHODS = ("reclora", "lora", "rella", "zero-shot")
-GATE_INPUTS = ("crm", "user-embedding", "uniform")
+from reclora.retriever import LongShortRetriever
 
 
 class RecLoRAModel(nn.Module):
-    def __init__(self, method, dataset: RecDataset, llm, tokenizer, retriever: LongShortRetriever,
-                 crm=None, crm_inputs: CrmInputs = None, adapter_config: AdapterConfig = None, max_prompt_length=1024,
-                 gate_input="crm", loss="answer-ce", rating_format="stars"):
+    def __init__(
+        self,
+        method,
+        dataset: RecDataset,
+        llm,
+        tokenizer,
+        retriever: LongShortRetriever,
+        crm=None,
+        crm_inputs: CrmInputs = None,
+        adapter_config: AdapterConfig = None,
+        max_prompt_length=1024,
+        gate_input="crm",
+        loss="answer-ce",
+        rating_format="stars",
+    ):
         """crm / crm_inputs: the trained CRM and its batch builder (reclora with gate_input "crm").
 
         retriever: its strategy decides the prompt's history ("recent" for lora, "semantic" for
@@ -46,28 +57,29 @@ class RecLoRAModel(nn.Module):
         rating_format: how the prompt writes a rating, one of reclora.prompt.RATING_FORMATS.
         """
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        row = _llm_method(method)
         if gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
-        uses_crm = method == "reclora" and gate_input == "crm"
+        uses_crm = row.needs_crm(gate_input)
         if uses_crm and (crm is None or crm_inputs is None):
-            raise ValueError("method 'reclora' needs a trained crm and its crm_inputs (or gate_input='user-embedding')")
-        self.method, self.dataset, self.retriever, self.crm_inputs = method, dataset, retriever, crm_inputs
-        self.gate_input, self.loss_kind = gate_input, loss
+            raise ValueError(
+                f"method {row.name!r} needs a trained crm and its crm_inputs (or gate_input='user-embedding')"
+            )
+        self.method, self.dataset, self.retriever, self.crm_inputs = row.name, dataset, retriever, crm_inputs
+        self.row, self.gate_input, self.loss_kind = row, gate_input, loss
         self.crm = crm.eval().requires_grad_(False) if uses_crm else None
         self.user_embedding = None
-        if method == "zero-shot":
+        if not row.tuned:
             llm.requires_grad_(False)
             self.llm = llm
         else:
             config = adapter_config or AdapterConfig()
-            if method != "reclora":
+            if not row.gated:
                 config = dataclasses.replace(config, num_loras=1, gated=False)
             elif gate_input == "uniform":
                 config = dataclasses.replace(config, uniform_gate=True)
             self.llm = PersonalizedLLM(llm, config)
-            if method == "reclora" and gate_input == "user-embedding":
+            if row.gated and gate_input == "user-embedding":
                 self.user_embedding = nn.Embedding(dataset.n_users, config.gate_input_dim, device=llm.device)
         self.prompts = PromptBuilder(tokenizer, max_length=max_prompt_length, rating_format=rating_format)
         self.readout = YesNoReadout.from_tokenizer(tokenizer)
@@ -117,13 +129,16 @@ class RecLoRAModel(nn.Module):
             embedded = self.user_embedding(torch.where(known, users, 0))
             # A user added after training (cold start, at inference) reads the mean user.
             return torch.where(known[:, None], embedded, self.user_embedding.weight.mean(0))
-        if self.method == "reclora" and self.gate_input == "uniform":
+        if self.row.gated and self.gate_input == "uniform":
             return torch.zeros(batch["input_ids"].shape[0], 0, device=self.device)
         return None
 
     def _prompt(self, sample, short, row) -> PromptInput:
         items, n = self.dataset.items, int(short.lengths[row])
-        history = [(items.titles[i], float(r)) for i, r in zip(short.item_ids[row, :n].tolist(), short.ratings[row, :n].tolist())]
+        history = [
+            (items.titles[i], float(r))
+            for i, r in zip(short.item_ids[row, :n].tolist(), short.ratings[row, :n].tolist())
+        ]
         return PromptInput(history, items.titles[self.dataset.samples.item[sample]], self._user_sentence(sample))
 
     def _user_sentence(self, sample):
@@ -135,11 +150,8 @@ class RecLoRAModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         """Next-token logits at the answer position: (B, V)."""
-        if self.method == "zero-shot":
-            mask = batch["attention_mask"]
-            out = self.llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                           logits_to_keep=1, use_cache=False)
-            return out.logits[:, -1]
+        if not self.row.tuned:
+            return last_token_logits(self.llm, batch["input_ids"], batch["attention_mask"])
         return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=self.gate_features(batch))
 
     def yes_probability(self, batch) -> torch.Tensor:
@@ -160,3 +172,9 @@ class RecLoRAModel(nn.Module):
 
 def _is_gate_parameter(name: str) -> bool:
     return "gate_bank." in name or name.startswith("user_embedding.")
+
+
+def _llm_method(name: str):
+    if name not in LLM_METHODS:
+        raise ValueError(f"method must be one of {list(LLM_METHODS)}, got {name!r}")
+    return method(name)

@@ -7,6 +7,7 @@
 Exit codes: 0 done; 2 bad input or run folder (the message names the file and the line; nothing
 is written); 130 interrupted. The output is written atomically, once everything is scored.
 """
+
 import argparse
 import sys
 import time
@@ -23,22 +24,40 @@ from reclora.inference.run_folder import RunFolderError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m reclora.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m reclora.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished python -m reclora.train run")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", metavar="FILE.csv", help="requests: a CSV with columns user,item[,timestamp] (raw "
-                        "ids as in the dataset's files; timestamps in its unit; an empty timestamp: after the user's "
-                        "last known interaction); other columns are copied to the output")
-    source.add_argument("--split", choices=("test", "valid"), help="score the run's own evaluated samples instead "
-                        "(test: those of predictions.npz); writes sample,user,item,label,score")
+    source.add_argument(
+        "--input",
+        metavar="FILE.csv",
+        help="requests: a CSV with columns user,item[,timestamp] (raw "
+        "ids as in the dataset's files; timestamps in its unit; an empty timestamp: after the user's "
+        "last known interaction); other columns are copied to the output",
+    )
+    source.add_argument(
+        "--split",
+        choices=("test", "valid"),
+        help="score the run's own evaluated samples instead "
+        "(test: those of predictions.npz); writes sample,user,item,label,score",
+    )
     parser.add_argument("--output", required=True, metavar="FILE.csv", help="the input's columns and a score column")
-    parser.add_argument("--top", type=int, metavar="K", help="rank: the input rows are candidates grouped by user; keep "
-                        "each user's K best, with a rank column")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="requests per batch (default: the run's "
-                        "--eval-batch-size)")
+    parser.add_argument(
+        "--top",
+        type=int,
+        metavar="K",
+        help="rank: the input rows are candidates grouped by user; keep each user's K best, with a rank column",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, metavar="N", help="requests per batch (default: the run's --eval-batch-size)"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast for the LLM (default: as the run was trained)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast for the LLM (default: as the run was trained)",
+    )
     parser.add_argument("--data-dir", help="where the run's data lies now, if it moved since training")
     return parser
 
@@ -53,8 +72,14 @@ def main(argv=None) -> int:
         parser.error("--top ranks the candidates of an --input file, not a --split")
     try:
         requests = read_requests(args.input) if args.input else None
-        recommender = Recommender.load(args.run_dir, device=args.device, bf16=args.bf16, batch_size=args.batch_size,
-                                       data_dir=args.data_dir, progress=sys.stderr.isatty())
+        recommender = Recommender.load(
+            args.run_dir,
+            device=args.device,
+            bf16=args.bf16,
+            batch_size=args.batch_size,
+            data_dir=args.data_dir,
+            progress=sys.stderr.isatty(),
+        )
         start = time.perf_counter()
         if requests is None:
             columns, rows, count = _score_split(recommender, args.split)
@@ -72,8 +97,11 @@ def main(argv=None) -> int:
     except OSError as error:
         print(f"error: cannot write {args.output} ({error.strerror}); nothing was written", file=sys.stderr)
         return 2
-    print(f"{count:,} requests in {seconds:.2f} s: {count / max(seconds, 1e-9):.2f} requests/s "
-          f"({recommender.method}, {recommender.device}); wrote {args.output}", flush=True)
+    print(
+        f"{count:,} requests in {seconds:.2f} s: {count / max(seconds, 1e-9):.2f} requests/s "
+        f"({recommender.method}, {recommender.device}); wrote {args.output}",
+        flush=True,
+    )
     return 0
 
 
@@ -81,8 +109,13 @@ def _score_split(recommender, split):
     samples = recommender.split_samples(split)
     scores = recommender.score_samples(samples)
     described = recommender.describe_samples(samples)
-    rows = zip(samples.tolist(), described["user"].tolist(), described["item"].tolist(), described["label"].tolist(),
-               _cells(scores))
+    rows = zip(
+        samples.tolist(),
+        described["user"].tolist(),
+        described["item"].tolist(),
+        described["label"].tolist(),
+        _cells(scores),
+    )
     return ["sample", "user", "item", "label", "score"], list(rows), len(samples)
 
 

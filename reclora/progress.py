@@ -3,6 +3,7 @@
 tqdm redraws its bar with carriage returns several times a second: a terminal shows one line,
 a log (CI, nohup, a job scheduler) keeps every redraw, megabytes of them for a long epoch.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,13 +14,23 @@ from tqdm.auto import tqdm
 LINE_EVERY = 0.1  # of the total, between two lines of a LineProgress
 
 
-def progress_bar(iterable=None, *, desc="", total=None, initial=0, unit="it", unit_scale=False, leave=True,
-                 disable=False, file=None):
+def progress_bar(
+    iterable=None, *, desc="", total=None, initial=0, unit="it", unit_scale=False, leave=True, disable=False, file=None
+):
     """tqdm(...) with these options when file (default stderr) is a terminal, else a LineProgress."""
     file = file or sys.stderr
     if disable or _is_terminal(file):
-        return tqdm(iterable, desc=desc, total=total, initial=initial, unit=unit, unit_scale=unit_scale, leave=leave,
-                    disable=disable, file=file)
+        return tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            initial=initial,
+            unit=unit,
+            unit_scale=unit_scale,
+            leave=leave,
+            disable=disable,
+            file=file,
+        )
     return LineProgress(iterable, desc=desc, total=total, initial=initial, unit=unit, unit_scale=unit_scale, file=file)
 
 
@@ -77,7 +88,15 @@ class LineProgress:
 
     def _write(self) -> None:
         self.printed_n = self.n
-        line = tqdm.format_meter(self.n, self.total, time.monotonic() - self.start, prefix=self.desc, unit=self.unit,
-                                 unit_scale=self.unit_scale, postfix=self.postfix, initial=self.initial)
+        line = tqdm.format_meter(
+            self.n,
+            self.total,
+            time.monotonic() - self.start,
+            prefix=self.desc,
+            unit=self.unit,
+            unit_scale=self.unit_scale,
+            postfix=self.postfix,
+            initial=self.initial,
+        )
         self.file.write(line + "\n")
         self.file.flush()

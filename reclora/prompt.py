@@ -16,8 +16,10 @@ It is rendered with tokenizer.apply_chat_template(add_generation_prompt=True), s
 is the assistant's answer, "Yes" or "No" (reclora.readout). Prompts longer than max_length
 lose their oldest history items, never the question.
 """
+
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -35,6 +37,7 @@ class ItemDomain:
 MOVIES = ItemDomain("movie", "movies", "watched")
 BOOKS = ItemDomain("book", "books", "read")
 RATING_FORMATS = ("stars", "out-of-5")
+OVERFLOWS = ("raise", "cut")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +62,13 @@ def describe_user(gender: str, age: str, job: str) -> str:
 class PromptBuilder:
     """Renders PromptInputs into chat prompts and token ids no longer than max_length."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024, domain: ItemDomain = MOVIES,
-                 rating_format: str = "stars"):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 1024,
+        domain: ItemDomain = MOVIES,
+        rating_format: str = "stars",
+    ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (reclora.llm.load_llm sets one)")
         if rating_format not in RATING_FORMATS:
@@ -92,21 +100,27 @@ class PromptBuilder:
         message = {"role": "user", "content": self.user_message(sample, num_history)}
         return self.tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
 
-    def token_ids(self, samples: Sequence[PromptInput]) -> list[list[int]]:
+    def token_ids(self, samples: Sequence[PromptInput], overflow: str = "raise") -> list[list[int]]:
         """Each sample's prompt tokens (unpadded), at most max_length long.
 
         All prompts are tokenized in one batch; only those too long are tokenized again.
-        Raises ValueError when a prompt without any history item is still too long.
+        overflow: what a prompt still too long without any history item does: "raise" a ValueError,
+        or "cut" to its last max_length tokens (for benchmarks at a fixed length).
         """
+        if overflow not in OVERFLOWS:
+            raise ValueError(f"overflow must be one of {OVERFLOWS}, got {overflow!r}")
         ids = self._tokenize([self.render(sample) for sample in samples])
         return [
-            self._fit(sample, sample_ids) if len(sample_ids) > self.max_length else sample_ids
+            self._fit(sample, sample_ids, overflow) if len(sample_ids) > self.max_length else sample_ids
             for sample, sample_ids in zip(samples, ids)
         ]
 
-    def pad(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        """Left-pads to the longest: {"input_ids": (B, T) int64, "attention_mask": (B, T) int64}."""
-        length = max(len(ids) for ids in token_ids)
+    def pad(self, token_ids: Sequence[Sequence[int]], length: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Left-pads to length (default: the longest): {"input_ids": (B, T) int64, "attention_mask": (B, T) int64}."""
+        longest = max(len(ids) for ids in token_ids)
+        if length is not None and length < longest:
+            raise ValueError(f"length {length} is shorter than the longest prompt ({longest} tokens)")
+        length = length or longest
         input_ids = torch.full((len(token_ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
         for row, ids in enumerate(token_ids):
@@ -114,25 +128,31 @@ class PromptBuilder:
             attention_mask[row, length - len(ids) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def encode(self, samples: Sequence[PromptInput]) -> dict[str, torch.Tensor]:
-        """pad(token_ids(samples)): a left-padded batch ready for the LLM."""
-        return self.pad(self.token_ids(samples))
+    def encode(
+        self, samples: Sequence[PromptInput], pad_to: Optional[int] = None, overflow: str = "raise"
+    ) -> dict[str, torch.Tensor]:
+        """A left-padded batch ready for the LLM: pad(token_ids(samples, overflow), pad_to)."""
+        return self.pad(self.token_ids(samples, overflow), pad_to)
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         # The chat template already wrote every special token the model expects.
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _fit(self, sample: PromptInput, ids: list[int]) -> list[int]:
+    def _fit(self, sample: PromptInput, ids: list[int], overflow: str) -> list[int]:
         """Drops the oldest history items until the prompt fits.
 
         How many to drop is estimated from each history line's own token count, then checked
         by tokenizing the shortened prompt (numbering and merges across lines can shift the
         count by a token or two, in which case one more round drops more).
         """
-        history_lines = [self._history_line(k, title, rating) + "\n" for k, (title, rating) in enumerate(sample.history, 1)]
-        line_lengths = [len(line_ids) for line_ids in self._tokenize(history_lines)]
-        num_history = len(sample.history)
+        history_lines = [
+            self._history_line(k, title, rating) + "\n" for k, (title, rating) in enumerate(sample.history, 1)
+        ]
+        line_lengths = [len(line_ids) for line_ids in self._tokenize(history_lines)] if history_lines else []
+        num_history, full = len(sample.history), ids
         while len(ids) > self.max_length:
+            if num_history == 0 and overflow == "cut":
+                return full[-self.max_length :]
             if num_history == 0:
                 raise ValueError(
                     f"the prompt for target {sample.target!r} has {len(ids)} tokens without any history, "
@@ -144,7 +164,6 @@ class PromptBuilder:
                 num_history -= 1
             ids = self._tokenize([self.render(sample, num_history)])[0]
         return ids
-
 
     def _history_line(self, number: int, title: str, rating: float) -> str:
         # :g writes 4.0 as 4, keeps 3.5

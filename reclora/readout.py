@@ -12,6 +12,7 @@ The paper trains on every answer token ("Yes." and the end of turn); the tokens 
 carry no information about the label once it is given, so only the first is trained and read.
 Both are deterministic functions of the logits: with the model in eval mode, so is the score.
 """
+
 import dataclasses
 
 import torch

@@ -4,6 +4,7 @@ Ops (each with backends torch | cpu | triton | cuda; see `python -m reclora_kern
   gated_lora, gated_lora_linear         per-sample gated meta-LoRA mixing x low-rank matmul
   retrieve_topk, topk_target_attention  top-k retrieval / target attention over histories
 """
+
 from reclora_kernels._backends import (
     BACKENDS,
     BackendUnavailableError,

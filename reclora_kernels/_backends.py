@@ -6,10 +6,11 @@ Backends:
   triton  Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, for tests)
   cuda    CUDA C++ kernels in reclora_kernels._C (CUDA tensors)
 """
+
 import importlib.util
-import os
 
 from reclora_kernels import _native, cpu_features
+from reclora_kernels._triton_support import interpreter_enabled
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
@@ -21,14 +22,10 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why and how to fix it."""
 
 
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _triton_reason(device_type):
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'triton>=3.6')"
-    if device_type == "cpu" and not triton_interpreter_enabled():
+    if device_type == "cpu" and not interpreter_enabled():
         return "Triton kernels run on CUDA tensors; on CPU only under TRITON_INTERPRET=1 (slow, for tests)"
     if device_type not in ("cpu", "cuda"):
         return f"Triton backend supports cuda (and interpreted cpu) tensors, not {device_type}"

@@ -1,4 +1,5 @@
 """Argument checks that fail with a message naming the argument and what was expected."""
+
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,7 +30,9 @@ def same_dtype(names_values, what):
     first_name, first = present[0]
     for name, value in present[1:]:
         if value.dtype != first.dtype:
-            raise TypeError(f"{name} must have the same dtype as {first_name} ({first.dtype}) {what}, got {value.dtype}")
+            raise TypeError(
+                f"{name} must have the same dtype as {first_name} ({first.dtype}) {what}, got {value.dtype}"
+            )
 
 
 def index_range(name, index, low, high, what, where=None):

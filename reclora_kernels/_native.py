@@ -4,6 +4,7 @@ Importing it registers the native ops under torch.ops.reclora (schemas in
 csrc/registration.cpp, CPU kernels in csrc/*_cpu.cpp, CUDA kernels in csrc/*_cuda.cu).
 The package imports without it; the error comes when a native backend is asked for.
 """
+
 import importlib
 import importlib.util
 

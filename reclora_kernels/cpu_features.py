@@ -9,6 +9,7 @@ The best level the CPU runs by default; RECLORA_CPU_ISA=avx512|avx2|baseline for
 when the first kernel runs), so that each path can be tested and measured on a machine that has it.
 A level the CPU lacks, or an unknown name, is refused with an error, never quietly lowered.
 """
+
 import os
 import platform
 import warnings

@@ -8,6 +8,7 @@ Layout: reference in gated_lora_reference.py, Triton kernels in gated_lora_trito
 C++/CUDA kernels in csrc/gated_lora_{cpu.cpp,cuda.cu}; this module validates, dispatches
 and wires autograd (custom ops reclora::gated_lora and reclora::gated_lora_grad).
 """
+
 from typing import Optional
 
 import torch

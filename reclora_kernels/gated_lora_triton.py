@@ -1,28 +1,24 @@
 """Triton kernels of the personalized LoRA (called by gated_lora.py; semantics in csrc/registration.cpp).
 
-Every LoRA term is a dense product with the meta-LoRAs concatenated, A_cat = lora_a as (K r, d_in)
-and Bt = lora_b as (K r, d_out), plus a mixing of K r numbers per token:
-  forward   U = x A_cat^T (M, K r) fp32;  V = s mix(U, g);  y = x W^T + bias + V Bt
-            mix, weight: u = sum_k g_k U_k, V_k = s g_k u;  output: V_k = s g_k U_k
-  backward  H = G Bt^T;  Z = s mix(H, g);  dx = G W + Z A_cat;  dA_cat = Z^T x;  dBt = V^T G
-            dgate[b, k] = sum over b's tokens of  (weight) <h, U_k> + s <H_k, u>, h = s sum_k g_k H_k
-                                                  (output) s <U_k, H_k>
-(the weight-mix gradients of the contract, with dA_p[b] = sum h x^T and dB_p[b] = s sum G u^T, expanded
-over tokens). Rows of one tile may thus belong to different samples (packed, unsorted tokens) at no
-extra cost, nothing per token is wider than K r, and every reduction is deterministic (no atomics).
-Kernels: one GEMM with a second accumulated product and bias in its epilogue (all products above), a
-row-wise mixing kernel and a per-sample segment sum for dgate.
+The algebra and its notation (U, H, V, Z over the concatenated meta-LoRAs) are in
+gated_lora_reference.py. Here: U is kept in float32; the products are one GEMM kernel with a
+second accumulated product and bias in its epilogue (y = x W^T + bias + V B_cat^T,
+dx = G W + Z A_cat), a row-wise mixing kernel (V, Z from U, H) and a per-sample segment sum for
+dgate. Rows of one tile may belong to different samples (packed, unsorted tokens) at no extra
+cost, and every reduction is deterministic (no atomics).
 """
-import contextlib
+
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from reclora_kernels._checks import KERNEL_DTYPES
+from reclora_kernels._triton_support import interpreter_enabled, on_device
+from reclora_kernels._triton_support import num_sms as _num_sms  # a module attribute: check_gpu_compile sets it
+
+_INTERPRET = interpreter_enabled()  # decided at import, as triton.jit decides between compiling and interpreting
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,7 +44,16 @@ _TILES_WIDE_K = [
 ]
 # (64, 64, 32, 4, 3) spilled registers on sm_90 (make check-gpu-compile).
 _TILES_NARROW_K = [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (32, 64, 32, 4, 3)]
-_STRIDE_NAMES = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_a2m", "stride_a2k", "stride_b2k", "stride_b2n")
+_STRIDE_NAMES = (
+    "stride_am",
+    "stride_ak",
+    "stride_bk",
+    "stride_bn",
+    "stride_a2m",
+    "stride_a2k",
+    "stride_b2k",
+    "stride_b2n",
+)
 
 
 def _matmul_configs():
@@ -70,7 +75,9 @@ def _prune_configs(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     narrow = a.dtype == torch.float32 or not aligned
     limit = _shared_bytes_per_block(a.device)
-    own = [c for c in configs if (c.kwargs["BLOCK_K"] == 32) == narrow and _pipeline_bytes(c, a.element_size()) <= limit]
+    own = [
+        c for c in configs if (c.kwargs["BLOCK_K"] == 32) == narrow and _pipeline_bytes(c, a.element_size()) <= limit
+    ]
     m_cap = max(32, triton.next_power_of_2(named_args["M"]))
     n_cap = max(32, triton.next_power_of_2(named_args["N"]))
     sized = [c for c in own if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
@@ -83,7 +90,7 @@ def _pipeline_bytes(config, element_size):
     return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shared_bytes_per_block(device):
     if device.type != "cuda":
         return 1 << 30  # interpreted CPU runs have one small tile
@@ -91,8 +98,22 @@ def _shared_bytes_per_block(device):
 
 
 @triton.jit
-def _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, k_lo, k_hi, stride_am, stride_ak, stride_bk, stride_bn,
-                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _accumulate(
+    acc,
+    a_ptr,
+    b_ptr,
+    offs_m,
+    offs_n,
+    k_lo,
+    k_hi,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """acc += A[offs_m, k_lo:k_hi] @ B[k_lo:k_hi, offs_n] (offs_m / offs_n already wrapped in range)."""
     offs_k = tl.arange(0, BLOCK_K)
     first_k = (k_lo + offs_k).to(tl.int64)
@@ -117,13 +138,37 @@ def _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, k_lo, k_hi, stride_am, stride
 )
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
-    M, N, K1, K2, k_split, M_KEY,
-    stride_am, stride_ak, stride_bk, stride_bn,
-    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_cs, stride_cm, stride_cn,
-    HAS_SEG2: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    a2_ptr,
+    b2_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K1,
+    K2,
+    k_split,
+    M_KEY,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_a2m,
+    stride_a2k,
+    stride_b2k,
+    stride_b2n,
+    stride_cs,
+    stride_cm,
+    stride_cn,
+    HAS_SEG2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each column panel of B while it is in L2.
     pid = tl.program_id(0)
@@ -146,26 +191,51 @@ def _matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = split * k_split
-    acc = _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, k_lo, min(K1, k_lo + k_split),
-                      stride_am, stride_ak, stride_bk, stride_bn, BLOCK_K, UPCAST, PRECISION)
+    acc = _accumulate(
+        acc,
+        a_ptr,
+        b_ptr,
+        offs_m,
+        offs_n,
+        k_lo,
+        min(K1, k_lo + k_split),
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bn,
+        BLOCK_K,
+        UPCAST,
+        PRECISION,
+    )
     # The second product and the bias belong to the first split only.
     if HAS_SEG2:
-        acc = _accumulate(acc, a2_ptr, b2_ptr, offs_m, offs_n, 0, tl.where(split == 0, K2, 0),
-                          stride_a2m, stride_a2k, stride_b2k, stride_b2n, BLOCK_K, UPCAST, PRECISION)
-    if HAS_BIAS:
+        acc = _accumulate(
+            acc,
+            a2_ptr,
+            b2_ptr,
+            offs_m,
+            offs_n,
+            0,
+            tl.where(split == 0, K2, 0),
+            stride_a2m,
+            stride_a2k,
+            stride_b2k,
+            stride_b2n,
+            BLOCK_K,
+            UPCAST,
+            PRECISION,
+        )
+    if HAS_BIAS:  # noqa: SIM102 - a constexpr: this if is decided at compile time, split's at run time
         if split == 0:
             acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
 
-    c_ptrs = (c_ptr + split.to(tl.int64) * stride_cs
-              + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn)
+    c_ptrs = (
+        c_ptr
+        + split.to(tl.int64) * stride_cs
+        + rows.to(tl.int64)[:, None] * stride_cm
+        + cols.to(tl.int64)[None, :] * stride_cn
+    )
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device):
-    if device.type != "cuda":
-        return 8  # interpreted CPU runs: only steers _split_for
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _split_for(rows, cols, depth, device):
@@ -205,11 +275,27 @@ def _matmul(a, b, out, a2=None, b2=None, bias=None, split=1):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
 
     _matmul_kernel[grid](
-        a, b, a2, b2, bias, target,
-        M, N, K1, K2, k_split, min(triton.next_power_of_2(M), 8192),
-        *a.stride(), *b.stride(), *a2_strides, *b2_strides,
-        stride_cs, stride_cm, stride_cn,
-        HAS_SEG2=a2 is not None, HAS_BIAS=bias is not None,
+        a,
+        b,
+        a2,
+        b2,
+        bias,
+        target,
+        M,
+        N,
+        K1,
+        K2,
+        k_split,
+        min(triton.next_power_of_2(M), 8192),
+        *a.stride(),
+        *b.stride(),
+        *a2_strides,
+        *b2_strides,
+        stride_cs,
+        stride_cm,
+        stride_cn,
+        HAS_SEG2=a2 is not None,
+        HAS_BIAS=bias is not None,
         UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         # fp32 is exact like torch's default fp32 matmul (no tf32); 16-bit operands ignore the setting.
         PRECISION="ieee" if a.dtype == torch.float32 or _INTERPRET else "tf32",
@@ -226,10 +312,26 @@ def _matmul(a, b, out, a2=None, b2=None, bias=None, split=1):
 
 @triton.jit
 def _mix_kernel(
-    u_ptr, h_ptr, gate_ptr, sample_ptr, v_ptr, z_ptr, c_ptr,
-    M, num_samples, tokens_per_sample, K, R, stride_out, scaling,
-    HAS_INDEX: tl.constexpr, OUTPUT_MIX: tl.constexpr, BACKWARD: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_R: tl.constexpr,
+    u_ptr,
+    h_ptr,
+    gate_ptr,
+    sample_ptr,
+    v_ptr,
+    z_ptr,
+    c_ptr,
+    M,
+    num_samples,
+    tokens_per_sample,
+    K,
+    R,
+    stride_out,
+    scaling,
+    HAS_INDEX: tl.constexpr,
+    OUTPUT_MIX: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """V = s mix(U); backward also Z = s mix(H) and the gate-gradient terms c (M, K) of each token."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -243,8 +345,9 @@ def _mix_kernel(
     rows = rows.to(tl.int64)
     kk = tl.arange(0, BLOCK_KP)
     jj = tl.arange(0, BLOCK_R)
-    g = tl.load(gate_ptr + ids.to(tl.int64)[:, None] * K + kk[None, :],
-                mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+    g = tl.load(
+        gate_ptr + ids.to(tl.int64)[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0
+    )
     g3 = g[:, :, None]
     cols = (kk * R)[None, :, None] + jj[None, None, :]
     offs = rows[:, None, None] * (K * R) + cols
@@ -274,8 +377,15 @@ def _mix_kernel(
 
 @triton.jit
 def _segment_sum_kernel(
-    c_ptr, order_ptr, starts_ptr, out_ptr, tokens_per_sample, K,
-    HAS_INDEX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_KP: tl.constexpr,
+    c_ptr,
+    order_ptr,
+    starts_ptr,
+    out_ptr,
+    tokens_per_sample,
+    K,
+    HAS_INDEX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
 ):
     """out[b] = sum of c over sample b's tokens, in token order (deterministic)."""
     b = tl.program_id(0)
@@ -315,10 +425,26 @@ def _mix(u, h, gate, sample_index, rank, scaling, output_mix, dtype):
     # About 4K elements per live (rows, K, r) tile keeps the backward's several tiles in registers.
     block_rows = max(1, min(64, 4096 // (block_kp * block_r)))
     _mix_kernel[(triton.cdiv(M, block_rows),)](
-        u, h, gate, sample_index, v, z, c,
-        M, num_samples, M // num_samples, num_loras, rank, padded, scaling,
-        HAS_INDEX=sample_index is not None, OUTPUT_MIX=output_mix, BACKWARD=backward,
-        BLOCK_ROWS=block_rows, BLOCK_KP=block_kp, BLOCK_R=block_r,
+        u,
+        h,
+        gate,
+        sample_index,
+        v,
+        z,
+        c,
+        M,
+        num_samples,
+        M // num_samples,
+        num_loras,
+        rank,
+        padded,
+        scaling,
+        HAS_INDEX=sample_index is not None,
+        OUTPUT_MIX=output_mix,
+        BACKWARD=backward,
+        BLOCK_ROWS=block_rows,
+        BLOCK_KP=block_kp,
+        BLOCK_R=block_r,
         num_warps=4,
     )
     return v, z, c
@@ -337,8 +463,15 @@ def _sum_per_sample(c, sample_index, num_samples):
         sorted_ids, order = torch.sort(sample_index, stable=True)
         starts = torch.searchsorted(sorted_ids, torch.arange(num_samples + 1, device=c.device))
     _segment_sum_kernel[(num_samples,)](
-        c, order, starts, out, M // num_samples, num_loras,
-        HAS_INDEX=sample_index is not None, BLOCK_T=64, BLOCK_KP=triton.next_power_of_2(num_loras),
+        c,
+        order,
+        starts,
+        out,
+        M // num_samples,
+        num_loras,
+        HAS_INDEX=sample_index is not None,
+        BLOCK_T=64,
+        BLOCK_KP=triton.next_power_of_2(num_loras),
         num_warps=4,
     )
     return out
@@ -357,7 +490,7 @@ def _check(x, weight, bias, gate, lora_a, lora_b, sample_index, grad_out=None):
             raise ValueError(f"gated_lora_triton: {msg}")
 
     require(x.dim() == 2, f"x must be (M, d_in), got shape {tuple(x.shape)}")
-    require(x.dtype in _KERNEL_DTYPES, f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    require(x.dtype in KERNEL_DTYPES, f"x must be float32, float16 or bfloat16, got {x.dtype}")
     require(lora_a.dim() == 3 and lora_b.dim() == 3 and gate.dim() == 2, "gate must be 2-D, lora_a/b 3-D")
     num_samples, num_loras = gate.shape
     _, d_in = x.shape
@@ -378,11 +511,14 @@ def _check(x, weight, bias, gate, lora_a, lora_b, sample_index, grad_out=None):
         require(grad_out.shape == (x.shape[0], d_out), f"grad_out must be (M, d_out), got {tuple(grad_out.shape)}")
         tensors["grad_out"] = grad_out
     if sample_index is None:
-        require(x.shape[0] % max(num_samples, 1) == 0 and (num_samples > 0 or x.shape[0] == 0),
-                "without sample_index, M must be a multiple of B (B = 0 only with M = 0)")
+        require(
+            x.shape[0] % max(num_samples, 1) == 0 and (num_samples > 0 or x.shape[0] == 0),
+            "without sample_index, M must be a multiple of B (B = 0 only with M = 0)",
+        )
     else:
-        require(sample_index.shape == (x.shape[0],) and sample_index.dtype == torch.int64,
-                "sample_index must be (M,) int64")
+        require(
+            sample_index.shape == (x.shape[0],) and sample_index.dtype == torch.int64, "sample_index must be (M,) int64"
+        )
         tensors["sample_index"] = sample_index
     for name, t in tensors.items():
         require(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
@@ -396,22 +532,17 @@ def _factors(lora_a, lora_b):
     return lora_a.view(num_loras * rank, d_in), lora_b.transpose(1, 2).reshape(num_loras * rank, lora_b.shape[1])
 
 
-def _on_device(x):
-    """Triton launches on the current CUDA device; make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def gated_lora_forward(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix):
     """y = x W^T + bias + LoRA delta: (M, d_out) in x's dtype (see the module docstring)."""
     _check(x, weight, bias, gate, lora_a, lora_b, sample_index)
-    with _on_device(x):
+    with on_device(x):
         return _forward(x, weight, bias, gate, lora_a, lora_b, sample_index, float(scaling), output_mix)
 
 
 def gated_lora_backward(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
     """(grad_x, grad_gate float32, grad_lora_a, grad_lora_b); grad_x includes grad_out @ W given weight."""
     _check(x, weight, None, gate, lora_a, lora_b, sample_index, grad_out)
-    with _on_device(x):
+    with on_device(x):
         return _backward(grad_out, x, weight, gate, lora_a, lora_b, sample_index, float(scaling), output_mix)
 
 

@@ -1,5 +1,6 @@
 """`python -m reclora_kernels.info`: versions, the CPU and its ISA path, and which backends can run
 here (and why not)."""
+
 import importlib
 import platform
 import sys
@@ -7,6 +8,7 @@ import sys
 import torch
 
 from reclora_kernels import __version__, _backends, _native, cpu_features
+from reclora_kernels._triton_support import interpreter_enabled
 
 
 def _version(module):
@@ -22,7 +24,7 @@ def report() -> str:
         f"python {platform.python_version()} ({sys.executable})",
         f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         f"triton {_version('triton')}",
-        f"TRITON_INTERPRET={'1' if _backends.triton_interpreter_enabled() else '0'}",
+        f"TRITON_INTERPRET={'1' if interpreter_enabled() else '0'}",
     ]
     lines += _cpu_lines()
     if torch.cuda.is_available():

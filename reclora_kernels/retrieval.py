@@ -9,6 +9,7 @@ Layout: reference in retrieval_reference.py, Triton kernels in retrieval_triton.
 C++/CUDA kernels in csrc/retrieval_{cpu.cpp,cuda.cu}; this module validates, dispatches
 and wires autograd.
 """
+
 from typing import Optional
 
 import torch
@@ -39,9 +40,7 @@ def retrieve_topk(query, keys, k, lengths=None, mask=None, ids=None, scale=1.0, 
     return _retrieve_topk_op(query, keys, ids, lengths, mask, k, float(scale), backend)
 
 
-def topk_target_attention(
-    query, keys, k, values=None, lengths=None, mask=None, ids=None, scale=None, backend=None
-):
+def topk_target_attention(query, keys, k, values=None, lengths=None, mask=None, ids=None, scale=None, backend=None):
     """Softmax-pooled top-k target attention (SIM / TWIN style).
 
     values: same layout as keys ((B, L, d_v), or a table (N_v, d_v) read through ids);
@@ -51,8 +50,10 @@ def topk_target_attention(
     lengths, mask = _check_inputs(query, keys, values, k, lengths, mask, ids, 1.0 if scale is None else scale)
     if scale is None:
         if query.shape[-1] == 0:
-            raise ValueError(f"query has d = 0 features: pass scale (the default 1/sqrt(d) does not exist), "
-                             f"got shape {tuple(query.shape)}")
+            raise ValueError(
+                f"query has d = 0 features: pass scale (the default 1/sqrt(d) does not exist), "
+                f"got shape {tuple(query.shape)}"
+            )
         scale = query.shape[-1] ** -0.5
     backend = _resolve(backend, query)
     if backend == "torch":

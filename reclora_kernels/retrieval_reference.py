@@ -5,6 +5,7 @@ topk, gather, softmax, sum): it materializes the gathered keys, which the kernel
   query: (B, d); keys: (B, L, d) dense, or a table (N, d) with ids: (B, L) int64;
   lengths: (B,) int64 valid prefix; mask: (B, L) bool.
 """
+
 import torch
 
 
@@ -63,9 +64,7 @@ def retrieve_topk_reference(query, keys, k: int, ids=None, lengths=None, mask=No
     return top_scores, index
 
 
-def topk_target_attention_reference(
-    query, keys, k: int, values=None, ids=None, lengths=None, mask=None, scale=None
-):
+def topk_target_attention_reference(query, keys, k: int, values=None, ids=None, lengths=None, mask=None, scale=None):
     """Returns pooled (B, d_v) in values' dtype and index (B, k).
 
     Softmax over the top-k scores (scale defaults to 1/sqrt(d)); rows with no valid item

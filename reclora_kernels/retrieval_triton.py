@@ -16,17 +16,16 @@ keys/values are stored directly (a row's positions are distinct), table rows acc
 with float32 atomics or, under torch.use_deterministic_algorithms, through per-slot
 contributions reduced by torch's deterministic index_add_.
 """
-import contextlib
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Decided at import, as triton.jit itself decides between compiling and interpreting.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from reclora_kernels._checks import KERNEL_DTYPES
+from reclora_kernels._triton_support import interpreter_enabled, on_device
+from reclora_kernels._triton_support import num_sms as _num_sms  # a module attribute: check_gpu_compile sets it
+
+_INTERPRET = interpreter_enabled()  # decided at import, as triton.jit decides between compiling and interpreting
 # Positions live in the low 32 bits of a key; int32 position arithmetic keeps headroom below 2**31.
 _MAX_LENGTH = 2**30
 
@@ -66,8 +65,19 @@ def _rows(ids, b, pos, found, L):
 
 @triton.jit
 def _finish(
-    top, b, k, L, Dv, ids, values, scores, index, probs, pooled,
-    K_PAD: tl.constexpr, BLOCK_DV: tl.constexpr,
+    top,
+    b,
+    k,
+    L,
+    Dv,
+    ids,
+    values,
+    scores,
+    index,
+    probs,
+    pooled,
+    K_PAD: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Writes row b's outputs from its ascending top list; values None: retrieval."""
     slot = K_PAD - 1 - tl.arange(0, K_PAD)
@@ -98,9 +108,28 @@ def _finish(
 
 @triton.jit
 def _chunk_topk_kernel(
-    query, keys, ids, lengths, mask, values, cand, scores, index, probs, pooled,
-    L, D, Dv, k, CHUNK, scale,
-    FINAL: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, D_UNROLL: tl.constexpr,
+    query,
+    keys,
+    ids,
+    lengths,
+    mask,
+    values,
+    cand,
+    scores,
+    index,
+    probs,
+    pooled,
+    L,
+    D,
+    Dv,
+    k,
+    CHUNK,
+    scale,
+    FINAL: tl.constexpr,
+    K_PAD: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_UNROLL: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -141,8 +170,19 @@ def _chunk_topk_kernel(
 
 @triton.jit
 def _merge_chunks_kernel(
-    cand, ids, values, scores, index, probs, pooled, L, Dv, k, C,
-    K_PAD: tl.constexpr, BLOCK_DV: tl.constexpr,
+    cand,
+    ids,
+    values,
+    scores,
+    index,
+    probs,
+    pooled,
+    L,
+    Dv,
+    k,
+    C,
+    K_PAD: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     # the chunk lists are ascending: read backwards, each is the descending side of a merge
@@ -176,9 +216,27 @@ def _scatter_rows(dst, rows, slots, found, cols, width, contrib, SCATTER: tl.con
 
 @triton.jit
 def _backward_kernel(
-    grad_scores, grad_pooled, probs, query, keys, values, ids, index,
-    grad_query, grad_keys, grad_values, slot_rows, L, D, Dv, k, scale,
-    SCATTER: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    grad_scores,
+    grad_pooled,
+    probs,
+    query,
+    keys,
+    values,
+    ids,
+    index,
+    grad_query,
+    grad_keys,
+    grad_values,
+    slot_rows,
+    L,
+    D,
+    Dv,
+    k,
+    scale,
+    SCATTER: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, K_PAD)
@@ -236,10 +294,7 @@ def _tile_configs(configs, named_args, **kwargs):
 
 if not _INTERPRET:
     _chunk_topk_kernel = triton.autotune(
-        configs=[
-            triton.Config({"TILE": tile}, num_warps=warps)
-            for tile, warps in _TILE_CONFIGS
-        ],
+        configs=[triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in _TILE_CONFIGS],
         key=["D", "Dv", "K_PAD", "FINAL"],
         prune_configs_by={"early_config_prune": _tile_configs},
     )(_chunk_topk_kernel)
@@ -257,11 +312,6 @@ def _block(width, rows):
     return min(_pow2(width), max(16, 16384 // rows))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _chunking(batch, length, k_pad, device):
     """(chunk length, tile or None when autotuned): enough programs to fill the GPU, long
     enough chunks that the merge stays small."""
@@ -271,13 +321,9 @@ def _chunking(batch, length, k_pad, device):
         tile = max(k_pad, min(1024, max(16, _pow2(length) // 64)))
         return max(2 * tile, triton.cdiv(triton.cdiv(length, 8), tile) * tile), tile
     step = max(max(tile for tile, _ in _TILE_CONFIGS), k_pad)
-    target = 16 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    target = 16 * _num_sms(device)
     chunks = max(1, min(triton.cdiv(target, max(batch, 1)), triton.cdiv(length, 4 * step)))
     return triton.cdiv(triton.cdiv(length, chunks), step) * step, None
-
-
-def _device_guard(tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _fail(message):
@@ -286,7 +332,7 @@ def _fail(message):
 
 def _check_common(query, keys, values, ids):
     """Returns (B, L, d): the contract the Python layer guarantees, checked cheaply."""
-    if query.dim() != 2 or query.dtype not in _DTYPES:
+    if query.dim() != 2 or query.dtype not in KERNEL_DTYPES:
         _fail(f"query must be (B, d) float32/float16/bfloat16, got {tuple(query.shape)} {query.dtype}")
     batch, dim = query.shape
     tensors = [("query", query), ("keys", keys), ("values", values), ("ids", ids)]
@@ -360,7 +406,7 @@ def _forward(query, keys, values, ids, lengths, mask, k, scale):
     d_unroll = max(1, min(triton.cdiv(dim, block_d), 16))
     block_dv = _block(dim_v, k_pad)
     tuned = {} if tile is None else {"TILE": tile, "num_warps": 4}
-    with _device_guard(query):
+    with on_device(query):
         _chunk_topk_kernel[(batch, chunks)](
             query, keys, ids, lengths, None if mask is None else mask.view(torch.uint8), values,
             cand, scores, index, probs, pooled,
@@ -419,7 +465,7 @@ def _backward(grad_scores, grad_pooled, probs, query, keys, values, ids, index, 
     if batch > 0:
         k_pad = max(2, _pow2(k))
         block_d, block_dv = _block(dim, k_pad), _block(dim_v, k_pad)
-        with _device_guard(query):
+        with on_device(query):
             _backward_kernel[(batch,)](
                 grad_scores, grad_pooled, probs, query, keys, values, ids, index,
                 grad_query, grad_keys, grad_values, slot_rows, length, dim, dim_v, k, float(scale),

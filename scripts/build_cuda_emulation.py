@@ -8,6 +8,7 @@ plus the deliberately broken kernels of tests/cuda_emulation; it is never part o
   thread   ThreadSanitizer (racecheck): load with the TSan runtime preloaded
 Prints the library's path. Rebuilds only what changed (ninja).
 """
+
 import argparse
 import glob
 import os
@@ -51,7 +52,14 @@ def build(sanitizer, out):
             name="reclora_cuda_emulation",
             ext_modules=[extension],
             cmdclass={"build_ext": _build_ext(BuildExtension)},
-            script_args=["-q", "build_ext", "--build-temp", os.path.join(out, "tmp"), "--build-lib", os.path.join(out, "lib")],
+            script_args=[
+                "-q",
+                "build_ext",
+                "--build-temp",
+                os.path.join(out, "tmp"),
+                "--build-lib",
+                os.path.join(out, "lib"),
+            ],
         )
     finally:
         os.chdir(cwd)

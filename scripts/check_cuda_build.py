@@ -4,6 +4,7 @@ Usage: python scripts/check_cuda_build.py BUILD_LIB_DIR
 Runs without a GPU: registration is checked through the dispatcher, nothing is launched.
 The op list comes from the schemas in csrc/registration.cpp, so a new op is covered at once.
 """
+
 import glob
 import os
 import re
@@ -15,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def native_ops():
-    source = open(os.path.join(ROOT, "csrc", "registration.cpp")).read()
+    with open(os.path.join(ROOT, "csrc", "registration.cpp")) as f:
+        source = f.read()
     return re.findall(r'm\.def\(\s*"(\w+)\(', source)
 
 

@@ -13,6 +13,7 @@ CUDA: cuobjdump reads every kernel of the CUDA build (make check-cuda) for both 
 A kernel is ok when it compiled, fits the arch's shared memory per block and does not spill.
 Writes the JSON, prints a table and the occupancy of the hot kernels; exits 1 on any failure.
 """
+
 import argparse
 import concurrent.futures
 import contextlib
@@ -82,8 +83,14 @@ def intercepted_launches(record, arch):
     def jitted(self, *args, grid, warmup, **kwargs):
         record(self, args, kwargs)
 
-    saved = (Autotuner.run, JITFunction.run, gated_lora_triton._num_sms, retrieval_triton._num_sms,
-             gated_lora_triton._shared_bytes_per_block, torch.cuda.current_device)
+    saved = (
+        Autotuner.run,
+        JITFunction.run,
+        gated_lora_triton._num_sms,
+        retrieval_triton._num_sms,
+        gated_lora_triton._shared_bytes_per_block,
+        torch.cuda.current_device,
+    )
     Autotuner.run, JITFunction.run = autotuned, jitted
     gated_lora_triton._num_sms = retrieval_triton._num_sms = lambda device: 132
     gated_lora_triton._shared_bytes_per_block = lambda device: SHARED_PER_BLOCK[arch]
@@ -91,8 +98,14 @@ def intercepted_launches(record, arch):
     try:
         yield
     finally:
-        (Autotuner.run, JITFunction.run, gated_lora_triton._num_sms, retrieval_triton._num_sms,
-         gated_lora_triton._shared_bytes_per_block, torch.cuda.current_device) = saved
+        (
+            Autotuner.run,
+            JITFunction.run,
+            gated_lora_triton._num_sms,
+            retrieval_triton._num_sms,
+            gated_lora_triton._shared_bytes_per_block,
+            torch.cuda.current_device,
+        ) = saved
 
 
 def benchmark_calls():
@@ -119,40 +132,80 @@ def benchmark_calls():
             for output_mix in (False, True):
                 for weight, bias_ in ((None, None), (w, bias)):
                     for index in (None, packed):
-                        label = f"gated_lora {shape_name}{' linear' if weight is not None else ''}" \
-                                f"{' packed' if index is not None else ''} {'output' if output_mix else 'weight'}-mix"
-                        calls.append((label + " forward", dname, lambda x=x, w=weight, bi=bias_, g=gate, a=a, b=b, i=index, o=output_mix:
-                                      lora.gated_lora_forward(x, w, bi, g, a, b, i, 2.0, o)))
-                        calls.append((label + " backward", dname, lambda x=x, w=weight, g=gate, a=a, b=b, i=index, o=output_mix, gr=grad:
-                                      lora.gated_lora_backward(gr, x, w, g, a, b, i, 2.0, o)))
+                        label = (
+                            f"gated_lora {shape_name}{' linear' if weight is not None else ''}"
+                            f"{' packed' if index is not None else ''} {'output' if output_mix else 'weight'}-mix"
+                        )
+                        calls.append(
+                            (
+                                label + " forward",
+                                dname,
+                                lambda x=x, w=weight, bi=bias_, g=gate, a=a, b=b, i=index, o=output_mix: (
+                                    lora.gated_lora_forward(x, w, bi, g, a, b, i, 2.0, o)
+                                ),
+                            )
+                        )
+                        calls.append(
+                            (
+                                label + " backward",
+                                dname,
+                                lambda x=x, w=weight, g=gate, a=a, b=b, i=index, o=output_mix, gr=grad: (
+                                    lora.gated_lora_backward(gr, x, w, g, a, b, i, 2.0, o)
+                                ),
+                            )
+                        )
         for s in RETRIEVAL_GPU:
             batch, length, dim, k = s["batch"], s["length"], s["dim"], s["k"]
             query = meta(batch, dim, dtype=dtype)
             lengths = torch.empty(batch, device="meta", dtype=torch.int64)
             for layout in ("table", "dense"):
-                keys = meta(s["table_rows"], dim, dtype=dtype) if layout == "table" else meta(batch, length, dim, dtype=dtype)
+                keys = (
+                    meta(s["table_rows"], dim, dtype=dtype)
+                    if layout == "table"
+                    else meta(batch, length, dim, dtype=dtype)
+                )
                 ids = torch.empty(batch, length, device="meta", dtype=torch.int64) if layout == "table" else None
                 index = torch.empty(batch, k, device="meta", dtype=torch.int64)
                 probs = meta(batch, k, dtype=torch.float32)
                 label = f"retrieval L={length} {layout}"
                 calls += [
-                    (label + " retrieve_topk forward", dname, lambda q=query, kk=keys, i=ids, ln=lengths:
-                     retrieval.retrieve_topk_forward(q, kk, i, ln, None, k, 1.0)),
-                    (label + " retrieve_topk backward", dname, lambda q=query, kk=keys, i=ids, ix=index, p=probs:
-                     retrieval.retrieve_topk_backward(p, q, kk, i, ix, 1.0)),
-                    (label + " attention forward", dname, lambda q=query, kk=keys, i=ids, ln=lengths:
-                     retrieval.topk_attention_forward(q, kk, kk, i, ln, None, k, 0.125)),
-                    (label + " attention backward", dname, lambda q=query, kk=keys, i=ids, ix=index, p=probs:
-                     retrieval.topk_attention_backward(q, q, kk, kk, i, ix, p, 0.125)),
+                    (
+                        label + " retrieve_topk forward",
+                        dname,
+                        lambda q=query, kk=keys, i=ids, ln=lengths, k=k: retrieval.retrieve_topk_forward(
+                            q, kk, i, ln, None, k, 1.0
+                        ),
+                    ),
+                    (
+                        label + " retrieve_topk backward",
+                        dname,
+                        lambda q=query, kk=keys, i=ids, ix=index, p=probs: retrieval.retrieve_topk_backward(
+                            p, q, kk, i, ix, 1.0
+                        ),
+                    ),
+                    (
+                        label + " attention forward",
+                        dname,
+                        lambda q=query, kk=keys, i=ids, ln=lengths, k=k: retrieval.topk_attention_forward(
+                            q, kk, kk, i, ln, None, k, 0.125
+                        ),
+                    ),
+                    (
+                        label + " attention backward",
+                        dname,
+                        lambda q=query, kk=keys, i=ids, ix=index, p=probs: retrieval.topk_attention_backward(
+                            q, q, kk, kk, i, ix, p, 0.125
+                        ),
+                    ),
                 ]
     return calls
 
 
 def triton_jobs():
     """Distinct compilations (kernel, arch, specialization, configuration), with the ops that launch each."""
-    from triton.compiler import make_backend
-    from triton.backends.compiler import GPUTarget
     from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     backends = {arch: make_backend(GPUTarget("cuda", cc, 32)) for arch, cc in ARCHS.items()}
@@ -168,16 +221,36 @@ def triton_jobs():
             binders[fn, arch] = create_function_from_signature(fn.signature, fn.params, backend)
         bound, specialization, options = binders[fn, arch](*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        config = {name: value for name, value in kwargs.items()
-                  if name in fn.arg_names and fn.params[fn.arg_names.index(name)].is_constexpr}
+        config = {
+            name: value
+            for name, value in kwargs.items()
+            if name in fn.arg_names and fn.params[fn.arg_names.index(name)].is_constexpr
+        }
         config.update(num_warps=options.num_warps, num_stages=options.num_stages)
-        job_key = (fn.__name__, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
-                   repr(sorted(attrs.items(), key=str)), options.num_warps, options.num_stages)
-        job = jobs.setdefault(job_key, {
-            "name": fn.__name__, "module": fn.module, "arch": arch, "dtypes": set(),
-            "config": config, "signature": signature, "constexprs": constexprs, "attrs": attrs,
-            "options": {"num_warps": options.num_warps, "num_stages": options.num_stages}, "ops": set(),
-        })
+        job_key = (
+            fn.__name__,
+            arch,
+            repr(sorted(signature.items())),
+            repr(sorted(constexprs.items(), key=str)),
+            repr(sorted(attrs.items(), key=str)),
+            options.num_warps,
+            options.num_stages,
+        )
+        job = jobs.setdefault(
+            job_key,
+            {
+                "name": fn.__name__,
+                "module": fn.module,
+                "arch": arch,
+                "dtypes": set(),
+                "config": config,
+                "signature": signature,
+                "constexprs": constexprs,
+                "attrs": attrs,
+                "options": {"num_warps": options.num_warps, "num_stages": options.num_stages},
+                "ops": set(),
+            },
+        )
         job["ops"].add(current["op"])
         job["dtypes"].add(current["dtype"])
 
@@ -207,22 +280,34 @@ def compile_triton(job):
     result.update(backend="triton", ops=sorted(job["ops"]), threads=32 * job["options"]["num_warps"])
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, job["signature"], job["constexprs"], job["attrs"]),
-                                  target=GPUTarget("cuda", ARCHS[job["arch"]], 32), options=job["options"])
-    except Exception as error:  # noqa: BLE001 - every compile failure is a result to report
-        result.update(ok=False, reason=f"compile failed: {type(error).__name__}: {str(error)[:300]}",
-                      registers=None, spill_bytes=None, shared_bytes=None)
+        compiled = triton.compile(
+            ASTSource(fn, job["signature"], job["constexprs"], job["attrs"]),
+            target=GPUTarget("cuda", ARCHS[job["arch"]], 32),
+            options=job["options"],
+        )
+    except Exception as error:
+        result.update(
+            ok=False,
+            reason=f"compile failed: {type(error).__name__}: {str(error)[:300]}",
+            registers=None,
+            spill_bytes=None,
+            shared_bytes=None,
+        )
         return result
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = resource_usage(cubin.name)
-    (function, resources), = usage.items()
+    ((function, resources),) = usage.items()
     # Spills live in the stack frame: without one there are none, and ptxas need not run again.
     spills = ptx_spills(compiled.asm["ptx"]) if resources["STACK"] + resources["LOCAL"] else 0
     result["seconds"] = round(time.perf_counter() - start, 2)
-    result.update(registers=resources["REG"], stack_bytes=resources["STACK"], spill_bytes=spills,
-                  shared_bytes=compiled.metadata.shared + resources["SHARED"])
+    result.update(
+        registers=resources["REG"],
+        stack_bytes=resources["STACK"],
+        spill_bytes=spills,
+        shared_bytes=compiled.metadata.shared + resources["SHARED"],
+    )
     return judged(result)
 
 
@@ -232,9 +317,14 @@ def ptx_spills(ptx):
     arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ptx")
-        open(source, "w").write(ptx)
-        log = subprocess.run([tool("ptxas"), "-lineinfo", "-v", f"--gpu-name={arch}", source, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True).stderr
+        with open(source, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [tool("ptxas"), "-lineinfo", "-v", f"--gpu-name={arch}", source, "-o", os.path.join(tmp, "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     return sum(int(n) for pair in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log) for n in pair)
 
 
@@ -256,14 +346,19 @@ def ptxas_spills(log_path):
     spills, entry, properties = {}, None, None
     if not os.path.exists(log_path):
         return spills
-    for line in open(log_path, errors="replace"):
+    with open(log_path, errors="replace") as f:
+        lines = f.readlines()
+    for line in lines:
         if match := re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line):
             entry = match.groups()
         elif match := re.search(r"Function properties for (\S+)", line):
             properties = match.group(1)
-        elif (match := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and entry:
-            if properties == entry[0]:
-                spills[entry] = int(match.group(1)) + int(match.group(2))
+        elif (
+            (match := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line))
+            and entry
+            and properties == entry[0]
+        ):
+            spills[entry] = int(match.group(1)) + int(match.group(2))
     return spills
 
 
@@ -281,25 +376,56 @@ def cuda_kernels(cuda_lib):
     for arch in ARCHS:
         usage = resource_usage(libraries[0], arch)
         if not usage:
-            results.append({"name": "(all CUDA kernels)", "backend": "cuda", "arch": arch, "config": None,
-                            "dtype": None, "registers": None, "spill_bytes": None, "shared_bytes": None,
-                            "ok": False, "reason": f"the CUDA build has no {arch} code"})
+            results.append(
+                {
+                    "name": "(all CUDA kernels)",
+                    "backend": "cuda",
+                    "arch": arch,
+                    "config": None,
+                    "dtype": None,
+                    "registers": None,
+                    "spill_bytes": None,
+                    "shared_bytes": None,
+                    "ok": False,
+                    "reason": f"the CUDA build has no {arch} code",
+                }
+            )
             continue
         names = demangle(list(usage))
         for symbol, resources in sorted(usage.items(), key=lambda item: names[item[0]]):
             full = names[symbol]
             short = re.sub(r"^(?:void )?(?:\(anonymous namespace\)::)?", "", full).split("(")[0]
             base = short.split("<")[0]
-            template = short[len(base):]
-            dtype = next((d for d, t in (("fp32", "float"), ("fp16", "c10::Half"), ("bf16", "c10::BFloat16"),
-                                         ("fp64", "double")) if re.search(rf"\b{re.escape(t)}\b", template)), "fp32")
+            template = short[len(base) :]
+            dtype = next(
+                (
+                    d
+                    for d, t in (
+                        ("fp32", "float"),
+                        ("fp16", "c10::Half"),
+                        ("bf16", "c10::BFloat16"),
+                        ("fp64", "double"),
+                    )
+                    if re.search(rf"\b{re.escape(t)}\b", template)
+                ),
+                "fp32",
+            )
             # ptxas's own count from the build log; without it any stack or local memory counts as spilled
             # (the stack also holds call frames, e.g. of a device-side assertion).
             spilled = spills.get((symbol, arch), resources["STACK"] + resources["LOCAL"])
-            result = {"name": base, "backend": "cuda", "arch": arch, "config": template or None, "dtype": dtype,
-                      "threads": CUDA_THREADS, "registers": resources["REG"], "stack_bytes": resources["STACK"],
-                      "spill_bytes": spilled, "spills_from": "ptxas" if (symbol, arch) in spills else "stack",
-                      "shared_bytes": resources["SHARED"] + CUDA_DYNAMIC_SHARED.get(base, 0)}
+            result = {
+                "name": base,
+                "backend": "cuda",
+                "arch": arch,
+                "config": template or None,
+                "dtype": dtype,
+                "threads": CUDA_THREADS,
+                "registers": resources["REG"],
+                "stack_bytes": resources["STACK"],
+                "spill_bytes": spilled,
+                "spills_from": "ptxas" if (symbol, arch) in spills else "stack",
+                "shared_bytes": resources["SHARED"] + CUDA_DYNAMIC_SHARED.get(base, 0),
+            }
             results.append(judged(result))
     return results
 
@@ -328,8 +454,10 @@ def occupancy(result):
     # Every resident block also reserves 1 KB of shared memory for the system.
     by_shared = SHARED_PER_SM[result["arch"]] // (shared + 1024) if shared else MAX_BLOCKS_PER_SM
     by_threads = MAX_THREADS_PER_SM // result["threads"]
-    return {"blocks": min(by_registers, by_shared, by_threads, MAX_BLOCKS_PER_SM),
-            "limit": min((by_registers, "registers"), (by_shared, "shared"), (by_threads, "threads"))[1]}
+    return {
+        "blocks": min(by_registers, by_shared, by_threads, MAX_BLOCKS_PER_SM),
+        "limit": min((by_registers, "registers"), (by_shared, "shared"), (by_threads, "threads"))[1],
+    }
 
 
 def print_table(results):
@@ -338,11 +466,16 @@ def print_table(results):
     print("-" * len(header))
     for r in results:
         blocks = r.get("blocks_per_sm") or {}
-        config = r["config"] if isinstance(r["config"], str) or r["config"] is None else \
-            " ".join(f"{k}={v}" for k, v in r["config"].items())
-        print(f"{r['backend']:7s} {r['arch']:5s} {r['name'][:28]:28s} {str(r['dtype']):14s} {str(r['registers']):>4s} "
-              f"{str(r['spill_bytes']):>5s} {str(r['shared_bytes']):>7s} {str(blocks.get('blocks', '-')):>6s} "
-              f"{'yes' if r['ok'] else 'NO '} {config or ''}{'' if r['ok'] else '  <- ' + r['reason']}")
+        config = (
+            r["config"]
+            if isinstance(r["config"], str) or r["config"] is None
+            else " ".join(f"{k}={v}" for k, v in r["config"].items())
+        )
+        print(
+            f"{r['backend']:7s} {r['arch']:5s} {r['name'][:28]:28s} {str(r['dtype']):14s} {str(r['registers']):>4s} "
+            f"{str(r['spill_bytes']):>5s} {str(r['shared_bytes']):>7s} {str(blocks.get('blocks', '-')):>6s} "
+            f"{'yes' if r['ok'] else 'NO '} {config or ''}{'' if r['ok'] else '  <- ' + r['reason']}"
+        )
 
 
 def print_occupancy(results):
@@ -354,52 +487,90 @@ def print_occupancy(results):
                 blocks = sorted(r["blocks_per_sm"]["blocks"] for r in rows)
                 limits = sorted({r["blocks_per_sm"]["limit"] for r in rows})
                 warps = sorted({r["threads"] // 32 for r in rows})
-                print(f"  {name:24s} {arch}: {blocks[0]}..{blocks[-1]} blocks/SM of {warps} warps, "
-                      f"limited by {', '.join(limits)} ({len(rows)} configs)")
+                print(
+                    f"  {name:24s} {arch}: {blocks[0]}..{blocks[-1]} blocks/SM of {warps} warps, "
+                    f"limited by {', '.join(limits)} ({len(rows)} configs)"
+                )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cuda-lib", default=os.path.join(ROOT, "build", "cuda", "lib"),
-                        help="CUDA build of the extension (make check-cuda); 'none' skips the CUDA kernels")
+    parser.add_argument(
+        "--cuda-lib",
+        default=os.path.join(ROOT, "build", "cuda", "lib"),
+        help="CUDA build of the extension (make check-cuda); 'none' skips the CUDA kernels",
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "build", "gpu-compile.json"))
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
-    parser.add_argument("--select", default=None, metavar="REGEX",
-                        help="only the Triton compilations whose 'kernel arch dtype' matches (a partial check)")
-    parser.add_argument("--list-jobs", action="store_true", help="print the Triton compilations as JSON, compile nothing")
+    parser.add_argument(
+        "--select",
+        default=None,
+        metavar="REGEX",
+        help="only the Triton compilations whose 'kernel arch dtype' matches (a partial check)",
+    )
+    parser.add_argument(
+        "--list-jobs", action="store_true", help="print the Triton compilations as JSON, compile nothing"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    jobs = [job for job in triton_jobs()
-            if args.select is None or re.search(args.select, f"{job['name']} {job['arch']} {job['dtype']}")]
+    jobs = [
+        job
+        for job in triton_jobs()
+        if args.select is None or re.search(args.select, f"{job['name']} {job['arch']} {job['dtype']}")
+    ]
     if args.list_jobs:
-        json.dump([{**job, "ops": sorted(job["ops"]), "attrs": {str(k): v for k, v in job["attrs"].items()},
-                    "constexprs": {str(k): v for k, v in job["constexprs"].items()}} for job in jobs],
-                  sys.stdout, default=str)
+        json.dump(
+            [
+                {
+                    **job,
+                    "ops": sorted(job["ops"]),
+                    "attrs": {str(k): v for k, v in job["attrs"].items()},
+                    "constexprs": {str(k): v for k, v in job["constexprs"].items()},
+                }
+                for job in jobs
+            ],
+            sys.stdout,
+            default=str,
+        )
         return
     # The slowest compilations first, so that no worker is left alone with one at the end.
     jobs.sort(key=lambda job: SLOW_KERNELS.index(job["name"]) if job["name"] in SLOW_KERNELS else len(SLOW_KERNELS))
-    print(f"check_gpu_compile: {len(jobs)} Triton compilations (kernel x arch x specialization x config), "
-          f"{args.jobs} at a time; cache {os.environ['TRITON_CACHE_DIR']}", flush=True)
+    print(
+        f"check_gpu_compile: {len(jobs)} Triton compilations (kernel x arch x specialization x config), "
+        f"{args.jobs} at a time; cache {os.environ['TRITON_CACHE_DIR']}",
+        flush=True,
+    )
     results = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         for done in concurrent.futures.as_completed([pool.submit(compile_triton, job) for job in jobs]):
             r = done.result()
             results.append(r)
-            print(f"[{len(results)}/{len(jobs)} {time.perf_counter() - start:.0f} s] {r['name']} {r['arch']} {r['dtype']}: "
-                  f"{'ok' if r['ok'] else 'NOT OK: ' + r['reason']}", flush=True)
+            print(
+                f"[{len(results)}/{len(jobs)} {time.perf_counter() - start:.0f} s] {r['name']} {r['arch']} {r['dtype']}: "
+                f"{'ok' if r['ok'] else 'NOT OK: ' + r['reason']}",
+                flush=True,
+            )
     if args.cuda_lib != "none":
         results += cuda_kernels(args.cuda_lib)
     results.sort(key=lambda r: (r["backend"], r["arch"], r["name"], str(r["dtype"]), str(r["config"])))
     print_table(results)
     print_occupancy(results)
     failures = [r for r in results if not r["ok"]]
-    summary = {"kernels": results, "failures": len(failures), "seconds": round(time.perf_counter() - start, 1),
-               "triton": triton.__version__, "torch": torch.__version__, "archs": list(ARCHS)}
+    summary = {
+        "kernels": results,
+        "failures": len(failures),
+        "seconds": round(time.perf_counter() - start, 1),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "archs": list(ARCHS),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.out)), delete=False) as tmp:
         json.dump(summary, tmp, indent=1, default=str)
     os.replace(tmp.name, args.out)
-    print(f"\ncheck_gpu_compile: {len(results)} kernels, {len(failures)} not ok, {summary['seconds']} s; wrote {args.out}")
+    print(
+        f"\ncheck_gpu_compile: {len(results)} kernels, {len(failures)} not ok, {summary['seconds']} s; wrote {args.out}"
+    )
     sys.exit(1 if failures else 0)
 
 

@@ -5,6 +5,7 @@ table ("On a GPU"), and the summary JSON $OUT/gpu_check.json.
 A step that did not run is absent (or "x"); its targets print MISSING and fail the summary.
 Exit code: 0 when every target of the steps that ran passed, 1 otherwise.
 """
+
 import glob
 import json
 import os
@@ -32,8 +33,10 @@ E2E_FILES = {"e2e-smollm2": "gpu-e2e-smollm2-135m.json", "e2e-llama1b": "gpu-e2e
 def parse(argv):
     out, pairs = argv[0], dict(arg.split("=", 1) for arg in argv[1:])
     codes = {step: int(pairs[step]) for step in STEPS if pairs.get(step, "x") not in ("x", "")}
-    errors = {tool: int(pairs[f"{tool}_errors"]) if pairs.get(f"{tool}_errors", "null") not in ("null", "") else None
-              for tool in ("memcheck", "racecheck")}
+    errors = {
+        tool: int(pairs[f"{tool}_errors"]) if pairs.get(f"{tool}_errors", "null") not in ("null", "") else None
+        for tool in ("memcheck", "racecheck")
+    }
     return out, codes, errors
 
 
@@ -66,9 +69,11 @@ def verdict(target, step, out, codes, errors, tests):
             return "FAIL", f"no tests.xml (exit {code})"
         bad = tests["failures"] + tests["errors"]
         ran = tests["tests"] - tests["skipped"]
-        return ("PASS" if code == 0 and bad == 0 and ran > 0 else "FAIL"), f"{ran} ran, {bad} failed, {tests['skipped']} skipped"
+        return (
+            "PASS" if code == 0 and bad == 0 and ran > 0 else "FAIL"
+        ), f"{ran} ran, {bad} failed, {tests['skipped']} skipped"
     if step in E2E_FILES:
-        ratio = target[target.index("train "):]  # e2e.py's own name: "train 4/3 ... <= 1.05"
+        ratio = target[target.index("train ") :]  # e2e.py's own name: "train 4/3 ... <= 1.05"
         found = {key: value for key, value in e2e_targets(out, step).items() if key == ratio}
         if not found:
             return "FAIL", f"{E2E_FILES[step]} has no target '{ratio}' (exit {code})"
@@ -83,12 +88,18 @@ def summarize(out, codes, errors):
     for target, step in TARGETS:
         status, detail = verdict(target, step, out, codes, errors, tests)
         lines.append({"target": target, "step": step, "status": status, "detail": detail})
-    summary = {"exit_codes": codes, "sanitizer_errors": errors, "tests": tests, "targets": lines,
-               "benchmarks": sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "gpu-*.json")))}
-    for step, name in E2E_FILES.items():
+    summary = {
+        "exit_codes": codes,
+        "sanitizer_errors": errors,
+        "tests": tests,
+        "targets": lines,
+        "benchmarks": sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "gpu-*.json"))),
+    }
+    for name in E2E_FILES.values():
         path = os.path.join(out, name)
         if os.path.exists(path):
-            e2e = json.load(open(path))
+            with open(path) as f:
+                e2e = json.load(f)
             summary.setdefault("e2e", {})[name] = {"train": e2e["ratios"]["train"], "targets": e2e["targets"]}
     return summary
 

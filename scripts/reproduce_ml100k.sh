@@ -59,8 +59,8 @@ done
 [[ -n "${ONLY:-}" ]] && exit 0
 # The gates of every reclora run (gates.json: are the mixes personalized or collapsed?)
 for dir in "$OUT"/reclora-seed* "$OUT"/ablation-* "$OUT"/attempt-* "$OUT"/curve-reclora-*; do
-  if [[ -f "$dir/results.json" && ! -f "$dir/gates.json" ]]; then "$PY" -m reclora.train.gates "$dir"; fi
+  if [[ -f "$dir/results.json" && ! -f "$dir/gates.json" ]]; then "$PY" -m reclora.analysis.gates "$dir"; fi
 done
 # The bar the prompt sets without any model: the AUC of its mean star rating (recent and semantic history)
-"$PY" scripts/prompt_baseline.py --data-dir "$DATA" --eval-size "$EVAL_SIZE" --json docs/results/ml100k-prompt-baseline.json
-"$PY" scripts/summarize_study.py "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
+"$PY" -m reclora.analysis.prompt_baseline --data-dir "$DATA" --eval-size "$EVAL_SIZE" --json docs/results/ml100k-prompt-baseline.json
+"$PY" -m reclora.analysis.study "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png

@@ -5,6 +5,7 @@ Odd shapes on purpose: K = 1, r < 8, d not a multiple of 16, packed tokens, k > 
   python scripts/sanitizer_cases.py --emulated  the same calls on the CPU through the CUDA
       emulation (tests/cuda_emulation), e.g. under ThreadSanitizer: make check-cuda-emulation
 """
+
 import os
 import sys
 
@@ -15,7 +16,11 @@ import reclora_kernels as rk
 
 def lora_cases(backend, device="cuda"):
     for mix in ("weight", "output"):
-        for batch, tokens, num_loras, rank, d_in, d_out in ((1, 1, 1, 1, 5, 7), (3, 5, 4, 3, 33, 17), (2, 9, 16, 8, 64, 72)):
+        for batch, tokens, num_loras, rank, d_in, d_out in (
+            (1, 1, 1, 1, 5, 7),
+            (3, 5, 4, 3, 33, 17),
+            (2, 9, 16, 8, 64, 72),
+        ):
             x = torch.randn(batch, tokens, d_in, device=device, requires_grad=True)
             gate = torch.softmax(torch.randn(batch, num_loras, device=device), -1).requires_grad_()
             a = torch.randn(num_loras, rank, d_in, device=device, requires_grad=True)
@@ -30,7 +35,12 @@ def lora_cases(backend, device="cuda"):
 
 
 def retrieval_cases(backend, device="cuda"):
-    for batch, length, dim, k, rows in ((1, 1, 5, 1, None), (3, 40, 33, 8, 11), (4, 7, 64, 12, None), (2, 300, 16, 256, 50)):
+    for batch, length, dim, k, rows in (
+        (1, 1, 5, 1, None),
+        (3, 40, 33, 8, 11),
+        (4, 7, 64, 12, None),
+        (2, 300, 16, 256, 50),
+    ):
         query = torch.randn(batch, dim, device=device, requires_grad=True)
         keys = torch.randn(*((rows,) if rows else (batch, length)), dim, device=device, requires_grad=True)
         ids = torch.randint(0, rows, (batch, length), device=device) if rows else None

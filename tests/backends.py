@@ -1,4 +1,5 @@
 """The kernel backends that can run in this process, each with the device its tensors live on."""
+
 import pytest
 import torch
 

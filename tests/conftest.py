@@ -1,10 +1,11 @@
 """Test setup: Triton kernels run interpreted on CPU; hypothesis sized for a 2-core CI."""
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or reclora_kernels import
 
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",

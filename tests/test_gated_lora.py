@@ -1,4 +1,5 @@
 """gated_lora / gated_lora_linear: every backend against the float64 reference, forward and backward."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -262,12 +263,16 @@ def test_bad_input_is_named(name, mutate, error, message):
     mutate(inputs)
     if name == "backend" and inputs["backend"] == "cuda" and torch.cuda.is_available():
         pytest.skip("cuda is available here")
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         rk.gated_lora(**inputs)
 
 
 def test_bad_packed_sample_index():
-    inputs = {n: v.float() if v.is_floating_point() else v for n, v in make_inputs((3, 2, 2, 2, 8, 6), packed=True).items()}
+    inputs = {
+        n: v.float() if v.is_floating_point() else v for n, v in make_inputs((3, 2, 2, 2, 8, 6), packed=True).items()
+    }
     bad = inputs["sample_index"].clone()
     bad[0] = 3
     with pytest.raises(ValueError, match=r"sample_index must hold rows of gate in \[0, 3\)"):
@@ -286,7 +291,10 @@ def test_bad_packed_sample_index():
 @pytest.mark.parametrize("backend,device", kernel_backends("gated_lora")[:2])
 def test_torch_compile_fullgraph_packed(backend, device):
     inputs = make_inputs((3, 2, 4, 2, 12, 10), packed=True)
-    t = {n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for n, v in inputs.items()}
+    t = {
+        n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
+        for n, v in inputs.items()
+    }
 
     def layer(x, gate, lora_a, lora_b, sample_index):
         return rk.gated_lora(x, gate, lora_a, lora_b, 2.0, mix="output", sample_index=sample_index, backend=backend)
@@ -315,10 +323,19 @@ def test_gradient_layouts(backend, device, dtype, mix, layout, linear):
     inputs = make_inputs((3, 5, 4, 3, 37, 19), linear=linear)
     grad = layout_gradient(layout, (3, 5, 19), torch.Generator().manual_seed(3))
     results = []
-    for upstream, backend_, dtype_ in ((grad, backend, dtype), (grad.contiguous(), backend, dtype),
-                                       (grad, "torch", torch.float64), (grad, "torch", dtype)):
-        leaves = {n: v.detach().to(device=device, dtype=torch.float32 if n == "gate" and dtype_ != torch.float64 else dtype_)
-                  .requires_grad_() for n, v in inputs.items() if v is not None}
+    for upstream, backend_, dtype_ in (
+        (grad, backend, dtype),
+        (grad.contiguous(), backend, dtype),
+        (grad, "torch", torch.float64),
+        (grad, "torch", dtype),
+    ):
+        leaves = {
+            n: v.detach()
+            .to(device=device, dtype=torch.float32 if n == "gate" and dtype_ != torch.float64 else dtype_)
+            .requires_grad_()
+            for n, v in inputs.items()
+            if v is not None
+        }
         fn = rk.gated_lora_linear if linear else rk.gated_lora
         out = fn(**leaves, scaling=2.0, mix=mix, backend=backend_)
         out.backward(upstream.to(device=device, dtype=out.dtype))
@@ -335,6 +352,10 @@ def test_zero_input_features_are_named(backend, linear):
     """d_in = 0 is refused with the argument's name on every backend, not met with an internal reshape error."""
     x, gate = torch.zeros(2, 3, 0), torch.ones(2, 4) / 4
     lora_a, lora_b = torch.zeros(4, 2, 0), torch.zeros(4, 5, 2)
-    op = rk.gated_lora if not linear else lambda *a, **k: rk.gated_lora_linear(a[0], torch.zeros(5, 0), None, *a[1:], **k)
+    op = (
+        rk.gated_lora
+        if not linear
+        else lambda *a, **k: rk.gated_lora_linear(a[0], torch.zeros(5, 0), None, *a[1:], **k)
+    )
     with pytest.raises(ValueError, match=r"x must have d_in >= 1 features, got shape \(2, 3, 0\)"):
         op(x, gate, lora_a, lora_b, backend=backend)

@@ -1,6 +1,7 @@
 """scripts/check_gpu_compile.py: the launches it finds cover every Triton kernel on both archs and
 every dtype, the pruner keeps only tiles that fit each arch, a real AOT compile reads resources from
 the cubin, and the verdicts (shared memory, spills, occupancy) are right."""
+
 import json
 import os
 import re
@@ -18,7 +19,9 @@ SCRIPT = os.path.join(ROOT, "scripts", "check_gpu_compile.py")
 def run_script(*args):
     """The script in its own process: it needs the GPU dispatch (TRITON_INTERPRET=0) at import."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,8 @@ def launched_kernels():
     """Every Triton kernel the two Triton modules define (@triton.jit functions named *_kernel)."""
     names = set()
     for module in ("gated_lora_triton", "retrieval_triton"):
-        source = open(os.path.join(ROOT, "reclora_kernels", f"{module}.py")).read()
+        with open(os.path.join(ROOT, "reclora_kernels", f"{module}.py")) as f:
+            source = f.read()
         names |= set(re.findall(r"@triton\.jit\ndef (\w+_kernel)\(", source))
     return names
 
@@ -54,8 +58,11 @@ def test_specializations_follow_the_launcher(jobs):
 
 def test_pruner_keeps_only_tiles_that_fit_the_arch(jobs):
     def pipelines(arch):
-        return {(j["config"]["BLOCK_M"], j["config"]["BLOCK_N"], j["options"]["num_stages"])
-                for j in jobs if j["name"] == "_matmul_kernel" and j["arch"] == arch and "bf16" in j["dtype"]}
+        return {
+            (j["config"]["BLOCK_M"], j["config"]["BLOCK_N"], j["options"]["num_stages"])
+            for j in jobs
+            if j["name"] == "_matmul_kernel" and j["arch"] == arch and "bf16" in j["dtype"]
+        }
 
     assert (128, 256, 4) in pipelines("sm_90")  # 192 KB: Hopper only
     assert (128, 256, 4) not in pipelines("sm_80")
@@ -67,17 +74,36 @@ def test_a_real_compile_reads_its_resources(tmp_path):
     run = run_script("--cuda-lib", "none", "--select", "_segment_sum_kernel sm_90", "--out", str(out), "--jobs", "1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "_segment_sum_kernel" in run.stdout and "Occupancy" in run.stdout
-    kernels = json.load(open(out))["kernels"]
+    with open(out) as f:
+        kernels = json.load(f)["kernels"]
     assert kernels and all(k["name"] == "_segment_sum_kernel" and k["arch"] == "sm_90" for k in kernels)
     for k in kernels:
-        assert set(k) >= {"name", "backend", "arch", "config", "dtype", "registers", "spill_bytes", "shared_bytes", "ok", "reason"}
+        assert set(k) >= {
+            "name",
+            "backend",
+            "arch",
+            "config",
+            "dtype",
+            "registers",
+            "spill_bytes",
+            "shared_bytes",
+            "ok",
+            "reason",
+        }
         assert k["backend"] == "triton" and k["ok"] and k["registers"] > 0 and k["spill_bytes"] == 0
         assert k["blocks_per_sm"]["blocks"] >= 1
 
 
 def verdict(**fields):
-    base = {"name": "k", "backend": "triton", "arch": "sm_80", "threads": 256, "registers": 64, "spill_bytes": 0,
-            "shared_bytes": 0}
+    base = {
+        "name": "k",
+        "backend": "triton",
+        "arch": "sm_80",
+        "threads": 256,
+        "registers": 64,
+        "spill_bytes": 0,
+        "shared_bytes": 0,
+    }
     return check.judged({**base, **fields})
 
 

@@ -1,4 +1,5 @@
 """Backend selection, build status reporting, and import without the compiled library."""
+
 import os
 import shutil
 import subprocess
@@ -34,15 +35,15 @@ def test_info_reports_every_backend():
     for backend in rk.BACKENDS:
         assert f"    {backend} " in out
     path = cpu_features.active_isa()
-    assert f"  gated_lora (default: cpu, ISA path {path})" in out and f"  retrieval (default: cpu, ISA path {path})" in out
+    assert (
+        f"  gated_lora (default: cpu, ISA path {path})" in out and f"  retrieval (default: cpu, ISA path {path})" in out
+    )
     assert f"CPU: {cpu_features.cpu_model()}" in out
     assert f"ISA levels found: {', '.join(cpu_features.isa_levels())}" in out
 
 
 def test_triton_on_cpu_needs_the_interpreter():
-    out = python(
-        "import reclora_kernels as rk; print(rk.unavailable_reason('triton', 'cpu'))", TRITON_INTERPRET="0"
-    )
+    out = python("import reclora_kernels as rk; print(rk.unavailable_reason('triton', 'cpu'))", TRITON_INTERPRET="0")
     assert "TRITON_INTERPRET=1" in out
 
 

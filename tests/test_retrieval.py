@@ -1,4 +1,5 @@
 """retrieve_topk / topk_target_attention: every backend against the float64 reference."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -110,8 +111,13 @@ CASES = [
 def test_matches_reference(backend, device, op, dtype, case, filters):
     batch, length, dim, k, table_rows, dim_v = case
     inputs = make_inputs(
-        batch, length, dim, table_rows=table_rows, dim_v=dim_v,
-        lengths=filters in ("lengths", "both"), mask=filters in ("mask", "both"),
+        batch,
+        length,
+        dim,
+        table_rows=table_rows,
+        dim_v=dim_v,
+        lengths=filters in ("lengths", "both"),
+        mask=filters in ("mask", "both"),
     )
     check_against_reference(op, inputs, k, backend, device, dtype)
 
@@ -211,8 +217,14 @@ def test_rows_wider_than_a_block(backend, device, op, table_rows, deterministic)
 )
 def test_random_shapes(backend, device, batch, length, dim, k, table, separate_values, lengths, mask, attention, seed):
     inputs = make_inputs(
-        batch, length, dim, table_rows=7 if table else None, dim_v=3 if separate_values else None,
-        lengths=lengths, mask=mask, seed=seed,
+        batch,
+        length,
+        dim,
+        table_rows=7 if table else None,
+        dim_v=3 if separate_values else None,
+        lengths=lengths,
+        mask=mask,
+        seed=seed,
     )
     op = rk.topk_target_attention if attention else rk.retrieve_topk
     check_against_reference(op, inputs, k, backend, device, torch.float32)
@@ -229,7 +241,10 @@ def test_reference_tie_rule_and_padding():
 @pytest.mark.parametrize("backend,device", kernel_backends("retrieval"))
 def test_opcheck(backend, device):
     inputs = make_inputs(3, 10, 6, table_rows=8, dim_v=5, lengths=True, mask=True)
-    t = {n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for n, v in inputs.items()}
+    t = {
+        n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
+        for n, v in inputs.items()
+    }
     query, keys, values = (t[n].requires_grad_() for n in ("query", "keys", "values"))
     common = (t["ids"], t["lengths"], t["mask"], 4, 0.5)
     torch.library.opcheck(torch.ops.reclora.retrieve_topk.default, (query, keys) + common + (backend,))
@@ -242,7 +257,9 @@ def test_opcheck(backend, device):
         q, kt, vt = query.detach(), keys.detach(), values.detach()
         scores, index = torch.ops.reclora.retrieve_topk_forward(q, kt, *common)
         torch.library.opcheck(torch.ops.reclora.retrieve_topk_forward.default, (q, kt) + common)
-        torch.library.opcheck(torch.ops.reclora.retrieve_topk_backward.default, (torch.randn_like(scores), q, kt, t["ids"], index, 0.5))
+        torch.library.opcheck(
+            torch.ops.reclora.retrieve_topk_backward.default, (torch.randn_like(scores), q, kt, t["ids"], index, 0.5)
+        )
         _, index, probs = torch.ops.reclora.topk_attention_forward(q, kt, vt, *common)
         torch.library.opcheck(torch.ops.reclora.topk_attention_forward.default, (q, kt, vt) + common)
         grad = torch.randn(3, 5, device=device)
@@ -300,10 +317,15 @@ def test_bad_values_and_padding_ids():
 @pytest.mark.parametrize("backend,device", kernel_backends("retrieval")[:2])
 def test_torch_compile_fullgraph(backend, device):
     inputs = make_inputs(3, 10, 6, table_rows=8, dim_v=5, lengths=True, mask=True)
-    t = {n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for n, v in inputs.items()}
+    t = {
+        n: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
+        for n, v in inputs.items()
+    }
 
     def pool(query, keys, values, ids, lengths, mask):
-        return rk.topk_target_attention(query, keys, 4, values=values, lengths=lengths, mask=mask, ids=ids, backend=backend)
+        return rk.topk_target_attention(
+            query, keys, 4, values=values, lengths=lengths, mask=mask, ids=ids, backend=backend
+        )
 
     args = [t[n] for n in ("query", "keys", "values", "ids", "lengths", "mask")]
     compiled = torch.compile(pool, fullgraph=True)
@@ -329,8 +351,13 @@ def test_no_positions_still_differentiable(backend, device, separate_values):
 def test_valid_items_scoring_minus_infinity_come_before_masked_ones(backend, device, op):
     """Every valid score -inf under a mask: the valid positions are selected (by position), masked ones never."""
     query = torch.tensor([[1.0, 0.0], [1.0, 0.0]], device=device)
-    keys = torch.tensor([[[-float("inf"), 0.0], [-float("inf"), 0.0], [1.0, 0.0]],
-                         [[-float("inf"), 0.0], [1.0, 0.0], [-float("inf"), 0.0]]], device=device)
+    keys = torch.tensor(
+        [
+            [[-float("inf"), 0.0], [-float("inf"), 0.0], [1.0, 0.0]],
+            [[-float("inf"), 0.0], [1.0, 0.0], [-float("inf"), 0.0]],
+        ],
+        device=device,
+    )
     mask = torch.tensor([[False, True, False], [True, False, True]], device=device)
     _, index = op(query, keys, 3, mask=mask, scale=1.0, backend=backend)
     assert index.cpu().tolist() == [[1, -1, -1], [0, 2, -1]]
@@ -342,8 +369,10 @@ def test_an_empty_table_is_accepted_when_every_position_is_masked(backend, devic
     query = torch.randn(2, 4, device=device)
     table = torch.zeros(0, 4, device=device)
     ids = torch.zeros(2, 3, dtype=torch.int64, device=device)
-    for filters in (dict(lengths=torch.zeros(2, dtype=torch.int64, device=device)),
-                    dict(mask=torch.zeros(2, 3, dtype=torch.bool, device=device))):
+    for filters in (
+        dict(lengths=torch.zeros(2, dtype=torch.int64, device=device)),
+        dict(mask=torch.zeros(2, 3, dtype=torch.bool, device=device)),
+    ):
         out, index = op(query, table, 2, ids=ids, backend=backend, **filters)
         assert (index == -1).all()
         if op is rk.topk_target_attention:

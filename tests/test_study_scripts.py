@@ -1,28 +1,24 @@
-"""The study scripts: summarize_study.py on a hand-made study directory (intervals, seed verdicts,
-ablations, plot), prompt_baseline.py on a tiny synthetic dataset."""
-import importlib.util
+"""The study commands: reclora.analysis.study on a hand-made study directory (intervals, seed
+verdicts, ablations, plot), reclora.analysis.prompt_baseline on a tiny synthetic dataset."""
+
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from reclora.analysis import prompt_baseline
+from reclora.analysis import study as summarize_study_module
 from reclora.metrics import auc
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_study.py"
 N = 400
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def summarize_study():
-    return load_script(SCRIPT)
+    return summarize_study_module
 
 
 def write_run(root: Path, name: str, method: str, quality: float, seed=0, train_size=2000, samples=None):
@@ -33,9 +29,21 @@ def write_run(root: Path, name: str, method: str, quality: float, seed=0, train_
     run = root / name
     run.mkdir(parents=True)
     np.savez(run / "predictions.npz", sample=np.arange(N) if samples is None else samples, label=label, prob=prob)
-    results = dict(method=method, seed=seed, train_size=train_size, test_size=N, auc=auc(label, prob), logloss=0.6,
-                   accuracy=0.7, gauc=0.6, train_seconds=10.0, eval_seconds=2.0, train_samples_per_second=200.0,
-                   eval_samples_per_second=200.0, device="cpu (2 cores)")
+    results = dict(
+        method=method,
+        seed=seed,
+        train_size=train_size,
+        test_size=N,
+        auc=auc(label, prob),
+        logloss=0.6,
+        accuracy=0.7,
+        gauc=0.6,
+        train_seconds=10.0,
+        eval_seconds=2.0,
+        train_samples_per_second=200.0,
+        eval_samples_per_second=200.0,
+        device="cpu (2 cores)",
+    )
     (run / "results.json").write_text(json.dumps(results))
     return results
 
@@ -52,8 +60,11 @@ def study(tmp_path_factory):
     write_run(root, "attempt-sharp-seed1", "reclora", 3.0, seed=1)  # an attempt at another seed
     write_run(root, "curve-lora-500", "lora", 0.2, train_size=500)
     write_run(root, "curve-reclora-500", "reclora", 0.8, train_size=500)
-    gates = {"num_loras": 16, "temperature": 5.0, **{when: dict(entropy=0.9, top=0.1, spread=0.05, usage=0.99)
-                                                    for when in ("initial", "trained")}}
+    gates = {
+        "num_loras": 16,
+        "temperature": 5.0,
+        **{when: dict(entropy=0.9, top=0.1, spread=0.05, usage=0.99) for when in ("initial", "trained")},
+    }
     (root / "reclora-seed0" / "gates.json").write_text(json.dumps(gates))
     return root
 
@@ -79,19 +90,28 @@ def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
     # ablations and attempts: against reclora at their seed on the same samples; other samples are left out
     against = summary["against_reclora"]
     assert sorted(against) == ["ablation-k1", "attempt-sharp-seed1"]
-    assert against["ablation-k1"]["baseline"] == "reclora-seed0" and against["ablation-k1"]["paired_bootstrap_95"][1] < 0
+    assert (
+        against["ablation-k1"]["baseline"] == "reclora-seed0" and against["ablation-k1"]["paired_bootstrap_95"][1] < 0
+    )
     sharp = against["attempt-sharp-seed1"]
     assert sharp["baseline"] == "reclora-seed1" and sharp["paired_bootstrap_95"][0] > 0
     assert sharp["auc_difference"] == pytest.approx(runs["attempt-sharp-seed1"]["auc"] - runs["reclora-seed1"]["auc"])
     few2many = summary["few2many"]
-    assert few2many["seed0"]["reclora"] == [[500, runs["curve-reclora-500"]["auc"]], [2000, runs["reclora-seed0"]["auc"]]]
+    assert few2many["seed0"]["reclora"] == [
+        [500, runs["curve-reclora-500"]["auc"]],
+        [2000, runs["reclora-seed0"]["auc"]],
+    ]
     size, mean, sd = few2many["seed_mean"]["reclora"]
     assert size == 2000 and mean == pytest.approx(summary["over_seeds"]["reclora"]["auc_mean"]) and sd > 0
     assert set(few2many["crm"]) == {"din"}
     assert summary["gates"]["reclora-seed0"]["trained"]["spread"] == 0.05
     assert out_plot.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "| attempt-sharp vs din |" in printed and "| ablation-k1 |" in printed and "| reclora-seed0 | 16 | 5 |" in printed
+    assert (
+        "| attempt-sharp vs din |" in printed
+        and "| ablation-k1 |" in printed
+        and "| reclora-seed0 | 16 | 5 |" in printed
+    )
     assert "| reclora | 500 |" in printed and "| reclora | 2000 |" in printed
 
 
@@ -127,12 +147,23 @@ def test_rank_correlation_with_sim(summarize_study, tmp_path):
 
 
 def test_prompt_baseline_scores_both_prompt_histories(tmp_path):
-    module = load_script(SCRIPT.parent / "prompt_baseline.py")
     from reclora.train import make_config
     from tests.train.helpers import tiny_settings
 
     config = make_config(tiny_settings(tmp_path, method="lora", eval_size=0))  # the whole test split
-    result = module.prompt_baseline(config)
+    result = prompt_baseline.prompt_baseline(config)
     assert result["test_size"] > 100 and result["k_short"] == 3
     for strategy in ("recent", "semantic"):
         assert 0 <= result[strategy]["mean_rating_auc"] <= 1 and 0 <= result[strategy]["positive_share_auc"] <= 1
+
+
+def test_the_old_report_command_still_answers(tmp_path):
+    (tmp_path / "results.csv").write_text("method,auc,out\nlora,0.61,runs/a\nlora,0.65,runs/a\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "reclora.train.report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0 and "| lora |" in done.stdout and "0.6500" in done.stdout
+    assert "python -m reclora.analysis.report now" in done.stderr

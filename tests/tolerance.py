@@ -3,6 +3,7 @@
 A kernel's error against the float64 reference may be at most twice the error of the
 reference computed in the kernel's own dtype, plus a small atol scaled to the output.
 """
+
 import torch
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}

@@ -1,4 +1,5 @@
 """Conventional recommenders (CRMs): DIN, SIM, GRU4Rec and SASRec. Their last hidden layer feeds RecLoRA's gates."""
+
 from reclora.crm.din import DIN
 from reclora.crm.features import CrmInputs
 from reclora.crm.sequential import GRU4Rec, SASRec

@@ -1,7 +1,8 @@
 """`python -m reclora.crm`: train a CRM (DIN, SIM, GRU4Rec, SASRec) on a dataset's full training split and report test metrics.
 
-  python -m reclora.crm --dataset ml-100k --data-dir ../shared/data/ml-100k --model sim --json out.json
+python -m reclora.crm --dataset ml-100k --data-dir ../shared/data/ml-100k --model sim --json out.json
 """
+
 import argparse
 import json
 
@@ -18,7 +19,9 @@ def main(argv=None):
     parser.add_argument("--dataset", default="synthetic", help="synthetic, ml-100k, ml-1m, ml-25m, ml-latest or csv")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--model", choices=KINDS, default="din")
-    parser.add_argument("--k-long", type=int, default=60, help="history items the CRM sees (SIM: retrieved; the others: the last)")
+    parser.add_argument(
+        "--k-long", type=int, default=60, help="history items the CRM sees (SIM: retrieved; the others: the last)"
+    )
     parser.add_argument("--search", choices=("soft", "hard"), default="soft", help="SIM's search")
     parser.add_argument("--embed-dim", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
@@ -37,7 +40,9 @@ def main(argv=None):
     print_statistics(dataset)
     inputs = CrmInputs(dataset, history_slots=history_slots(args.model, args.k_long), use_user_id=not args.no_user_id)
     model = build_crm(args.model, inputs, args.embed_dim, args.hidden, args.k_long, args.search, args.dropout)
-    config = CrmTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    config = CrmTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device
+    )
     result = train_crm(model, inputs, config)
     result.update(dataset=args.dataset, model=args.model, config=vars(args))
     if args.json:

@@ -12,10 +12,12 @@ Batch (dict of tensors, B samples, L history slots):
   history_items, history_ratings: (B, L) int64 (rating codes in [1, num_ratings); padding anything)
   history_lengths: (B,) int64 valid prefix of the history slots
 """
+
 import torch
 from torch import nn
 
 from reclora_kernels.retrieval_reference import valid_positions
+
 
 class DIN(nn.Module):
     # Blocks of embed_dim width beside the user fields in the MLP's input: [target; pooled history].

@@ -1,4 +1,5 @@
 """From sample indices to the CRM's batch: user fields, the target, and the history slots."""
+
 import numpy as np
 import torch
 
@@ -38,8 +39,9 @@ class CrmInputs:
         if history.item_ids.shape[1] == 0:
             # No history in the whole batch (cold starts at inference): one padding slot keeps
             # SIM's gather over the retrieved slots defined.
-            history = HistoryBatch(np.zeros((len(samples), 1), np.int64), np.zeros((len(samples), 1), np.float32),
-                                   history.lengths)
+            history = HistoryBatch(
+                np.zeros((len(samples), 1), np.int64), np.zeros((len(samples), 1), np.float32), history.lengths
+            )
         valid = np.arange(history.item_ids.shape[1])[None, :] < history.lengths[:, None]
         rating_codes = np.where(valid, np.searchsorted(self.rating_levels, history.ratings) + 1, 0)
         users = self.dataset.samples.user[samples]
@@ -55,6 +57,8 @@ class CrmInputs:
             history_ratings=rating_codes,
             history_lengths=history.lengths,
         )
-        batch = {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for name, a in arrays.items()}
+        batch = {
+            name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for name, a in arrays.items()
+        }
         batch["label"] = torch.from_numpy(self.dataset.samples.label[samples].astype(np.float32)).to(device)
         return batch

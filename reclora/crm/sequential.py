@@ -9,6 +9,7 @@ last hidden layer is, as for DIN, the representation handed to RecLoRA's gates.
 The batch is DIN's: the last K_long behaviours in the history slots, a valid prefix of
 `history_lengths` (left-aligned), so the state at position length - 1 never reads padding.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,8 +82,10 @@ class SASRec(SequentialCRM):
     def build_pooling(self, embed_dim, attention_hidden, dropout):
         max_length, heads, layers = self.encoder_shape
         if max_length < 1 or heads < 1 or embed_dim % heads:
-            raise ValueError(f"SASRec needs max_length >= 1 and embed_dim ({embed_dim}) divisible by heads, got "
-                             f"max_length={max_length}, heads={heads}")
+            raise ValueError(
+                f"SASRec needs max_length >= 1 and embed_dim ({embed_dim}) divisible by heads, got "
+                f"max_length={max_length}, heads={heads}"
+            )
         self.recency = nn.Embedding(max_length, embed_dim)
         self.blocks = nn.Sequential(*(CausalSelfAttention(embed_dim, heads) for _ in range(layers)))
         self.final_norm = nn.LayerNorm(embed_dim)

@@ -8,6 +8,7 @@ DIN's target attention over the retrieved items, or, with unit="topk_attention",
 softmax pooling of reclora_kernels.topk_target_attention over the retrieved item embeddings.
 The batch is DIN's, with the whole history in the history slots.
 """
+
 import torch
 
 import reclora_kernels as rk

@@ -1,4 +1,5 @@
 """Stage 1 of Few2Many: train the CRM on the whole training split (BCE), early stopping on valid AUC."""
+
 import copy
 import time
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ def train_crm(model, inputs: CrmInputs, config: CrmTrainConfig, log=print) -> di
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         valid = evaluate(model, inputs, "valid", config)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **{f"valid_{k}": v for k, v in valid.items()}})
+        history.append(
+            {"epoch": epoch, "train_loss": float(np.mean(losses)), **{f"valid_{k}": v for k, v in valid.items()}}
+        )
         log(f"epoch {epoch} train loss {np.mean(losses):.6f} valid {format_metrics(valid)}")
         if valid["auc"] > best_auc:
             best_auc, best_state, stale = valid["auc"], copy.deepcopy(model.state_dict()), 0

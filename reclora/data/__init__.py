@@ -8,10 +8,11 @@
 
 See dataset.py for the layout of the arrays and preprocess.py for the sample and split rules.
 """
-from reclora.data.cache import default_cache_dir, load_cached_dataset, save_dataset
+
+from reclora.data.cache import load_cached_dataset, save_dataset
 from reclora.data.dataset import SPLITS, History, HistoryBatch, RecDataset, Samples, UserSequences
 from reclora.data.generic import CsvSource
-from reclora.data.loading import SOURCES, load_dataset, make_source
+from reclora.data.loading import SOURCES, data_directory, load_dataset, make_source
 from reclora.data.movielens import MovieLens1M, MovieLens100K, MovieLensCsv, MovieLensLatest
 from reclora.data.parsing import DataFormatError, read_table
 from reclora.data.preprocess import PreprocessConfig, preprocess
@@ -45,8 +46,8 @@ __all__ = [
     "SyntheticSource",
     "UserSequences",
     "UserTable",
+    "data_directory",
     "dataset_statistics",
-    "default_cache_dir",
     "format_statistics",
     "load_cached_dataset",
     "load_dataset",

@@ -5,14 +5,12 @@ its source files' names, sizes and modification times, the loader's options and 
 preprocessing parameters, so changing any of them builds a new entry. Entries are written to a
 temporary directory and renamed into place, so a reader never sees half of one.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +19,11 @@ from reclora.data.dataset import RecDataset, Samples, UserSequences
 from reclora.data.preprocess import PreprocessConfig
 from reclora.data.source import DataSource
 from reclora.data.tables import ItemTable, UserTable
-from reclora.files import disk_full_named, shared_permissions
+from reclora.files import atomic_directory
 
 FORMAT_VERSION = 1
 ARRAYS = "arrays.npz"
 METADATA = "metadata.json"
-
-
-def default_cache_dir() -> Path:
-    """`datasets/` under $RECLORA_CACHE_DIR, else under ~/.cache/reclora (shared with model files)."""
-    return Path(os.environ.get("RECLORA_CACHE_DIR") or Path.home() / ".cache" / "reclora") / "datasets"
 
 
 def cache_entry_name(source: DataSource, files: list, config: PreprocessConfig) -> str:
@@ -49,19 +42,8 @@ def cache_entry_name(source: DataSource, files: list, config: PreprocessConfig) 
 
 def save_dataset(dataset: RecDataset, directory: Path) -> None:
     """Writes `dataset` to `directory` (created; left as is if another process made it first)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    shared_permissions(staging)  # a cache shared by a team: the umask decides, not mkdtemp's 0700
-    try:
-        with disk_full_named(directory):
-            _write_entry(dataset, staging)
-        os.replace(staging, directory)
-    except OSError:
-        if not (directory / METADATA).is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_directory(directory, overwrite=False) as staging:
+        _write_entry(dataset, staging)
 
 
 def _write_entry(dataset: RecDataset, staging: Path) -> None:

@@ -8,6 +8,7 @@ Layout (N interactions, U users, S samples, I items):
   precede it in that user's sequence.
 - splits: contiguous ranges of samples in the global order (train, then valid, then test).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,7 +64,7 @@ class Samples:
     timestamp: np.ndarray
 
     @classmethod
-    def at(cls, sequences: UserSequences, user: np.ndarray, history_length: np.ndarray) -> "Samples":
+    def at(cls, sequences: UserSequences, user: np.ndarray, history_length: np.ndarray) -> Samples:
         """The samples whose targets are interaction `history_length` of each `user`'s sequence."""
         target = sequences.offsets[user] + history_length
         return cls(

@@ -5,6 +5,7 @@ and an integer timestamp (any unit; only the order matters). items file: item id
 optionally a genre list and further text fields for the item description. Ids may be any
 strings. There is no user file: users have no attributes.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """`load_dataset`: the one entry point from a dataset's name to a processed, cached `RecDataset`."""
+
 from __future__ import annotations
 
 import os
@@ -8,13 +9,14 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from reclora.data.cache import cache_entry_name, default_cache_dir, load_cached_dataset, save_dataset
+from reclora.data.cache import cache_entry_name, load_cached_dataset, save_dataset
 from reclora.data.dataset import RecDataset
 from reclora.data.generic import CsvSource
 from reclora.data.movielens import MovieLens1M, MovieLens100K, MovieLensCsv, MovieLensLatest
 from reclora.data.preprocess import PreprocessConfig, preprocess
-from reclora.data.source import DataSource
+from reclora.data.source import DataSource, DirectorySource
 from reclora.data.synthetic import SyntheticSource
+from reclora.files import cache_folder
 
 SOURCES = {
     source.name: source
@@ -41,8 +43,8 @@ def load_dataset(
         (a MovieLens directory as GroupLens distributes it) or "csv" (see `CsvSource`).
     data_dir: the directory holding the files; default $RECLORA_DATA_DIR/<name>.
     label_threshold, min_history, train_fraction, valid_fraction: see preprocess.py.
-    cache, cache_dir: reuse processed arrays from `cache_dir` (default `default_cache_dir()`:
-        ~/.cache/reclora/datasets); the key covers the source files and every parameter.
+    cache, cache_dir: reuse processed arrays from `cache_dir` (default: the `datasets` folder of
+        reclora.files.default_cache_dir()); the key covers the source files and every parameter.
     options: the source's own options, e.g. n_users / seed for synthetic, column names for csv.
     """
     source = make_source(name, data_dir, **options)
@@ -50,7 +52,8 @@ def load_dataset(
     files = source.files()  # raises first, naming every missing file
     if not cache:
         return preprocess(source.read(progress), config)
-    entry = Path(cache_dir if cache_dir is not None else default_cache_dir()) / cache_entry_name(source, files, config)
+    folder = Path(cache_dir) if cache_dir is not None else cache_folder("datasets")
+    entry = folder / cache_entry_name(source, files, config)
     if entry.exists():
         try:
             return load_cached_dataset(entry)
@@ -64,16 +67,26 @@ def load_dataset(
 
 def make_source(name: str, data_dir: Optional[os.PathLike] = None, **options) -> DataSource:
     """The `DataSource` for a dataset name (see `load_dataset`)."""
+    directory = data_directory(name, data_dir)
+    source = SOURCES[name]
+    return source(**options) if directory is None else source(directory, **options)
+
+
+def data_directory(name: str, data_dir: Optional[os.PathLike] = None) -> Optional[Path]:
+    """Where a dataset's files lie: data_dir, else $RECLORA_DATA_DIR/<name>; None for generated data.
+
+    Raises ValueError when the dataset reads files and neither says where, or when generated
+    data is given a directory.
+    """
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(SOURCES)}")
-    source = SOURCES[name]
-    if source is SyntheticSource:
+    if not issubclass(SOURCES[name], DirectorySource):
         if data_dir is not None:
-            raise ValueError("the synthetic dataset is generated: it takes no data_dir")
-        return source(**options)
-    if data_dir is None:
-        root = os.environ.get("RECLORA_DATA_DIR")
-        if not root:
-            raise ValueError(f"{name}: pass data_dir (the directory with its files) or set RECLORA_DATA_DIR")
-        data_dir = Path(root) / name
-    return source(Path(data_dir), **options)
+            raise ValueError(f"the {name} dataset is generated: it takes no data_dir")
+        return None
+    if data_dir is not None:
+        return Path(data_dir)
+    root = os.environ.get("RECLORA_DATA_DIR")
+    if not root:
+        raise ValueError(f"{name}: pass data_dir (--data-dir: the directory with its files) or set RECLORA_DATA_DIR")
+    return Path(root) / name

@@ -3,6 +3,7 @@
 The files are never shipped with this package (GroupLens forbids redistribution): point
 `load_dataset` at a directory holding them.
 """
+
 from __future__ import annotations
 
 import dataclasses

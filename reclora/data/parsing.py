@@ -4,14 +4,16 @@ It reads a file in chunks of lines, converts the requested columns to numpy arra
 (so 25M-line files neither hold millions of Python objects nor parse field by field in Python),
 and reports any malformed line as `DataFormatError` naming the file and its 1-based line.
 """
+
 from __future__ import annotations
 
 import csv
 import gc
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Union
 
 import numpy as np
 
@@ -98,14 +100,17 @@ def _open_lines(path: Path, separator: str, encoding: str, quoted: bool, progres
         raise ValueError(f"CSV files need a one-character separator, got {separator!r}")
     size = path.stat().st_size
     # newline="" lets the csv module see quoted newlines; universal newlines strip CRLF otherwise.
-    with open(path, encoding=encoding, newline="" if quoted else None) as file, progress_bar(
-        total=size,
-        desc=f"reading {path.name}",
-        unit="B",
-        unit_scale=True,
-        disable=not progress or size < _PROGRESS_MIN_BYTES,
-        leave=False,
-    ) as bar:
+    with (
+        open(path, encoding=encoding, newline="" if quoted else None) as file,
+        progress_bar(
+            total=size,
+            desc=f"reading {path.name}",
+            unit="B",
+            unit_scale=True,
+            disable=not progress or size < _PROGRESS_MIN_BYTES,
+            leave=False,
+        ) as bar,
+    ):
         try:
             yield _records(path, file, separator, quoted, bar)
         except UnicodeDecodeError:

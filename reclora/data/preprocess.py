@@ -9,6 +9,7 @@
 4. The remaining samples are split in the global order: train = the first
    int(train_fraction * S), valid = the next int(valid_fraction * S), test = the rest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,7 @@ class PreprocessConfig:
         if self.min_history < 0:
             raise ValueError(f"min_history must be >= 0, got {self.min_history}")
         train, valid = self.train_fraction, self.valid_fraction
-        if not (0 <= train and 0 <= valid and train + valid <= 1):
+        if not (train >= 0 and valid >= 0 and train + valid <= 1):
             raise ValueError(
                 f"train_fraction and valid_fraction must be >= 0 and sum to at most 1, "
                 f"got {self.train_fraction} and {self.valid_fraction}"

@@ -2,6 +2,7 @@
 
 `load_dataset` uses `files()` and `options()` to key the cache before anything is read.
 """
+
 from __future__ import annotations
 
 import abc
@@ -22,11 +23,7 @@ class DataSource(abc.ABC):
 
     def options(self) -> dict:
         """Everything besides the files that decides what `read` returns."""
-        return {
-            field.name: getattr(self, field.name)
-            for field in dataclasses.fields(self)
-            if field.name != "data_dir"
-        }
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "data_dir"}
 
     @abc.abstractmethod
     def read(self, progress: bool = True) -> RawDataset:
@@ -48,7 +45,6 @@ class DirectorySource(DataSource):
         missing = [path.name for path in paths if not path.is_file()]
         if missing:
             raise FileNotFoundError(
-                f"{self.name}: {Path(self.data_dir)} lacks {', '.join(missing)} "
-                f"(expected {', '.join(self.file_names)})"
+                f"{self.name}: {Path(self.data_dir)} lacks {', '.join(missing)} (expected {', '.join(self.file_names)})"
             )
         return paths

@@ -1,4 +1,5 @@
 """Dataset statistics as a dict, and a printer for them."""
+
 from __future__ import annotations
 
 import datetime

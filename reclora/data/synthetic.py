@@ -11,6 +11,7 @@ It has what RecLoRA's two models can learn from:
 - rating = 1 + the number of cut points below taste . genres + quality + user bias + logistic
   noise; the cut points are set where MovieLens 100K's rating distribution puts them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,7 +102,7 @@ class _Items:
     genre_lists: list
 
     @classmethod
-    def draw(cls, rng, n_items: int) -> "_Items":
+    def draw(cls, rng, n_items: int) -> _Items:
         names = list(GENRE_WORDS)
         n_genres = rng.choice([1, 2, 3], size=n_items, p=[0.5, 0.35, 0.15])
         # Gumbel top-k: each item's genres, drawn without replacement by genre frequency.
@@ -133,7 +134,7 @@ class _Users:
     table: UserTable
 
     @classmethod
-    def draw(cls, rng, n_users: int, drift: float) -> "_Users":
+    def draw(cls, rng, n_users: int, drift: float) -> _Users:
         n_genres = len(GENRE_WORDS)
         gender = rng.choice(list(GENDER_FREQUENCY), size=n_users, p=list(GENDER_FREQUENCY.values()))
         age = rng.choice(list(AGE_FREQUENCY), size=n_users, p=list(AGE_FREQUENCY.values()))

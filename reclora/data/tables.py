@@ -4,10 +4,12 @@ Every loader maps the dataset's own ids to contiguous rows: item i is row i of `
 user u row u of `UserTable`, in ascending order of the raw ids. Preprocessing (preprocess.py)
 turns `RawDataset` into the sample arrays the models consume.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -60,11 +62,11 @@ class UserTable:
         return len(self.raw_ids)
 
     @classmethod
-    def without_attributes(cls, raw_ids: np.ndarray) -> "UserTable":
+    def without_attributes(cls, raw_ids: np.ndarray) -> UserTable:
         return cls.from_attributes(raw_ids, {})
 
     @classmethod
-    def from_attributes(cls, raw_ids: np.ndarray, attributes: Mapping[str, tuple]) -> "UserTable":
+    def from_attributes(cls, raw_ids: np.ndarray, attributes: Mapping[str, tuple]) -> UserTable:
         """attributes: name -> (values (U,), text) as taken by `encode_categories`."""
         encoded = [encode_categories(values, text) for values, text in attributes.values()]
         codes = np.zeros((len(raw_ids), len(encoded)), dtype=np.int64)
@@ -136,9 +138,7 @@ def lookup_ids(catalog_ids: np.ndarray, table: Table, column: str, what: str) ->
     return rows.astype(np.int64)
 
 
-def encode_categories(
-    values: Sequence, text: Optional[Mapping | Callable] = None
-) -> tuple[np.ndarray, tuple]:
+def encode_categories(values: Sequence, text: Optional[Mapping | Callable] = None) -> tuple[np.ndarray, tuple]:
     """Categorical codes and their words for one attribute.
 
     values: (U,) raw values; codes follow their sorted order, starting at 1 (0 is "unknown";

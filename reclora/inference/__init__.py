@@ -2,6 +2,7 @@
 
 The command line is `python -m reclora.predict`.
 """
+
 from reclora.inference.recommender import Recommender
 from reclora.inference.requests import UnknownItemError
 from reclora.inference.run_folder import RunFolderError

@@ -10,13 +10,15 @@ tokenized a block at a time, sorted by prompt length and batched (little padding
 torch.inference_mode; each batch's CRM representation and gates are computed once and handed to
 the fused gated_lora_linear in every adapted projection.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import threading
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,8 +35,17 @@ TOKENIZE_BLOCK = 2048  # requests tokenized and length-sorted together (bounds t
 
 
 class Recommender:
-    def __init__(self, run: RunFolder, config, table: ServingTable, model=None, crm=None, crm_inputs=None,
-                 batch_size: Optional[int] = None, progress: bool = False):
+    def __init__(
+        self,
+        run: RunFolder,
+        config,
+        table: ServingTable,
+        model=None,
+        crm=None,
+        crm_inputs=None,
+        batch_size: Optional[int] = None,
+        progress: bool = False,
+    ):
         """Use Recommender.load."""
         self.run, self.config, self.table = run, config, table
         self.model, self.crm, self.crm_inputs = model, crm, crm_inputs
@@ -44,8 +55,16 @@ class Recommender:
         self._lock = threading.Lock()  # the serving table holds one call's requests at a time
 
     @classmethod
-    def load(cls, run_dir, device=None, bf16: Optional[bool] = None, batch_size: Optional[int] = None,
-             data_dir=None, backend: Optional[str] = None, progress: bool = False) -> "Recommender":
+    def load(
+        cls,
+        run_dir,
+        device=None,
+        bf16: Optional[bool] = None,
+        batch_size: Optional[int] = None,
+        data_dir=None,
+        backend: Optional[str] = None,
+        progress: bool = False,
+    ) -> Recommender:
         """Restores the run in run_dir as its results.json reports it.
 
         device: "cpu", "cuda", ... (default: cuda when available). bf16: autocast as the run did
@@ -63,16 +82,18 @@ class Recommender:
             overrides["data_dir"] = str(data_dir)
         config = dataclasses.replace(run.settings, **overrides)
         if config.data_dir and not os.path.isdir(config.data_dir):
-            raise RunFolderError(f"{run.path}: the run's data directory {config.data_dir!r} is not found from "
-                                 f"{os.getcwd()}; say where it is now (data_dir=, or --data-dir)")
+            raise RunFolderError(
+                f"{run.path}: the run's data directory {config.data_dir!r} is not found from "
+                f"{os.getcwd()}; say where it is now (data_dir=, or --data-dir)"
+            )
         dataset = load_run_dataset(config, progress=progress)
         run.check_dataset(dataset)
         crm = inputs = model = None
-        if not config.is_llm_method or (config.method == "reclora" and config.gate_input == "crm"):
+        if config.needs_crm:
             crm, inputs = run.load_crm(dataset, device)
         if config.is_llm_method:
             model = build_model(config, dataset, crm, inputs, torch.device(device))
-            if config.method != "zero-shot":
+            if config.method_row.tuned:
                 load_trainable_state(model, run.best_adapters())
             model.eval().requires_grad_(False)
         # Last: the CRM's id vocabulary and the model's tables were sized on the run's users.
@@ -92,8 +113,11 @@ class Recommender:
         """
         samples, cold = self.table.resolve(users, items, timestamps)
         if cold:
-            warnings.warn(f"{cold} of {len(samples)} requests come from users the run has never seen: scored as cold "
-                          "starts (no history, no attributes, the CRM's mean user)", stacklevel=2)
+            warnings.warn(
+                f"{cold} of {len(samples)} requests come from users the run has never seen: scored as cold "
+                "starts (no history, no attributes, the CRM's mean user)",
+                stacklevel=2,
+            )
         return self._score(samples)
 
     def rank(self, user, candidates: Sequence, k: int = 10, timestamp=None) -> list:
@@ -120,14 +144,19 @@ class Recommender:
     def describe_samples(self, samples: np.ndarray) -> dict:
         """Raw user and item ids and labels of samples of the run's own data."""
         run, dataset = self.table.run_samples, self.table.dataset
-        return dict(user=dataset.users.raw_ids[run.user[samples]], item=dataset.items.raw_ids[run.item[samples]],
-                    label=run.label[samples])
+        return dict(
+            user=dataset.users.raw_ids[run.user[samples]],
+            item=dataset.items.raw_ids[run.item[samples]],
+            label=run.label[samples],
+        )
 
     def _score(self, samples) -> np.ndarray:
         with self._lock:
             self.table.serve(samples)
             if self.model is None:
-                config = CrmTrainConfig(device=str(self.device), eval_batch_size=self.batch_size, progress=self.progress)
+                config = CrmTrainConfig(
+                    device=str(self.device), eval_batch_size=self.batch_size, progress=self.progress
+                )
                 return crm_predict(self.crm, self.crm_inputs, np.arange(len(samples)), config).astype(np.float32)
             return self._llm_scores(len(samples))
 
@@ -150,4 +179,3 @@ class Recommender:
         batch.update(model.gate_batch(samples))
         with autocast(self.config, self.device):
             return model.yes_probability(batch).float().cpu().numpy()
-

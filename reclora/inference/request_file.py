@@ -3,6 +3,7 @@
 Input: columns user, item and optionally timestamp (others are carried through); an empty
 timestamp cell means none. Every problem names the file and the line (the header is line 1).
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,11 @@ def read_requests(path) -> RequestFile:
     columns = [name.strip() for name in records[0]]
     missing = [name for name in REQUIRED if name not in columns]
     if missing:
-        raise RequestFileError(path, 1, f"missing column(s) {missing}: the header must name user, item and optionally "
-                                        f"timestamp (found {columns})")
+        raise RequestFileError(
+            path,
+            1,
+            f"missing column(s) {missing}: the header must name user, item and optionally timestamp (found {columns})",
+        )
     rows, lines = [], []
     for line, record in enumerate(records[1:], start=2):
         if not record:
@@ -101,6 +105,7 @@ def _is_integer(value: str) -> bool:
 
 def write_csv(path, columns, rows) -> None:
     """columns, rows (sequences of cells) into path, atomically."""
+
     def write(f):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)

@@ -10,10 +10,12 @@ that order, i.e. everything strictly before t, and at t itself those with a smal
 as the training samples did (so a request for an interaction of the data sees exactly that
 sample's history). No timestamp: every known interaction of the user.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -51,16 +53,30 @@ class ServingTable:
         item_rows = self._item_rows(items)
         user_rows, known = _rows(self.dataset.users.raw_ids[: self.n_known_users], users, "user")
         user_rows = np.where(known, user_rows, self.cold_start_user)
-        lengths = np.array([self._history_length(u, i, t) for u, i, t in zip(user_rows, item_rows, times)], dtype=np.int64)
-        samples = Samples(user_rows, lengths, item_rows, np.zeros(len(users), np.float32), np.zeros(len(users), np.int8),
-                          np.where(np.isnan(times), -1, times).astype(np.int64))
+        lengths = np.array(
+            [self._history_length(u, i, t) for u, i, t in zip(user_rows, item_rows, times)], dtype=np.int64
+        )
+        samples = Samples(
+            user_rows,
+            lengths,
+            item_rows,
+            np.zeros(len(users), np.float32),
+            np.zeros(len(users), np.int8),
+            np.where(np.isnan(times), -1, times).astype(np.int64),
+        )
         return samples, int((~known).sum())
 
     def run_requests(self, samples: np.ndarray) -> Samples:
         """Samples of the run's own data (by index) as requests: the very histories the run used."""
         run = self.run_samples
-        return Samples(run.user[samples], run.history_length[samples], run.item[samples], run.rating[samples],
-                       run.label[samples], run.timestamp[samples])
+        return Samples(
+            run.user[samples],
+            run.history_length[samples],
+            run.item[samples],
+            run.rating[samples],
+            run.label[samples],
+            run.timestamp[samples],
+        )
 
     def serve(self, samples: Samples) -> None:
         """Makes the requests the samples the model reads (index i = request i)."""
@@ -109,7 +125,9 @@ def _as_id_type(ids: np.ndarray, dtype, what: str) -> np.ndarray:
         try:
             converted[position] = int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{what} id {value!r} (request {position}) is not an integer, as this dataset's ids are") from None
+            raise ValueError(
+                f"{what} id {value!r} (request {position}) is not an integer, as this dataset's ids are"
+            ) from None
     return converted
 
 

@@ -8,6 +8,7 @@ Stage 1 trains the CRM on the whole training split (crm_stage), stage 2 tunes th
 on a seeded sample of it with the CRM frozen (loop), evaluation is on a seeded test subset;
 everything a run writes is described in outputs.
 """
+
 from reclora.train.config import METHODS, ConfigError, TrainConfig, make_config
 from reclora.train.loop import TrainingDiverged
 from reclora.train.pipeline import run

@@ -5,6 +5,7 @@ unreadable file of an earlier run (nothing written); 3 the loss diverged (the la
 checkpoint is kept); 4 the disk is full (every file is whole: free space, then --resume);
 130 interrupted (resume with --resume).
 """
+
 import sys
 
 from reclora.data import DataFormatError

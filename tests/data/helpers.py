@@ -1,4 +1,5 @@
 """Helpers for the data tests: where the real MovieLens copies are, small file writers, AUC."""
+
 import os
 from pathlib import Path
 

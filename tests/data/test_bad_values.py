@@ -1,4 +1,5 @@
 """Values that parse as numbers but are no data: NaN and infinite ratings, timestamps that are not integers."""
+
 import pytest
 
 from reclora.data import DataFormatError, load_dataset

@@ -1,4 +1,5 @@
 """The generic format: an interactions CSV and an items CSV with configurable columns."""
+
 import pytest
 
 from reclora.data import DataFormatError, load_dataset

@@ -1,4 +1,5 @@
 """The on-disk cache: round trip, reuse, and a new entry whenever an input changes."""
+
 import os
 
 import numpy as np

@@ -1,4 +1,5 @@
 """MovieLens loaders on the real files (skipped when absent) and on small files written here."""
+
 import numpy as np
 import pytest
 
@@ -79,7 +80,10 @@ def test_real_ml_1m_metadata_with_written_ratings(tmp_path):
     assert len(dataset.items.genre_names) == 18
     assert dataset.items.titles[2] == "Grumpier Old Men (1995)"
     assert dataset.users.attributes_of(0) == {
-        "gender": "female", "age": "under 18", "occupation": "K-12 student", "zip": "48067"
+        "gender": "female",
+        "age": "under 18",
+        "occupation": "K-12 student",
+        "zip": "48067",
     }
     assert dataset.samples.label.tolist() == [1, 0, 1]
     assert dataset.items.raw_ids[dataset.samples.item].tolist() == [1, 3, 3952]
@@ -99,9 +103,9 @@ def test_ml_1m_malformed_ratings_line(tmp_path):
 def test_ml_25m_format(tmp_path, name):
     write_text(
         tmp_path / "movies.csv",
-        'movieId,title,genres\n'
+        "movieId,title,genres\n"
         '11,"American President, The (1995)",Comedy|Drama|Romance\n'
-        '2,Amélie (2001),Comedy|Romance\n'
+        "2,Amélie (2001),Comedy|Romance\n"
         '5,"Untitled ""Thing"" (2019)",(no genres listed)\n',
         newline="\r\n",
     )

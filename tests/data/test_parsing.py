@@ -1,4 +1,5 @@
 """The one delimited-file reader: separators, quoting, line endings, encodings, errors."""
+
 import numpy as np
 import pytest
 
@@ -20,7 +21,7 @@ def test_reads_multi_character_separator_and_skips_blank_lines(tmp_path):
 @pytest.mark.parametrize("newline", ["\n", "\r\n"])
 def test_quoted_csv_with_commas_quotes_and_newlines(tmp_path, newline):
     text = (
-        'movieId,title,genres\n'
+        "movieId,title,genres\n"
         '11,"American President, The (1995)",Comedy|Drama|Romance\n'
         '12,"Say ""Hi"" (2001)",(no genres listed)\n'
         '13,"Two\nLines (1999)",Drama\n'

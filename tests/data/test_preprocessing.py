@@ -1,4 +1,5 @@
 """Samples, histories and splits: against a plain-Python reference, and their invariants."""
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +58,11 @@ def test_matches_reference(seed, min_history, given_labels):
     assert len(dataset) == len(expected)
     for s, (user, item, rating, label, timestamp, history_items, history_ratings) in enumerate(expected):
         assert (samples.user[s], samples.item[s], samples.rating[s], samples.label[s], samples.timestamp[s]) == (
-            user, item, rating, label, timestamp,
+            user,
+            item,
+            rating,
+            label,
+            timestamp,
         )
         history = dataset.history(s)
         assert history.item_ids.tolist() == history_items

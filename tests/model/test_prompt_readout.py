@@ -1,4 +1,5 @@
 """reclora.prompt and reclora.readout with the SmolLM2 tokenizer; end to end on the tiny LLaMA."""
+
 import pytest
 import torch
 
@@ -85,6 +86,20 @@ def test_long_prompts_lose_their_oldest_history_only(tokenizer):
 def test_a_question_that_cannot_fit_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="without any history"):
         PromptBuilder(tokenizer, max_length=40).token_ids([sample()])
+
+
+def test_a_fixed_length_batch_cuts_what_cannot_fit(tokenizer):
+    builder = PromptBuilder(tokenizer, max_length=40)
+    full = tokenizer(builder.render(sample()), add_special_tokens=False)["input_ids"]
+    batch = builder.encode([sample(), sample(history=[])], pad_to=40, overflow="cut")
+    assert batch["input_ids"].shape == (2, 40) and batch["attention_mask"].all()
+    assert batch["input_ids"][0].tolist() == full[-40:]  # the question and the answer's opening survive
+    short = PromptBuilder(tokenizer).encode([sample()], pad_to=len(full) + 3)
+    assert short["attention_mask"][0].tolist() == [0] * 3 + [1] * len(full)
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        PromptBuilder(tokenizer).encode([sample()], pad_to=len(full) - 1)
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        builder.token_ids([sample()], overflow="wrap")
 
 
 def test_batches_are_left_padded(tokenizer):

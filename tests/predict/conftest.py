@@ -1,4 +1,5 @@
 """Tiny finished runs of every method (tiny-llama, synthetic data), trained once for the predict tests."""
+
 import shutil
 
 import pytest
@@ -8,10 +9,14 @@ from reclora.train import make_config, run
 from tests.train.helpers import tiny_settings
 
 # name: the run's settings; every method, and reclora's gates without a CRM
-RUNS = {**{method: {"method": method} for method in ("reclora", "lora", "rella", "zero-shot", "din", "sim", "gru4rec",
-                                                      "sasrec")},
-        "reclora-user-embedding": {"method": "reclora", "gate_input": "user-embedding"},
-        "reclora-uniform": {"method": "reclora", "gate_input": "uniform"}}
+RUNS = {
+    **{
+        method: {"method": method}
+        for method in ("reclora", "lora", "rella", "zero-shot", "din", "sim", "gru4rec", "sasrec")
+    },
+    "reclora-user-embedding": {"method": "reclora", "gate_input": "user-embedding"},
+    "reclora-uniform": {"method": "reclora", "gate_input": "uniform"},
+}
 METHODS = tuple(RUNS)
 
 
@@ -34,4 +39,5 @@ def copy_run(runs, tmp_path):
         target = tmp_path / name
         shutil.copytree(runs[name], target)
         return target
+
     return copy

@@ -1,4 +1,5 @@
 """python -m reclora.predict: scores, rankings, the run's own split, exit codes, atomic output."""
+
 import csv
 import re
 import subprocess
@@ -41,7 +42,10 @@ def test_scores_with_the_input_columns(tmp_path, reclora_run, raw_ids, capsys):
     assert main([str(reclora_run), "--input", str(requests), "--output", str(tmp_path / "s.csv")]) == 0
     rows = read_csv(tmp_path / "s.csv")
     assert [(r["user"], r["item"], r["timestamp"], r["note"]) for r in rows] == [
-        (str(u0), str(i0), "", "a"), (str(u0), str(i1), "5", "b"), (str(u1), str(i2), "", "c")]
+        (str(u0), str(i0), "", "a"),
+        (str(u0), str(i1), "5", "b"),
+        (str(u1), str(i2), "", "c"),
+    ]
     expected = Recommender.load(reclora_run).score([u0, u0, u1], [i0, i1, i2], [None, 5, None])
     np.testing.assert_allclose([float(r["score"]) for r in rows], expected, atol=1e-6)
     out = capsys.readouterr().out
@@ -72,19 +76,23 @@ def test_split_test_equals_predictions_npz(tmp_path, runs, name):
     np.testing.assert_allclose([float(r["score"]) for r in rows], saved["prob"], atol=1e-5)
 
 
-@pytest.mark.parametrize("content, line, problem", [
-    ("", None, "empty file"),
-    ("user,item\n", None, "no requests"),
-    ("user,timestamp\n1,2\n", 1, r"missing column\(s\) \['item'\]"),
-    ("user,item\n{u},{i}\nabc,{i}\n", 3, "user id 'abc' is not an integer"),
-    ("user,item\n{u},x1\n", 2, "item id 'x1' is not an integer"),
-    ("user,item,timestamp\n{u},{i},12\n{u},{i},noon\n", 3, "timestamp 'noon' is not a number"),
-    ("user,item\n{u},{i}\n{u},987654\n", 3, "unknown item id 987654"),
-    ("user,item\n{u},{i},7\n", 2, "3 fields, the header has 2"),
-    ("user,item\n,{i}\n", 2, "empty user id"),
-])
-def test_bad_input_exits_2_naming_file_and_line_and_writes_nothing(tmp_path, reclora_run, raw_ids, capsys, content,
-                                                                   line, problem):
+@pytest.mark.parametrize(
+    "content, line, problem",
+    [
+        ("", None, "empty file"),
+        ("user,item\n", None, "no requests"),
+        ("user,timestamp\n1,2\n", 1, r"missing column\(s\) \['item'\]"),
+        ("user,item\n{u},{i}\nabc,{i}\n", 3, "user id 'abc' is not an integer"),
+        ("user,item\n{u},x1\n", 2, "item id 'x1' is not an integer"),
+        ("user,item,timestamp\n{u},{i},12\n{u},{i},noon\n", 3, "timestamp 'noon' is not a number"),
+        ("user,item\n{u},{i}\n{u},987654\n", 3, "unknown item id 987654"),
+        ("user,item\n{u},{i},7\n", 2, "3 fields, the header has 2"),
+        ("user,item\n,{i}\n", 2, "empty user id"),
+    ],
+)
+def test_bad_input_exits_2_naming_file_and_line_and_writes_nothing(
+    tmp_path, reclora_run, raw_ids, capsys, content, line, problem
+):
     (u0, _, _), (i0, _, _, _) = raw_ids
     requests = write(tmp_path / "bad.csv", content.format(u=u0, i=i0))
     output = write(tmp_path / "out.csv", "an earlier result\n")
@@ -103,10 +111,16 @@ def test_a_bad_run_folder_exits_2(tmp_path, capsys):
     assert "no such run folder" in capsys.readouterr().err and not (tmp_path / "o.csv").exists()
 
 
-@pytest.mark.parametrize("arguments", [
-    ["--input", "r.csv", "--top", "0"], ["--input", "r.csv", "--batch-size", "0"], ["--split", "test", "--top", "3"],
-    [], ["--input", "r.csv", "--split", "test"],
-])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--input", "r.csv", "--top", "0"],
+        ["--input", "r.csv", "--batch-size", "0"],
+        ["--split", "test", "--top", "3"],
+        [],
+        ["--input", "r.csv", "--split", "test"],
+    ],
+)
 def test_bad_options_exit_2(tmp_path, reclora_run, arguments):
     with pytest.raises(SystemExit) as exit_:
         main([str(reclora_run), "--output", str(tmp_path / "o.csv"), *arguments])
@@ -116,13 +130,26 @@ def test_bad_options_exit_2(tmp_path, reclora_run, arguments):
 def test_command_line_process(tmp_path, reclora_run, raw_ids):
     (u0, _, _), (i0, i1, _, _) = raw_ids
     requests = write(tmp_path / "r.csv", f"user,item\n{u0},{i0}\n{u0},{i1}\n")
-    command = [sys.executable, "-m", "reclora.predict", str(reclora_run), "--input", str(requests), "--output",
-               str(tmp_path / "s.csv"), "--batch-size", "1", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "reclora.predict",
+        str(reclora_run),
+        "--input",
+        str(requests),
+        "--output",
+        str(tmp_path / "s.csv"),
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "2 requests in" in done.stdout and "requests/s" in done.stdout
     assert len(read_csv(tmp_path / "s.csv")) == 2
     bad = write(tmp_path / "bad.csv", f"user,item\n{u0},987654\n")
-    done = subprocess.run(command[:5] + [str(bad)] + command[6:], cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        command[:5] + [str(bad)] + command[6:], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 2 and "bad.csv, line 2: unknown item id 987654" in done.stderr

@@ -1,4 +1,5 @@
 """reclora.Recommender on tiny finished runs: train -> load -> score, the history rule, bad input, bad folders."""
+
 import dataclasses
 import json
 import warnings
@@ -44,8 +45,9 @@ def test_scores_do_not_depend_on_batching(loaded):
     recommender = loaded["reclora"]
     users, items, timestamps, _ = _test_requests(recommender)
     together = recommender.score(users, items, timestamps)
-    alone = np.concatenate([recommender.score(users[i : i + 1], items[i : i + 1], timestamps[i : i + 1])
-                            for i in range(len(users))])
+    alone = np.concatenate(
+        [recommender.score(users[i : i + 1], items[i : i + 1], timestamps[i : i + 1]) for i in range(len(users))]
+    )
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
 
 
@@ -56,7 +58,9 @@ def test_rank_returns_the_candidates_by_score(loaded, name):
     candidates = recommender.table.dataset.items.raw_ids[:12].tolist()
     scores = recommender.score([user] * 12, candidates)
     top = recommender.rank(user, candidates, k=5)
-    assert len(top) == 5 and [item for item, _ in top] == [candidates[i] for i in np.argsort(-scores, kind="stable")[:5]]
+    assert len(top) == 5 and [item for item, _ in top] == [
+        candidates[i] for i in np.argsort(-scores, kind="stable")[:5]
+    ]
     assert [score for _, score in top] == sorted((score for _, score in top), reverse=True)
     np.testing.assert_allclose([score for _, score in top], np.sort(scores)[::-1][:5], atol=1e-6)
     assert len(recommender.rank(user, candidates, k=50)) == 12
@@ -77,7 +81,8 @@ def test_history_is_what_came_strictly_before(loaded):
     assert cold == 0
     assert samples.history_length[0] == 0  # before the first interaction: the empty history
     assert samples.history_length[1] == int((sequences.timestamp[first:end] < middle).sum()) + int(
-        ((sequences.timestamp[first:end] == middle) & (sequences.item[first:end] < sequences.item[first])).sum())
+        ((sequences.timestamp[first:end] == middle) & (sequences.item[first:end] < sequences.item[first])).sum()
+    )
     assert samples.history_length[2] == samples.history_length[3] == end - first  # no timestamp: after the last
     empty_history = recommender.score([raw_user], [raw_item], [first_time - 1])
     assert np.isfinite(empty_history).all()
@@ -99,7 +104,7 @@ def test_unknown_user_is_a_counted_cold_start(loaded, name):
         warnings.simplefilter("always")
         scores = recommender.score([10**9, 10**9 + 1, recommender.table.dataset.users.raw_ids[0]], [item] * 3)
     assert [str(w.message).split(" requests")[0] for w in caught] == ["2 of 3"]
-    assert np.isfinite(scores).all() and 0 <= scores.min() and scores.max() <= 1
+    assert np.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # two strangers look alike
 
 
@@ -126,7 +131,9 @@ def test_bad_request_arrays(loaded):
 
 def test_split_samples(loaded, runs):
     recommender = loaded["rella"]
-    np.testing.assert_array_equal(recommender.split_samples("test"), np.load(runs["rella"] / "predictions.npz")["sample"])
+    np.testing.assert_array_equal(
+        recommender.split_samples("test"), np.load(runs["rella"] / "predictions.npz")["sample"]
+    )
     assert len(recommender.split_samples("valid")) == 16
     with pytest.raises(ValueError, match="split"):
         recommender.split_samples("train")
@@ -164,18 +171,28 @@ def _edit_json(path, edit):
     path.write_text(json.dumps(values))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda folder: (folder / "results.json").unlink(), "not finished"),
-    (lambda folder: (folder / "config.json").unlink(), "not a run folder"),
-    (lambda folder: (folder / "predictions.npz").unlink(), "predictions.npz is missing"),
-    (lambda folder: (folder / "crm" / "crm.pt").unlink(), "trained CRM.*missing"),
-    (lambda folder: _edit_json(folder / "results.json", lambda r: r["versions"].update(reclora_kernels="0.0.1")),
-     "written by reclora '0.0.1'"),
-    (lambda folder: _edit_json(folder / "config.json", lambda c: c.update(lr=0.5)), "mixes two runs"),
-    (lambda folder: [_edit_json(folder / name, lambda c: (c.get("config", c)).update(gate_sharpness=2))
-                     for name in ("config.json", "results.json")], "settings this version cannot use"),
-    (lambda folder: (folder / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint"), "cannot be read"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: (folder / "results.json").unlink(), "not finished"),
+        (lambda folder: (folder / "config.json").unlink(), "not a run folder"),
+        (lambda folder: (folder / "predictions.npz").unlink(), "predictions.npz is missing"),
+        (lambda folder: (folder / "crm" / "crm.pt").unlink(), "trained CRM.*missing"),
+        (
+            lambda folder: _edit_json(folder / "results.json", lambda r: r["versions"].update(reclora_kernels="0.0.1")),
+            "written by reclora '0.0.1'",
+        ),
+        (lambda folder: _edit_json(folder / "config.json", lambda c: c.update(lr=0.5)), "mixes two runs"),
+        (
+            lambda folder: [
+                _edit_json(folder / name, lambda c: (c.get("config", c)).update(gate_sharpness=2))
+                for name in ("config.json", "results.json")
+            ],
+            "settings this version cannot use",
+        ),
+        (lambda folder: (folder / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint"), "cannot be read"),
+    ],
+)
 def test_bad_run_folders(copy_run, damage, message):
     folder = copy_run("reclora")
     damage(folder)
@@ -195,7 +212,8 @@ def test_no_such_folder(tmp_path):
 
 def test_other_data_than_the_run_was_evaluated_on(runs):
     run = RunFolder(runs["din"])
-    other = load_run_dataset(dataclasses.replace(run.settings, dataset_options={"n_users": 41, "n_items": 60,
-                                                                               "n_ratings": 2000}))
+    other = load_run_dataset(
+        dataclasses.replace(run.settings, dataset_options={"n_users": 41, "n_items": 60, "n_ratings": 2000})
+    )
     with pytest.raises(RunFolderError, match="not the data this run was evaluated on"):
         run.check_dataset(other)

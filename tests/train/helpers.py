@@ -1,4 +1,5 @@
 """Tiny trainer runs: tiny-llama on a small synthetic dataset, a few dozen samples, seconds each."""
+
 import json
 import os
 import subprocess
@@ -53,8 +54,14 @@ def cli_env() -> dict:
 
 
 def run_cli(*arguments, launcher=(sys.executable, "-m", "reclora.train"), timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(*arguments, launcher=launcher), cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        train_command(*arguments, launcher=launcher),
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_results(out: Path) -> dict:

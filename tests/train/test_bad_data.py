@@ -1,4 +1,5 @@
 """Data the trainer cannot use: the message says what is wrong with the data, and nothing is written."""
+
 import pytest
 
 from reclora.llm import smollm2_available
@@ -17,12 +18,29 @@ def tiny_csv(folder, users=2, per_user=7, rating="4"):
 
 
 def train(tmp_path, *arguments):
-    return main(["--dataset", "csv", "--data-dir", str(tmp_path / "data"), "--llm", "tiny-llama", "--embedder", "bow",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-progress", *arguments])
+    return main(
+        [
+            "--dataset",
+            "csv",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--llm",
+            "tiny-llama",
+            "--embedder",
+            "bow",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *arguments,
+        ]
+    )
 
 
-@pytest.mark.parametrize("arguments", [["--method", "din"], ["--method", "lora", "--train-size", "0",
-                                                              "--eval-size", "0"]])
+@pytest.mark.parametrize(
+    "arguments", [["--method", "din"], ["--method", "lora", "--train-size", "0", "--eval-size", "0"]]
+)
 def test_a_split_too_small_blames_the_data(tmp_path, capsys, arguments):
     tiny_csv(tmp_path / "data")
     assert train(tmp_path, *arguments) == 2

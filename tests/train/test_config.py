@@ -1,9 +1,13 @@
 """The settings' rules live beside their help text, in each field's metadata: none can be forgotten."""
+
 import math
 import re
 
 import pytest
 
+from reclora.crm import KINDS as CRMS
+from reclora.data import SOURCES
+from reclora.methods import CRM_METHODS, GATE_INPUTS, LLM_METHODS, METHODS
 from reclora.train import ConfigError, make_config
 from reclora.train.config import FIELDS, Bound
 
@@ -35,12 +39,71 @@ def test_bounds_read_as_they_check():
     assert Bound(0, high=1).admits(0) and not Bound(0, high=1).admits(1) and not Bound(0, low_open=True).admits(0)
 
 
+def test_the_choices_come_from_their_owners():
+    assert list(FIELDS["method"].metadata["choices"]) == list(METHODS)
+    assert list(FIELDS["dataset"].metadata["choices"]) == list(SOURCES)
+    assert list(CRM_METHODS) == list(CRMS) and set(FIELDS["crm"].metadata["choices"]) == set(CRMS)
+    assert FIELDS["gate_input"].metadata["choices"] == GATE_INPUTS
+
+
+def test_what_each_method_is_made_of():
+    made_of = {
+        name: (m.llm, m.adapters, m.needs_crm("crm"), m.needs_crm("user-embedding")) for name, m in METHODS.items()
+    }
+    assert made_of == {
+        "reclora": (True, "gated", True, False),
+        "lora": (True, "shared", False, False),
+        "rella": (True, "shared", False, False),
+        "zero-shot": (True, None, False, False),
+        **{crm: (False, None, True, True) for crm in CRMS},
+    }
+    assert {name: m.prompt_history for name, m in LLM_METHODS.items()} == {
+        "reclora": "semantic",
+        "lora": "recent",
+        "rella": "semantic",
+        "zero-shot": "semantic",
+    }
+    assert make_config({"method": "lora"}).history_strategy == "recent"
+    assert make_config({"method": "lora", "prompt_history": "semantic"}).history_strategy == "semantic"
+
+
+def test_a_crm_alone_trains_that_crm():
+    assert make_config({"method": "gru4rec", "crm": "sim"}).crm == "gru4rec"
+    assert make_config({"method": "reclora", "crm": "sasrec"}).crm == "sasrec"
+
+
+def test_the_data_directory_may_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("RECLORA_DATA_DIR", raising=False)
+    with pytest.raises(ConfigError, match="--dataset ml-100k: .*--data-dir.*RECLORA_DATA_DIR"):
+        make_config({"dataset": "ml-100k"})
+    monkeypatch.setenv("RECLORA_DATA_DIR", str(tmp_path))
+    assert make_config({"dataset": "ml-100k"}).data_dir is None  # load_dataset reads $RECLORA_DATA_DIR/ml-100k
+    with pytest.raises(ConfigError, match="generated: it takes no data_dir"):
+        make_config({"dataset": "synthetic", "data_dir": str(tmp_path)})
+
+
 def test_published_settings_load_and_hold_the_papers_values():
     """configs/published.yaml: every key a known setting; the paper's ML-1M recipe (../shared/docs/RECLORA.md)."""
     from reclora.train.config import config_from_args
 
     config = config_from_args(["--config", "configs/published.yaml"])
-    expected = dict(method="reclora", num_loras=16, rank=8, lora_alpha=16.0, lora_dropout=0.0, temperature=5.0,
-                    mix="weight", gate_hidden=60, target_modules=["q_proj", "v_proj"], k_short=10, k_long=60,
-                    epochs=1, batch_size=256, lr=1e-3, weight_decay=0.0, loss="answer-ce", rating_format="stars")
+    expected = dict(
+        method="reclora",
+        num_loras=16,
+        rank=8,
+        lora_alpha=16.0,
+        lora_dropout=0.0,
+        temperature=5.0,
+        mix="weight",
+        gate_hidden=60,
+        target_modules=["q_proj", "v_proj"],
+        k_short=10,
+        k_long=60,
+        epochs=1,
+        batch_size=256,
+        lr=1e-3,
+        weight_decay=0.0,
+        loss="answer-ce",
+        rating_format="stars",
+    )
     assert {name: getattr(config, name) for name in expected} == expected

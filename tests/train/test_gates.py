@@ -1,13 +1,14 @@
-"""reclora.train.gates: the gate statistics, on hand-made alphas and on tiny trained runs."""
+"""reclora.analysis.gates: the gate statistics, on hand-made alphas and on tiny trained runs."""
+
 import json
 import math
 
 import pytest
 import torch
 
+from reclora.analysis.gates import STATISTICS, analyze, gate_statistics, main
 from reclora.llm import smollm2_available
 from reclora.train import make_config, run
-from reclora.train.gates import STATISTICS, analyze, gate_statistics, main
 from tests.train.helpers import tiny_settings
 
 
@@ -43,8 +44,10 @@ def test_one_meta_lora_is_always_fully_used():
 @pytest.mark.parametrize("gate_input", ["crm", "user-embedding"])
 def test_gates_of_a_trained_run(tmp_path, gate_input, capsys):
     out = tmp_path / "reclora"
-    run(make_config(tiny_settings(tmp_path, method="reclora", gate_input=gate_input, out=str(out), lr=0.05)),
-        log=lambda line: None)
+    run(
+        make_config(tiny_settings(tmp_path, method="reclora", gate_input=gate_input, out=str(out), lr=0.05)),
+        log=lambda line: None,
+    )
     report = analyze(out)
     assert report["samples"] == 16 and report["num_loras"] == 4 and report["gate_input"] == gate_input
     checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
@@ -67,7 +70,7 @@ def test_runs_without_gates_are_refused(tmp_path, capsys):
     out = tmp_path / "lora"
     run(make_config(tiny_settings(tmp_path, method="lora", out=str(out), epochs=1)), log=lambda line: None)
     assert main([str(out)]) == 2
-    assert "only reclora has gates" in capsys.readouterr().err
+    assert "only gated methods (reclora) have gates" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "config.json" in capsys.readouterr().err
 

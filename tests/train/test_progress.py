@@ -1,4 +1,5 @@
 """Progress bars: tqdm on a terminal, a few plain lines in a log file or a pipe."""
+
 import io
 
 from tqdm.auto import tqdm

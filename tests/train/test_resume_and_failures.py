@@ -1,4 +1,5 @@
 """Checkpoints and resume (interrupted in process and killed from outside), and failing runs."""
+
 import signal
 import subprocess
 import time
@@ -63,9 +64,13 @@ def test_a_run_killed_from_outside_resumes_to_the_same_metrics(tmp_path):
     assert whole.returncode == 0, whole.stderr
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(train_command("--config", config, "--out", out), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=cli_env())
+    process = subprocess.Popen(
+        train_command("--config", config, "--out", out),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(),
+    )
     checkpoint = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -116,18 +121,22 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
     data.mkdir()
     (data / "items.csv").write_text("item,title,genres\n1,One,Drama\n2,Two,Comedy\n")
     (data / "interactions.csv").write_text("user,item,rating,timestamp\nu1,1,4,1\nu1,2,five,2\n")
-    result = run_cli("--dataset", "csv", "--data-dir", data, "--out", tmp_path / "out",
-                     "--cache-dir", tmp_path / "cache")
+    result = run_cli(
+        "--dataset", "csv", "--data-dir", data, "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache"
+    )
     assert result.returncode == 2
     assert "interactions.csv, line 3" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--method", "bert"], "invalid choice: 'bert'"),
-    (["--llm", "gpt-9"], "--llm must be"),
-    (["--train-size", "-3"], "--train-size must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--method", "bert"], "invalid choice: 'bert'"),
+        (["--llm", "gpt-9"], "--llm must be"),
+        (["--train-size", "-3"], "--train-size must be >= 0"),
+    ],
+)
 def test_bad_command_lines_exit_2_with_a_message(tmp_path, arguments, message):
     result = run_cli(*arguments, "--out", tmp_path / "out")
     assert result.returncode == 2 and message in result.stderr

@@ -1,4 +1,5 @@
 """The run folder: one run at a time, resumed only by the same settings and data, every file whole or named."""
+
 import dataclasses
 import errno
 import json
@@ -169,10 +170,22 @@ def test_a_second_run_on_the_same_folder_exits_2_naming_the_holder(tmp_path):
 def test_two_runs_started_together_do_not_mix(tmp_path):
     config = write_yaml(tmp_path / "run.yaml", tiny_settings(tmp_path, method="lora", epochs=1, evals_per_epoch=1))
     out = tmp_path / "run"
-    first = subprocess.Popen(train_command("--config", config, "--out", out, "--seed", "1"), cwd=ROOT, env=cli_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen(train_command("--config", config, "--out", out, "--seed", "2"), cwd=ROOT, env=cli_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        train_command("--config", config, "--out", out, "--seed", "1"),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = subprocess.Popen(
+        train_command("--config", config, "--out", out, "--seed", "2"),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     codes = sorted([first.wait(600), second.wait(600)])
     errors = first.stderr.read() + second.stderr.read()
     # one runs, the other is refused: at once (lock), or after it (the folder holds a run)

@@ -5,21 +5,22 @@ rating of those items (and by their share rated >= 4) needs no training; it is t
 reading the prompt should clear. Both prompt histories are scored: "recent" (lora) and
 "semantic" (rella, reclora), on the same seeded test subset as the trainer's runs.
 
-  python scripts/prompt_baseline.py --data-dir ../shared/data/ml-100k --eval-size 3000 --json docs/results/ml100k-prompt-baseline.json
+  python -m reclora.analysis.prompt_baseline --data-dir ../shared/data/ml-100k --eval-size 3000 --json docs/results/ml100k-prompt-baseline.json
 """
+
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reclora.llm import load_llm  # noqa: E402
-from reclora.metrics import auc  # noqa: E402
-from reclora.retrieval import STRATEGIES, LongShortRetriever, item_embeddings  # noqa: E402
-from reclora.train import make_config  # noqa: E402
-from reclora.train.pipeline import cache_path, load_run_dataset, subsets  # noqa: E402
+from reclora.files import cache_folder, write_json
+from reclora.item_embeddings import item_embeddings
+from reclora.llm import load_llm
+from reclora.metrics import auc
+from reclora.retriever import STRATEGIES, LongShortRetriever
+from reclora.train import make_config
+from reclora.train.pipeline import load_run_dataset, subsets
 
 
 def prompt_baseline(config) -> dict:
@@ -28,15 +29,24 @@ def prompt_baseline(config) -> dict:
     llm = tokenizer = None
     if config.embedder == "llm":
         llm, tokenizer = load_llm(config.llm, device="cpu", cache_dir=config.cache_dir)
-    embeddings = item_embeddings(dataset, config.embedder, model=llm, tokenizer=tokenizer, model_name=config.llm,
-                                 cache_dir=cache_path(config, "embeddings"), progress=False)
+    embeddings = item_embeddings(
+        dataset,
+        config.embedder,
+        model=llm,
+        tokenizer=tokenizer,
+        model_name=config.llm,
+        cache_dir=cache_folder("embeddings", config.cache_dir),
+        progress=False,
+    )
     labels = dataset.samples.label[test]
     out = {"test_size": len(test), "eval_seed": config.eval_seed, "k_short": config.k_short}
     for strategy in STRATEGIES:
         short = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, strategy).retrieve(test).short
         ratings, lengths = short.ratings.numpy(), np.maximum(short.lengths.numpy(), 1)
-        out[strategy] = {"mean_rating_auc": auc(labels, ratings.sum(1) / lengths),
-                         "positive_share_auc": auc(labels, (ratings >= 4).sum(1) / lengths)}
+        out[strategy] = {
+            "mean_rating_auc": auc(labels, ratings.sum(1) / lengths),
+            "positive_share_auc": auc(labels, (ratings >= 4).sum(1) / lengths),
+        }
     return out
 
 
@@ -50,15 +60,25 @@ def main(argv=None) -> int:
     parser.add_argument("--embedder", default="llm")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
-    config = make_config(dict(method="lora", dataset=args.dataset, data_dir=args.data_dir, llm=args.llm,
-                              eval_size=args.eval_size, eval_seed=args.eval_seed, embedder=args.embedder))
+    config = make_config(
+        dict(
+            method="lora",
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            llm=args.llm,
+            eval_size=args.eval_size,
+            eval_seed=args.eval_seed,
+            embedder=args.embedder,
+        )
+    )
     result = prompt_baseline(config)
     for strategy in STRATEGIES:
-        print(f"{strategy:>8} prompt: AUC of the mean rating {result[strategy]['mean_rating_auc']:.4f}, "
-              f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)")
+        print(
+            f"{strategy:>8} prompt: AUC of the mean rating {result[strategy]['mean_rating_auc']:.4f}, "
+            f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)"
+        )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -7,14 +7,15 @@ For reclora against each other method: the mean AUC difference, its paired boots
 Each attempt-* run over seeds (attempt-NAME-seedS) against the CRMs, the same way.
 For each ablation-* and attempt-* run: its AUC minus reclora's at the same seed (its -seedS suffix,
 else seed 0: the same training and test samples), paired bootstrap interval. For each run with a
-gates.json (python -m reclora.train.gates): the trained gates' statistics. For each run, the rank
+gates.json (python -m reclora.analysis.gates): the trained gates' statistics. For each run, the rank
 correlation of its predictions with SIM's.
 The Few2Many curve (table and plot): test AUC against the training-subset size for lora and reclora
 at seed 0 (the curve-* runs and METHOD-seed0), with the mean and spread over seeds at the main
 runs' size, the CRMs as lines.
 
-  python scripts/summarize_study.py runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
+  python -m reclora.analysis.study runs/ml100k --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
 """
+
 import argparse
 import json
 import re
@@ -24,11 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reclora.crm import KINDS  # noqa: E402
-from reclora.metrics import auc  # noqa: E402
-from reclora.train.gates import STATISTICS as GATE_STATISTICS  # noqa: E402
+from reclora.analysis.gates import STATISTICS as GATE_STATISTICS
+from reclora.crm import KINDS
+from reclora.files import write_json
+from reclora.metrics import auc
+from reclora.train.outputs import CSV_COLUMNS
 
+# A run's row: results.csv's columns but those the study shares (dataset, LLM) or names (out).
+RUN_COLUMNS = tuple(c for c in CSV_COLUMNS if c not in ("dataset", "llm", "out"))
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
 CRMS = KINDS  # the CRMs alone: one deterministic run each, on the whole training split
@@ -64,9 +68,7 @@ def summarize(runs: dict) -> dict:
     table = {}
     for name, (results, predictions) in runs.items():
         boot = bootstrap_aucs(predictions["label"], predictions["prob"])
-        table[name] = {k: results.get(k) for k in ("method", "seed", "train_size", "test_size", "auc", "logloss",
-                                                    "accuracy", "gauc", "train_seconds", "eval_seconds",
-                                                    "train_samples_per_second", "eval_samples_per_second", "device")}
+        table[name] = {k: results.get(k) for k in RUN_COLUMNS}
         table[name]["auc_95"] = interval(boot)
         if "sim" in runs and np.array_equal(predictions["sample"], runs["sim"][1]["sample"]):
             table[name]["rank_correlation_with_sim"] = rank_correlation(predictions["prob"], runs["sim"][1]["prob"])
@@ -79,13 +81,23 @@ def summarize(runs: dict) -> dict:
     for method, names in seeds.items():
         aucs = np.array([table[n]["auc"] for n in names])
         losses = np.array([table[n]["logloss"] for n in names])
-        over_seeds[method] = {"runs": names, "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
-                              "logloss_mean": float(losses.mean()), "logloss_std": float(losses.std(ddof=1)) if len(losses) > 1 else None}
+        over_seeds[method] = {
+            "runs": names,
+            "auc_mean": float(aucs.mean()),
+            "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
+            "logloss_mean": float(losses.mean()),
+            "logloss_std": float(losses.std(ddof=1)) if len(losses) > 1 else None,
+        }
     crms = [n for n in CRMS if n in runs]
     attempts_vs_crms = {m: compare(runs, seeds, over_seeds, m, crms) for m in seeds if m.startswith("attempt-")}
-    return {"runs": table, "over_seeds": over_seeds, "reclora_vs": compare(runs, seeds, over_seeds),
-            "attempts_vs_crms": {m: c for m, c in attempts_vs_crms.items() if c},
-            "against_reclora": against_reclora(runs), "few2many": curve(runs, over_seeds)}
+    return {
+        "runs": table,
+        "over_seeds": over_seeds,
+        "reclora_vs": compare(runs, seeds, over_seeds),
+        "attempts_vs_crms": {m: c for m, c in attempts_vs_crms.items() if c},
+        "against_reclora": against_reclora(runs),
+        "few2many": curve(runs, over_seeds),
+    }
 
 
 def split_seed(name: str) -> tuple:
@@ -123,8 +135,12 @@ def compare(runs, seeds, over_seeds, method="reclora", others=None) -> dict:
         spreads = [over_seeds[method]["auc_std"]] + ([over_seeds[other]["auc_std"]] if other in seeds else [])
         spread = None if None in spreads else max(spreads)
         verdict = None if spread is None else bool((ci[0] > 0 or ci[1] < 0) and abs(mean) > spread)
-        out[other] = {"auc_difference": mean, "paired_bootstrap_95": ci, "seed_spread": spread,
-                      "larger_than_both": verdict}
+        out[other] = {
+            "auc_difference": mean,
+            "paired_bootstrap_95": ci,
+            "seed_spread": spread,
+            "larger_than_both": verdict,
+        }
     return out
 
 
@@ -132,8 +148,10 @@ def paired_bootstrap(mine, theirs, seed=0):
     """Bootstrap draws of AUC(mine) - AUC(theirs) resampling the shared test samples; None if not shared."""
     if not np.array_equal(mine["sample"], theirs["sample"]):
         return None
-    return [auc(mine["label"][d], mine["prob"][d]) - auc(theirs["label"][d], theirs["prob"][d])
-            for d in bootstrap_draws(len(mine["label"]), seed)]
+    return [
+        auc(mine["label"][d], mine["prob"][d]) - auc(theirs["label"][d], theirs["prob"][d])
+        for d in bootstrap_draws(len(mine["label"]), seed)
+    ]
 
 
 def against_reclora(runs) -> dict:
@@ -148,8 +166,11 @@ def against_reclora(runs) -> dict:
             continue
         boot = paired_bootstrap(predictions, runs[baseline][1])
         if boot is not None:
-            out[name] = {"baseline": baseline, "auc_difference": results["auc"] - runs[baseline][0]["auc"],
-                         "paired_bootstrap_95": interval(boot)}
+            out[name] = {
+                "baseline": baseline,
+                "auc_difference": results["auc"] - runs[baseline][0]["auc"],
+                "paired_bootstrap_95": interval(boot),
+            }
     return out
 
 
@@ -160,8 +181,7 @@ def gates(directory: Path, names) -> dict:
         path = directory / name / "gates.json"
         if path.exists():
             report = json.loads(path.read_text())
-            out[name] = {when: {k: report[when][k] for k in GATE_STATISTICS}
-                         for when in ("initial", "trained")}
+            out[name] = {when: {k: report[when][k] for k in GATE_STATISTICS} for when in ("initial", "trained")}
             out[name]["num_loras"], out[name]["temperature"] = report["num_loras"], report["temperature"]
     return out
 
@@ -198,8 +218,15 @@ def plot(few2many: dict, path: Path) -> None:
         (line,) = axis.plot(sizes, aucs, "o-", label=f"{method}, seed 0")
         if method in few2many["seed_mean"]:
             size, mean, sd = few2many["seed_mean"][method]
-            axis.errorbar([size * 1.04], [mean], yerr=[sd or 0], fmt="s", color=line.get_color(), capsize=3,
-                          label=f"{method}, mean ± sd over seeds")
+            axis.errorbar(
+                [size * 1.04],
+                [mean],
+                yerr=[sd or 0],
+                fmt="s",
+                color=line.get_color(),
+                capsize=3,
+                label=f"{method}, mean ± sd over seeds",
+            )
     for (name, value), style in zip(sorted(few2many["crm"].items()), (":", "--")):
         axis.axhline(value, color="gray", linestyle=style, label=f"{name} (CRM, whole training split)")
     axis.set_xscale("log")
@@ -219,28 +246,45 @@ def comparison_row(name: str, c: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| run | train | test | AUC [95% bootstrap] | LogLoss | accuracy | train s | train samples/s | eval s | "
-             "eval samples/s | rank corr. with sim | device |", "|" + "---|" * 12]
-    rate = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
-    corr = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "| run | train | test | AUC [95% bootstrap] | LogLoss | accuracy | train s | train samples/s | eval s | "
+        "eval samples/s | rank corr. with sim | device |",
+        "|" + "---|" * 12,
+    ]
+    rate = lambda v: "" if v is None else f"{v:.1f}"
+    corr = lambda v: "" if v is None else f"{v:.3f}"
     for name, r in summary["runs"].items():
         lo, hi = r["auc_95"]
-        lines.append(f"| {name} | {r['train_size']} | {r['test_size']} | {r['auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
-                     f"{r['logloss']:.4f} | {r['accuracy']:.4f} | {r['train_seconds']:.0f} | "
-                     f"{rate(r['train_samples_per_second'])} | {r['eval_seconds']:.0f} | "
-                     f"{rate(r['eval_samples_per_second'])} | {corr(r.get('rank_correlation_with_sim'))} | {r['device']} |")
+        lines.append(
+            f"| {name} | {r['train_size']} | {r['test_size']} | {r['auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
+            f"{r['logloss']:.4f} | {r['accuracy']:.4f} | {r['train_seconds']:.0f} | "
+            f"{rate(r['train_samples_per_second'])} | {r['eval_seconds']:.0f} | "
+            f"{rate(r['eval_samples_per_second'])} | {corr(r.get('rank_correlation_with_sim'))} | {r['device']} |"
+        )
     lines += ["", "| method | seeds | AUC mean ± sd | LogLoss mean ± sd |", "|---|---|---|---|"]
     for method, s in summary["over_seeds"].items():
-        sd = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {method} | {len(s['runs'])} | {s['auc_mean']:.4f} ± {sd(s['auc_std'])} | "
-                     f"{s['logloss_mean']:.4f} ± {sd(s['logloss_std'])} |")
-    lines += ["", "| reclora vs | AUC difference | paired 95% interval | seed spread | larger than both |", "|---|---|---|---|---|"]
+        sd = lambda v: "n/a" if v is None else f"{v:.4f}"
+        lines.append(
+            f"| {method} | {len(s['runs'])} | {s['auc_mean']:.4f} ± {sd(s['auc_std'])} | "
+            f"{s['logloss_mean']:.4f} ± {sd(s['logloss_std'])} |"
+        )
+    lines += [
+        "",
+        "| reclora vs | AUC difference | paired 95% interval | seed spread | larger than both |",
+        "|---|---|---|---|---|",
+    ]
     lines += [comparison_row(other, c) for other, c in summary["reclora_vs"].items()]
     if summary["attempts_vs_crms"]:
-        lines += ["", "| attempt (over seeds) vs | AUC difference | paired 95% interval | seed spread | larger than both |",
-                  "|---|---|---|---|---|"]
-        lines += [comparison_row(f"{attempt} vs {crm}", c)
-                  for attempt, versus in summary["attempts_vs_crms"].items() for crm, c in versus.items()]
+        lines += [
+            "",
+            "| attempt (over seeds) vs | AUC difference | paired 95% interval | seed spread | larger than both |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            comparison_row(f"{attempt} vs {crm}", c)
+            for attempt, versus in summary["attempts_vs_crms"].items()
+            for crm, c in versus.items()
+        ]
     if summary["against_reclora"]:
         lines += ["", "| run | AUC minus reclora, same seed | paired 95% interval |", "|---|---|---|"]
         for name, c in summary["against_reclora"].items():
@@ -250,8 +294,10 @@ def markdown(summary: dict) -> str:
         lines += ["", "| run | K | T | entropy | top alpha | spread | usage |", "|---|---|---|---|---|---|---|"]
         for name, g in summary["gates"].items():
             t = g["trained"]
-            lines.append(f"| {name} | {g['num_loras']} | {g['temperature']:g} | {t['entropy']:.4f} | {t['top']:.4f} | "
-                         f"{t['spread']:.4f} | {t['usage']:.4f} |")
+            lines.append(
+                f"| {name} | {g['num_loras']} | {g['temperature']:g} | {t['entropy']:.4f} | {t['top']:.4f} | "
+                f"{t['spread']:.4f} | {t['usage']:.4f} |"
+            )
     few2many = summary["few2many"]
     if few2many["seed0"]:
         lines += ["", "| method | training samples | AUC, seed 0 | AUC mean ± sd over seeds |", "|---|---|---|---|"]
@@ -277,8 +323,7 @@ def main(argv=None) -> int:
     summary["gates"] = gates(args.directory, runs)
     print(markdown(summary))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
     if args.plot and summary["few2many"]["seed0"]:
         plot(summary["few2many"], args.plot)
     return 0
