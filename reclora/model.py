@@ -167,11 +167,8 @@ class RecLoRAModel(nn.Module):
 
     def gate_parameters(self):
         """The trainable parameters that decide alpha (the gate bank, the user embedding): the rest are LoRAs."""
-        return [p for name, p in self.named_parameters() if p.requires_grad and _is_gate_parameter(name)]
-
-
-def _is_gate_parameter(name: str) -> bool:
-    return "gate_bank." in name or name.startswith("user_embedding.")
+        modules = (getattr(self.llm, "gate_bank", None), self.user_embedding)  # the LLM of zero-shot has no gate bank
+        return [p for module in modules if module is not None for p in module.parameters() if p.requires_grad]
 
 
 def _llm_method(name: str):

@@ -152,10 +152,11 @@ def evaluate(model, samples, config, processes, desc) -> tuple[dict, np.ndarray]
 
 def _parameter_groups(model: RecLoRAModel, config: TrainConfig) -> list[dict]:
     """One AdamW group, or two when --gate-lr gives the gates a learning rate of their own."""
-    gates = {id(p) for p in model.gate_parameters()} if config.gate_lr is not None else set()
-    groups = [{"params": [p for p in model.trainable_parameters() if id(p) not in gates]}]
+    gates = model.gate_parameters() if config.gate_lr is not None else []
+    gate_ids = {id(p) for p in gates}
+    groups = [{"params": [p for p in model.trainable_parameters() if id(p) not in gate_ids]}]
     if gates:
-        groups.append({"params": model.gate_parameters(), "lr": config.gate_lr})
+        groups.append({"params": gates, "lr": config.gate_lr})
     return groups
 
 
