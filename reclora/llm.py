@@ -170,19 +170,29 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_logits(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at the last position, (B, V), of a causal LM over left-padded prompts.
+    """Next-token logits at the last position, (B, V) float32, of a causal LM over left-padded prompts.
 
     Only the last position goes through the vocabulary projection; positions count real tokens
-    only (position_ids), so a padded row computes what it would alone.
+    only (position_ids), so a padded row computes what it would alone. The projection runs in
+    float32 even under bf16 autocast: logits near 30 are 0.125 apart in bf16, which left the Yes/No
+    margin (the score, and the loss's signal) with a handful of distinct values.
     """
-    out = llm(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    return out.logits[:, -1]
+    decoder, head = llm.get_decoder(), llm.get_output_embeddings()
+    if decoder is None or head is None or getattr(llm.config, "final_logit_softcapping", None):
+        out = llm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        return out.logits[:, -1].float()
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    ).last_hidden_state[:, -1]
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
 
 
 def smollm2_available() -> bool:

@@ -11,8 +11,10 @@ from reclora.llm import (
     SMOLLM2,
     TINY_LLAMA,
     TINY_LLAMA_SHAPE,
+    last_token_logits,
     load_llm,
     load_tokenizer,
+    position_ids,
     smollm2_available,
     tiny_llama,
 )
@@ -102,3 +104,28 @@ def test_unknown_hub_name_fails_at_once_without_network():
         load_llm("reclora-tests/no-such-model")
     assert time.perf_counter() - start < 5  # a lookup that tried the network retries for about 20 s
     assert mode == hub_constants.HF_HUB_OFFLINE  # offline mode was scoped to the call
+
+
+def test_last_token_logits_project_in_float32_under_bf16_autocast(smollm2):
+    """SmolLM2's answer logits sit near 30, where bf16 steps by 0.125: a bf16 projection left the
+    Yes/No margin with 3 distinct values over 25 different prompts. The projection runs in float32."""
+    model, tokenizer = smollm2
+    texts = [f"Rate {a} and {b}: yes or no?" for a in range(1, 6) for b in range(1, 6)]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    yes, no = tokenizer.convert_tokens_to_ids(["Yes", "No"])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
+        torch.testing.assert_close(last_token_logits(model, ids, mask), full, rtol=1e-5, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+            logits = last_token_logits(model, ids, mask)
+    assert logits.dtype == torch.float32
+    expected = hidden.last_hidden_state[:, -1].float() @ model.get_output_embeddings().weight.float().t()
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-5)
+    margins = logits[:, yes] - logits[:, no]
+    assert margins.unique().numel() > 20
