@@ -1,5 +1,7 @@
 """gated_lora / gated_lora_linear: every backend against the float64 reference, forward and backward."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -224,6 +226,44 @@ def test_opcheck(backend, device, mix):
             grad_out = torch.randn(6, 9, device=device)
             backward_args = (grad_out,) + native_args[:2] + native_args[3:]
             torch.library.opcheck(torch.ops.reclora.gated_lora_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
+@pytest.mark.parametrize("mix", ["weight", "output"])
+def test_eager_path_matches_custom_op(backend, device, mix, monkeypatch):
+    """Plain eager calls skip the custom op's dispatch layers; the result and gradients are the same bits."""
+    module = importlib.import_module("reclora_kernels.gated_lora")  # the package's gated_lora is the function
+
+    inputs = make_inputs((2, 3, 3, 4, 10, 9), linear=True)
+    eager = run(inputs, backend, device, torch.float32, mix)
+    calls = []
+    original = module._gated_lora_op
+    monkeypatch.setattr(module, "_needs_custom_op", lambda _inputs: True)
+    monkeypatch.setattr(module, "_gated_lora_op", lambda *a: calls.append(1) or original(*a))
+    through_op = run(inputs, backend, device, torch.float32, mix)
+    assert calls, "the custom op was not called"
+    torch.testing.assert_close(eager[0], through_op[0], rtol=0, atol=0)
+    for name in eager[1]:
+        torch.testing.assert_close(eager[1][name], through_op[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_tracing_sees_the_custom_op():
+    """torch.compile, functorch and dispatch modes need the registered op, not the eager shortcut."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    module = importlib.import_module("reclora_kernels.gated_lora")
+
+    x = torch.zeros(2, 3)
+    assert not module._needs_custom_op((x, None, 1.0, "cpu"))
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert module._needs_custom_op((x,))
+    assert torch.func.vmap(lambda row: torch.tensor(module._needs_custom_op((row,))))(x).all()
+    assert not module._needs_custom_op((torch.nn.Parameter(x),))  # model weights take the eager path
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends("gated_lora")[:2])
