@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from reclora.analysis import prompt_baseline
 from reclora.analysis import study as summarize_study_module
@@ -167,3 +168,53 @@ def test_the_old_report_command_still_answers(tmp_path):
     )
     assert done.returncode == 0 and "| lora |" in done.stdout and "0.6500" in done.stdout
     assert "python -m reclora.analysis.report now" in done.stderr
+
+
+def test_attempts_against_a_base_run(tmp_path, capsys):
+    from reclora.analysis import attempts
+
+    for name, quality, lr in (("base", 0.2, 1e-3), ("faster", 1.5, 3e-3), ("elsewhere", 1.5, 1e-3)):
+        results = write_run(tmp_path, name, "lora", quality, samples=np.arange(N) + (name == "elsewhere"))
+        results["config"] = {"lr": lr, "seed": 1, "out": f"runs/{name}"}
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        metrics = [{"step": 5, "train_loss": 0.9, "valid_auc": 0.5}, {"step": 10, "train_loss": 0.6, "valid_auc": 0.7}]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    plot = tmp_path / "curves.png"
+    assert (
+        attempts.main([str(tmp_path), "--base", "base", "--json", str(tmp_path / "a.json"), "--plot", str(plot)]) == 0
+    )
+    summary = json.loads((tmp_path / "a.json").read_text())
+    faster = summary["runs"]["faster"]
+    assert faster["changed"] == {"lr": 3e-3}  # the output folder is not a setting
+    lo, hi = faster["paired_bootstrap_95"]
+    assert 0 < lo < faster["auc_difference"] < hi
+    assert faster["curve"] == [[5, 0.9, 0.5], [10, 0.6, 0.7]]
+    assert summary["runs"]["elsewhere"]["paired_bootstrap_95"] is None  # other test samples: no pairing
+    assert "(test samples differ)" in capsys.readouterr().out and plot.stat().st_size > 0
+    assert attempts.main([str(tmp_path), "--base", "missing"]) == 2
+
+
+def test_probe_fits_on_train_chooses_on_valid(tmp_path):
+    from reclora.analysis import probe
+    from reclora.train import make_config
+    from tests.train.helpers import tiny_settings
+
+    config = make_config(tiny_settings(tmp_path, method="zero-shot", prompt_history="recent", valid_size=16))
+    result = probe.probe(config)
+    assert result["sizes"] == {"train": 24, "valid": 16, "test": 16} and result["prompt_history"] == "recent"
+    assert [row["l2"] for row in result["grid"]] == list(probe.L2_GRID)
+    best = max(result["grid"], key=lambda row: row["valid_auc"])
+    assert result["chosen_l2"] == best["l2"] and result["test_auc"] == best["test_auc"]
+    assert result["grid"][0]["train_auc"] > 0.9  # 24 samples in 64 dimensions: the weakest L2 fits them
+
+
+def test_logistic_probe_finds_a_linear_signal():
+    from reclora.analysis import probe
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(400, 5)).astype(np.float32)
+    labels = (features[:, 2] + 0.3 * rng.normal(size=400) > 0).astype(np.int64)
+    linear = probe.fit_logistic(features, labels, l2=1e-3)
+    with torch.no_grad():
+        scores = linear(torch.from_numpy(features)).squeeze(1).numpy()
+    assert auc(labels, scores) > 0.95 and abs(linear.weight[0, 2]) > 3 * abs(linear.weight[0]).sort().values[-2]

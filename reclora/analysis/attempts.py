@@ -1,0 +1,133 @@
+"""Screening attempts against a base run: what each changed, where it ended, and its learning curve.
+
+For each finished run of a directory (each a reclora.train --out): the settings in which its
+config.json differs from the base run's, its test AUC with the paired bootstrap interval of its
+difference from the base (the runs must share their test samples), and its validation AUC and
+training loss at each validation (metrics.jsonl). The plot overlays the curves, so a reader sees
+whether an attempt was still learning when it stopped.
+
+  python -m reclora.analysis.attempts runs/screen --base lora-s1-base --json docs/results/screen.json \\
+      --plot docs/results/screen-curves.png
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from reclora.analysis.study import interval, load_runs, paired_bootstrap
+from reclora.files import write_json
+
+# Settings that name or place a run rather than change what it learns.
+NOT_A_SETTING = {"out", "resume", "overwrite", "progress", "cache_dir", "checkpoint_every", "device"}
+
+
+def changed_settings(config: dict, base: dict) -> dict:
+    """{setting: value} where config differs from base."""
+    keys = (set(config) | set(base)) - NOT_A_SETTING
+    return {key: config.get(key) for key in sorted(keys) if config.get(key) != base.get(key)}
+
+
+def curve(run_dir: Path) -> list:
+    """[(step, train_loss, valid_auc)] at each validation of the run."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [(row["step"], row.get("train_loss"), row.get("valid_auc")) for row in rows if "step" in row]
+
+
+def summarize(directory: Path, base: str) -> dict:
+    runs = load_runs(directory)
+    if base not in runs:
+        raise ValueError(f"--base {base!r} is not a finished run under {directory} (found: {sorted(runs)})")
+    base_results, base_predictions = runs[base]
+    out = {"base": base, "runs": {}}
+    for name, (results, predictions) in sorted(runs.items()):
+        row = {
+            "changed": changed_settings(results["config"], base_results["config"]),
+            "auc": results["auc"],
+            "logloss": results["logloss"],
+            "valid_auc": results.get("valid_auc"),
+            "best_step": results.get("best_step"),
+            "test_samples": len(predictions["label"]),
+            "curve": curve(directory / name),
+        }
+        if name != base:
+            draws = paired_bootstrap(predictions, base_predictions)
+            row["auc_difference"] = results["auc"] - base_results["auc"]
+            row["paired_bootstrap_95"] = None if draws is None else interval(np.array(draws, dtype=float))
+        out["runs"][name] = row
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        f"| run | changed from {summary['base']} | test AUC | minus base [paired 95%] | LogLoss | "
+        "valid AUC per validation | train loss per validation |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["runs"].items():
+        changed = ", ".join(f"{k}={v}" for k, v in row["changed"].items()) or "-"
+        if "auc_difference" not in row:
+            difference = "(base)"
+        elif row["paired_bootstrap_95"] is None:
+            difference = f"{row['auc_difference']:+.4f} (test samples differ)"
+        else:
+            lo, hi = row["paired_bootstrap_95"]
+            difference = f"{row['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        valid = " / ".join("-" if v is None else f"{v:.3f}" for _, _, v in row["curve"])
+        loss = " / ".join("-" if v is None else f"{v:.3f}" for _, v, _ in row["curve"])
+        lines.append(
+            f"| {name} | {changed} | {row['auc']:.4f} | {difference} | {row['logloss']:.4f} | {valid} | {loss} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, row in summary["runs"].items():
+        points = [(s, loss, v) for s, loss, v in row["curve"] if loss is not None and v is not None]
+        if not points:
+            continue
+        steps, losses, aucs = zip(*points)
+        loss_axis.plot(steps, losses, "o-", label=name)
+        auc_axis.plot(steps, aucs, "o-", label=name)
+    loss_axis.set(xlabel="optimizer step", ylabel="training loss (mean since the last validation)")
+    auc_axis.set(xlabel="optimizer step", ylabel="validation AUC")
+    auc_axis.axhline(0.5, color="gray", linestyle=":")
+    for axis in (loss_axis, auc_axis):
+        axis.grid(alpha=0.3)
+    auc_axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--base", required=True, help="the run the others are compared with")
+    parser.add_argument("--json", type=Path, help="write the summary here")
+    parser.add_argument("--plot", type=Path, help="write the curves here (PNG)")
+    args = parser.parse_args(argv)
+    try:
+        summary = summarize(args.directory, args.base)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(summary))
+    if args.json:
+        write_json(args.json, summary)
+    if args.plot:
+        plot(summary, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
