@@ -56,7 +56,27 @@ train attempt-reclora-t05 --method reclora --temperature 0.5 --train-size "$TRAI
 for size in $CURVE_SIZES; do
   for method in lora reclora; do train "curve-$method-$size" --method "$method" --train-size "$size"; done
 done
+# Issue 16's screening (docs/RESULTS.md, parts 1 and 2): seed 1, 1,000 test samples, two validations
+# an epoch, each attempt paired with lora-s1-base. Part 1's lora rows ran before the float32 answer
+# projection; with today's code lora-s1-base is part 2's "float32 projection" row.
+SCREEN_OUT=${SCREEN_OUT:-runs/screen}
+screen() {  # screen NAME OPTIONS...
+  local name=$1; shift
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
+  if [[ -f "$SCREEN_OUT/$name/results.json" ]]; then echo "== $name: done"; return; fi
+  echo "== $name"
+  "$PY" -m reclora.train --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size 1000 \
+    --valid-size "$VALID_SIZE" --evals-per-epoch 2 --patience 2 --seed 1 ${DEVICE:+--device "$DEVICE"} \
+    ${BF16:+--bf16} --out "$SCREEN_OUT/$name" --resume "$@"
+}
+screen lora-s1-base --method lora --train-size "$TRAIN_SIZE"
+screen lora-s1-yesno --method lora --train-size "$TRAIN_SIZE" --loss yes-no
+screen lora-s1-lr3e-4 --method lora --train-size "$TRAIN_SIZE" --lr 3e-4 --warmup-steps 12
+screen reclora-s1-fp32head --method reclora --train-size "$TRAIN_SIZE"
+screen sim-s1 --method sim
 [[ -n "${ONLY:-}" ]] && exit 0
+"$PY" -m reclora.analysis.attempts "$SCREEN_OUT" --base lora-s1-base --json docs/results/ml100k-screen.json \
+  --plot docs/results/ml100k-screen-curves.png
 # The gates of every reclora run (gates.json: are the mixes personalized or collapsed?)
 for dir in "$OUT"/reclora-seed* "$OUT"/ablation-* "$OUT"/attempt-* "$OUT"/curve-reclora-*; do
   if [[ -f "$dir/results.json" && ! -f "$dir/gates.json" ]]; then "$PY" -m reclora.analysis.gates "$dir"; fi
