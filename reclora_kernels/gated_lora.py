@@ -149,6 +149,16 @@ def _kernels(backend):
     return torch.ops.reclora  # cpu and cuda: the dispatcher picks the kernel by device
 
 
+def _forward_kernels(*inputs):
+    """The backend's forward on _gated_lora_op's arguments (the backend last)."""
+    return _kernels(inputs[-1]).gated_lora_forward(*inputs[:-1])
+
+
+def _backward_kernels(*inputs):
+    """The backend's backward on _gated_lora_grad_op's arguments (the backend last)."""
+    return tuple(_kernels(inputs[-1]).gated_lora_backward(*inputs[:-1]))
+
+
 @torch.library.custom_op("reclora::gated_lora", mutates_args=())
 def _gated_lora_op(
     x: Tensor,
@@ -162,9 +172,7 @@ def _gated_lora_op(
     output_mix: bool,
     backend: str,
 ) -> Tensor:
-    return _kernels(backend).gated_lora_forward(
-        x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix
-    )
+    return _forward_kernels(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend)
 
 
 @_gated_lora_op.register_fake
@@ -185,10 +193,7 @@ def _gated_lora_grad_op(
     output_mix: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = _kernels(backend).gated_lora_backward(
-        grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix
-    )
-    return tuple(grads)
+    return _backward_kernels(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend)
 
 
 @_gated_lora_grad_op.register_fake
@@ -242,17 +247,13 @@ class _EagerGatedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _kernels(inputs[-1]).gated_lora_forward(*inputs[:-1])
+        output = _forward_kernels(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _backward(ctx, grad_out, grad_op=_eager_grad)
-
-
-def _eager_grad(*inputs):
-    return tuple(_kernels(inputs[-1]).gated_lora_backward(*inputs[:-1]))
+        return _backward(ctx, grad_out, grad_op=_backward_kernels)
 
 
 def _register_native_fakes():
