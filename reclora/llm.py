@@ -169,6 +169,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def last_hidden_state(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's output at the last position, (B, d), over left-padded prompts (where the answer starts)."""
+    out = llm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    )
+    return out.last_hidden_state[:, -1]
+
+
 def last_token_logits(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Next-token logits at the last position, (B, V) float32, of a causal LM over left-padded prompts.
 
@@ -187,9 +195,7 @@ def last_token_logits(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor
             use_cache=False,
         )
         return out.logits[:, -1].float()
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    ).last_hidden_state[:, -1]
+    hidden = last_hidden_state(llm, input_ids, attention_mask)
     with torch.autocast(hidden.device.type, enabled=False):
         bias = None if head.bias is None else head.bias.float()
         return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from reclora.files import write_json
-from reclora.llm import position_ids
+from reclora.llm import last_hidden_state
 from reclora.metrics import auc
+from reclora.progress import progress_bar
 from reclora.retriever import STRATEGIES
 from reclora.train import make_config
 from reclora.train.pipeline import build_model, load_run_dataset, subsets
@@ -30,15 +31,14 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @torch.no_grad()
-def last_hidden_states(model, samples, batch_size=32, bf16=False) -> np.ndarray:
-    """(N, d) float32: the decoder's output at each prompt's last position (where the answer starts)."""
-    decoder, rows = model.llm.get_decoder(), []
-    for begin in range(0, len(samples), batch_size):
+def last_hidden_states(model, samples, batch_size=32, bf16=False, desc="") -> np.ndarray:
+    """(N, d) float32: the untuned LLM's last hidden state of each sample's prompt."""
+    rows = []
+    for begin in progress_bar(range(0, len(samples), batch_size), desc=desc, unit="batch"):
         batch = model.prepare(samples[begin : begin + batch_size])
-        mask = batch["attention_mask"]
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask))
-        rows.append(out.last_hidden_state[:, -1].float().cpu().numpy())
+            hidden = last_hidden_state(model.llm, batch["input_ids"], batch["attention_mask"])
+        rows.append(hidden.float().cpu().numpy())
     return np.concatenate(rows)
 
 
@@ -64,7 +64,10 @@ def probe(config, bf16=False) -> dict:
     dataset = load_run_dataset(config)
     parts = subsets(dataclasses.replace(config, method="lora"), dataset)  # lora's training subset, by seed
     model = build_model(config, dataset, None, None, torch.device("cpu")).eval()
-    features = {split: last_hidden_states(model, parts[split], bf16=bf16) for split in ("train", "valid", "test")}
+    features = {
+        split: last_hidden_states(model, parts[split], bf16=bf16, desc=f"encoding {split} prompts")
+        for split in ("train", "valid", "test")
+    }
     labels = {split: dataset.samples.label[parts[split]] for split in features}
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
     scaled = {split: (f - mean) / std for split, f in features.items()}
