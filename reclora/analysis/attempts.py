@@ -11,7 +11,6 @@ whether an attempt was still learning when it stopped.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from reclora.analysis.study import interval, load_runs, paired_bootstrap
 from reclora.files import write_json
+from reclora.train.outputs import RunDirectory
 
 # Settings that name or place a run rather than change what it learns.
 NOT_A_SETTING = {"out", "resume", "overwrite", "progress", "cache_dir", "checkpoint_every", "device"}
@@ -32,8 +32,7 @@ def changed_settings(config: dict, base: dict) -> dict:
 
 def curve(run_dir: Path) -> list:
     """[(step, train_loss, valid_auc)] at each validation of the run."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = RunDirectory(run_dir).read_metrics()
     return [(row["step"], row.get("train_loss"), row.get("valid_auc")) for row in rows if "step" in row]
 
 

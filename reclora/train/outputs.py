@@ -152,6 +152,12 @@ class RunDirectory:
         """The whole history each time: a resumed run rewrites the lines it had, never duplicates them."""
         atomic_write(self.metrics, lambda f: f.writelines(json.dumps(row) + "\n" for row in history))
 
+    def read_metrics(self) -> list:
+        """write_metrics's rows, [] before the first validation."""
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
     def write_predictions(self, dataset, samples, probs) -> None:
         arrays = dict(
             sample=samples, user=dataset.samples.user[samples], label=dataset.samples.label[samples], prob=probs
