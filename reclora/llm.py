@@ -169,6 +169,10 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# Config attributes of heads that are not a plain linear map (Gemma 2's soft-capping, Cohere's scale).
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
+
+
 def last_hidden_state(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The decoder's output at the last position, (B, d), over left-padded prompts (where the answer starts)."""
     out = llm.get_decoder()(
@@ -183,10 +187,13 @@ def last_token_logits(llm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Only the last position goes through the vocabulary projection; positions count real tokens
     only (position_ids), so a padded row computes what it would alone. The projection runs in
     float32 even under bf16 autocast: logits near 30 are 0.125 apart in bf16, which left the Yes/No
-    margin (the score, and the loss's signal) with a handful of distinct values.
+    margin (the score, and the loss's signal) with a handful of distinct values. A model whose
+    head does more than a linear map (logit soft-capping, a logit scale) runs its own forward
+    instead, in autocast's dtype.
     """
     decoder, head = llm.get_decoder(), llm.get_output_embeddings()
-    if decoder is None or head is None or getattr(llm.config, "final_logit_softcapping", None):
+    config = llm.config
+    if decoder is None or head is None or any(getattr(config, a, None) for a in _HEAD_TRANSFORMS):
         out = llm(
             input_ids=input_ids,
             attention_mask=attention_mask,
