@@ -12,10 +12,11 @@ position, (B, V), predict the answer's first token:
                  SHARED_MARGIN_SCALE. The loss and the score are unchanged; only the update differs.
                  Every prompt ends with the same question and chat suffix, so the margins' gradients
                  with respect to the adapters point almost the same way (SmolLM2-135M, 16 ML-100K
-                 prompts: pairwise cosine 0.94-0.98, the positives' mean minus the negatives' 9% of
-                 the shared part). A step on "yes-no" then mostly moves every margin together, by
-                 however far the batch's label mean is from its mean prediction; the centred loss
-                 keeps what tells prompts apart and damps the shared shift that only calibrates.
+                 prompts: pairwise cosine 0.92-0.99, the positives' mean minus the negatives' 9% of
+                 the shared part; reclora.analysis.margin_gradients). A step on "yes-no" then
+                 mostly moves every margin together, by however far the batch's label mean is from
+                 its mean prediction; the centred loss keeps what tells prompts apart and damps the
+                 shared shift, which only calibrates.
 The paper trains on every answer token ("Yes." and the end of turn); the tokens after the first
 carry no information about the label once it is given, so only the first is trained and read.
 Both are deterministic functions of the logits: with the model in eval mode, so is the score.

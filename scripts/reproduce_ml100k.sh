@@ -74,6 +74,9 @@ screen lora-s1-yesno --method lora --train-size "$TRAIN_SIZE" --loss yes-no
 screen lora-s1-lr3e-4 --method lora --train-size "$TRAIN_SIZE" --lr 3e-4 --warmup-steps 12
 screen reclora-s1-fp32head --method reclora --train-size "$TRAIN_SIZE"
 screen sim-s1 --method sim
+# Part 3: the loss that damps the batch-mean margin's gradient, and plain yes-no with today's readout
+screen lora-s1-centered --method lora --train-size "$TRAIN_SIZE" --loss yes-no-centered
+screen lora-s1-yesno-fp32head --method lora --train-size "$TRAIN_SIZE" --loss yes-no
 [[ -n "${ONLY:-}" ]] && exit 0
 "$PY" -m reclora.analysis.attempts "$SCREEN_OUT" --base lora-s1-base --json docs/results/ml100k-screen.json \
   --plot docs/results/ml100k-screen-curves.png
@@ -81,6 +84,12 @@ screen sim-s1 --method sim
 for dir in "$OUT"/reclora-seed* "$OUT"/ablation-* "$OUT"/attempt-* "$OUT"/curve-reclora-*; do
   if [[ -f "$dir/results.json" && ! -f "$dir/gates.json" ]]; then "$PY" -m reclora.analysis.gates "$dir"; fi
 done
+# What the untuned LLM offers: a linear probe on its last hidden state (lora's prompt and subsets),
+# and how much the prompts' margin gradients share at the start of tuning
+"$PY" -m reclora.analysis.probe --data-dir "$DATA" --train-size "$TRAIN_SIZE" --valid-size "$VALID_SIZE" \
+  --eval-size 1000 --seed 1 ${BF16:+--bf16} --json docs/results/ml100k-probe.json
+"$PY" -m reclora.analysis.margin_gradients --data-dir "$DATA" --samples 16 --seed 1 ${BF16:+--bf16} \
+  --json docs/results/ml100k-margin-gradients.json
 # The bar the prompt sets without any model: the AUC of its mean star rating (recent and semantic history)
 "$PY" -m reclora.analysis.prompt_baseline --data-dir "$DATA" --eval-size "$EVAL_SIZE" --json docs/results/ml100k-prompt-baseline.json
 "$PY" -m reclora.analysis.study "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png

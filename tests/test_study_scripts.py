@@ -218,3 +218,31 @@ def test_logistic_probe_finds_a_linear_signal():
     with torch.no_grad():
         scores = linear(torch.from_numpy(features)).squeeze(1).numpy()
     assert auc(labels, scores) > 0.95 and abs(linear.weight[0, 2]) > 3 * abs(linear.weight[0]).sort().values[-2]
+
+
+def test_margin_gradients_are_per_prompt(tmp_path):
+    from reclora.analysis import margin_gradients
+    from reclora.train import make_config
+    from reclora.train.pipeline import build_model, load_run_dataset, subsets
+    from tests.train.helpers import tiny_settings
+
+    config = make_config(tiny_settings(tmp_path, method="lora"))
+    dataset = load_run_dataset(config)
+    first, second = subsets(config, dataset)["train"][:2]
+    model = build_model(config, dataset, None, None, torch.device("cpu"))
+    grads = margin_gradients.margin_gradients(model, [first, second, first])
+    assert grads.shape == (3, sum(p.numel() for p in model.trainable_parameters()))
+    assert grads[0].abs().sum() > 0 and not torch.equal(grads[0], grads[1])
+    torch.testing.assert_close(grads[2], grads[0])  # the same prompt, the same gradient
+
+
+def test_alignment_splits_shared_remainder_and_label_contrast():
+    from reclora.analysis.margin_gradients import alignment
+
+    shared, apart = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.1, 0.0])
+    result = alignment(torch.stack([shared + apart, shared - apart]), np.array([1, 0]))
+    assert result["positives"] == 1
+    assert result["remainder_over_shared"] == pytest.approx(0.1)
+    assert result["label_contrast_over_shared"] == pytest.approx(0.2)
+    assert result["cosine"]["mean"] == pytest.approx(0.99 / 1.01)
+    assert "label_contrast_over_shared" not in alignment(torch.stack([shared, shared]), np.array([1, 1]))
