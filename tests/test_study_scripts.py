@@ -158,6 +158,36 @@ def test_prompt_baseline_scores_both_prompt_histories(tmp_path):
         assert 0 <= result[strategy]["mean_rating_auc"] <= 1 and 0 <= result[strategy]["positive_share_auc"] <= 1
 
 
+def test_prompt_baseline_pairs_runs_with_the_mean_rating(tmp_path):
+    from reclora.retriever import LongShortRetriever
+    from reclora.train import make_config
+    from reclora.train.outputs import RunDirectory
+    from reclora.train.pipeline import load_run_dataset, subsets
+    from tests.train.helpers import tiny_settings
+
+    config = make_config(tiny_settings(tmp_path, method="lora", eval_size=40))
+    dataset = load_run_dataset(config)
+    test = subsets(config, dataset)["test"]
+    short = LongShortRetriever(
+        dataset, np.zeros((len(dataset.items.titles), 1), np.float32), config.k_long, config.k_short, "recent"
+    )
+    ratings = short.retrieve(test).short
+    mean_rating = ratings.ratings.numpy().sum(1) / np.maximum(ratings.lengths.numpy(), 1)
+    RunDirectory(tmp_path / "same").write_predictions(dataset, test, mean_rating)  # the baseline itself
+    RunDirectory(tmp_path / "better").write_predictions(dataset, test, dataset.samples.label[test] + 0.0)
+    result = prompt_baseline.prompt_baseline(config, against=[tmp_path / "same", tmp_path / "better"])
+    same, better = (result["recent"]["runs"][str(tmp_path / name)] for name in ("same", "better"))
+    assert same["difference"] == 0 and same["interval"] == [0, 0]
+    assert better["auc"] == 1 and better["difference"] == pytest.approx(
+        1 - result["recent"]["mean_rating_auc"], abs=0.02
+    )
+    RunDirectory(tmp_path / "other").write_predictions(dataset, test[:-1], mean_rating[:-1])
+    with pytest.raises(ValueError, match="tested on other samples"):
+        prompt_baseline.prompt_baseline(config, against=[tmp_path / "other"])
+    with pytest.raises(ValueError, match="predictions.npz is unreadable"):
+        prompt_baseline.prompt_baseline(config, against=[tmp_path / "missing"])
+
+
 def test_the_old_report_command_still_answers(tmp_path):
     (tmp_path / "results.csv").write_text("method,auc,out\nlora,0.61,runs/a\nlora,0.65,runs/a\n")
     done = subprocess.run(

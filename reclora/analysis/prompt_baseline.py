@@ -6,6 +6,10 @@ reading the prompt should clear. Both prompt histories are scored: "recent" (lor
 "semantic" (rella, reclora), on the same seeded test subset as the trainer's runs.
 
   python -m reclora.analysis.prompt_baseline --data-dir ../shared/data/ml-100k --eval-size 3000 --json docs/results/ml100k-prompt-baseline.json
+
+--against RUN_DIR (repeatable) also gives each finished run's test AUC minus the mean rating's, with
+a paired bootstrap interval over the shared test samples (the run's --eval-size and --eval-seed
+must be these).
 """
 
 import argparse
@@ -14,16 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from reclora.analysis.study import interval, paired_bootstrap
 from reclora.files import cache_folder, write_json
 from reclora.item_embeddings import item_embeddings
 from reclora.llm import load_llm
 from reclora.metrics import auc
 from reclora.retriever import STRATEGIES, LongShortRetriever
 from reclora.train import make_config
+from reclora.train.outputs import RunDirectory
 from reclora.train.pipeline import load_run_dataset, subsets
 
 
-def prompt_baseline(config) -> dict:
+def prompt_baseline(config, against=()) -> dict:
     dataset = load_run_dataset(config)
     test = subsets(config, dataset)["test"]
     llm = tokenizer = None
@@ -43,11 +49,28 @@ def prompt_baseline(config) -> dict:
     for strategy in STRATEGIES:
         short = LongShortRetriever(dataset, embeddings, config.k_long, config.k_short, strategy).retrieve(test).short
         ratings, lengths = short.ratings.numpy(), np.maximum(short.lengths.numpy(), 1)
+        mean_rating = ratings.sum(1) / lengths
         out[strategy] = {
-            "mean_rating_auc": auc(labels, ratings.sum(1) / lengths),
+            "mean_rating_auc": auc(labels, mean_rating),
             "positive_share_auc": auc(labels, (ratings >= 4).sum(1) / lengths),
         }
+        if against:
+            reference = {"sample": np.asarray(test), "label": labels, "prob": mean_rating}
+            out[strategy]["runs"] = {str(run): run_minus_mean_rating(run, reference) for run in against}
     return out
+
+
+def run_minus_mean_rating(run_dir: Path, reference: dict) -> dict:
+    """A finished run's test AUC minus the mean rating's, paired over the same test samples."""
+    predictions = RunDirectory(run_dir).read_predictions()
+    draws = paired_bootstrap(predictions, reference)
+    if draws is None:
+        raise ValueError(f"{run_dir} was tested on other samples than these (its --eval-size, --eval-seed)")
+    return {
+        "auc": auc(predictions["label"], predictions["prob"]),
+        "difference": float(np.mean(draws)),
+        "interval": interval(draws),
+    }
 
 
 def main(argv=None) -> int:
@@ -58,6 +81,14 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-size", type=int, default=3000)
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--embedder", default="llm")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="a finished run to pair with the mean rating (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
     config = make_config(
@@ -71,12 +102,21 @@ def main(argv=None) -> int:
             embedder=args.embedder,
         )
     )
-    result = prompt_baseline(config)
+    try:
+        result = prompt_baseline(config, args.against)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"prompt_baseline: {error}\n")
     for strategy in STRATEGIES:
         print(
             f"{strategy:>8} prompt: AUC of the mean rating {result[strategy]['mean_rating_auc']:.4f}, "
             f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)"
         )
+        for run, paired in result[strategy].get("runs", {}).items():
+            low, high = paired["interval"]
+            print(
+                f"{'':>10}{run}: AUC {paired['auc']:.4f}, minus the mean rating {paired['difference']:+.4f} "
+                f"[{low:+.4f}, {high:+.4f}]"
+            )
     if args.json:
         write_json(args.json, result)
     return 0

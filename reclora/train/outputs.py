@@ -164,6 +164,14 @@ class RunDirectory:
         )
         atomic_write(self.predictions, lambda f: np.savez(f, **arrays), mode="wb")
 
+    def read_predictions(self) -> dict:
+        """write_predictions's arrays of a finished run (UnreadableFile when missing or damaged)."""
+        try:
+            with np.load(self.predictions) as arrays:
+                return {name: arrays[name] for name in ("sample", "user", "label", "prob")}
+        except (OSError, ValueError, KeyError) as error:
+            raise self._unreadable(self.predictions, f"{type(error).__name__}: {error}") from None
+
     def append_csv_row(self, results: dict) -> None:
         """Appends under an exclusive lock: runs sharing the parent may finish at the same time."""
         row = {column: results.get(column, "") for column in CSV_COLUMNS}
