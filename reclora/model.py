@@ -26,7 +26,7 @@ from reclora.data import RecDataset
 from reclora.llm import last_token_logits
 from reclora.methods import GATE_INPUTS, LLM_METHODS, method
 from reclora.prompt import PromptBuilder, PromptInput, describe_user
-from reclora.readout import YesNoReadout
+from reclora.readout import DEFAULT_LOSS, YesNoReadout
 from reclora.retriever import LongShortRetriever
 
 
@@ -43,7 +43,7 @@ class RecLoRAModel(nn.Module):
         adapter_config: AdapterConfig = None,
         max_prompt_length=1024,
         gate_input="crm",
-        loss="answer-ce",
+        loss=DEFAULT_LOSS,
         rating_format="stars",
     ):
         """crm / crm_inputs: the trained CRM and its batch builder (reclora with gate_input "crm").

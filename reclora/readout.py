@@ -16,7 +16,8 @@ position, (B, V), predict the answer's first token:
                  the shared part; reclora.analysis.margin_gradients). A step on "yes-no" then
                  mostly moves every margin together, by however far the batch's label mean is from
                  its mean prediction; the centred loss keeps what tells prompts apart and damps the
-                 shared shift, which only calibrates.
+                 shared shift, which only calibrates. The mean is each micro-batch's (per process
+                 under DDP), so --grad-accum and the process count change the update slightly.
 The paper trains on every answer token ("Yes." and the end of turn); the tokens after the first
 carry no information about the label once it is given, so only the first is trained and read.
 Both are deterministic functions of the logits: with the model in eval mode, so is the score.
@@ -30,6 +31,9 @@ from transformers import PreTrainedTokenizerBase
 
 YES, NO = "Yes", "No"
 LOSSES = ("answer-ce", "yes-no", "both", "yes-no-centered")
+# The trainer's default since 2026-12-03 (docs/RESULTS.md, issue 16 part 3: with it lora learns from
+# its prompt, with "answer-ce", the published loss, it does not); configs/published.yaml keeps "answer-ce".
+DEFAULT_LOSS = "yes-no-centered"
 # The share of the batch-mean margin's gradient that "yes-no-centered" keeps: enough to calibrate
 # P(Yes) over many steps, little enough that a batch's label noise does not swamp the rest.
 SHARED_MARGIN_SCALE = 0.1
@@ -59,7 +63,7 @@ class YesNoReadout:
         yes = torch.full_like(labels, self.yes_id, dtype=torch.long)
         return torch.where(labels.bool(), yes, self.no_id)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, kind: str = "answer-ce") -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, kind: str = DEFAULT_LOSS) -> torch.Tensor:
         """The mean loss of kind (one of LOSSES) over the batch; logits (B, V), labels (B,)."""
         if kind not in LOSSES:
             raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")

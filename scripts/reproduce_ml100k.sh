@@ -19,8 +19,11 @@ VALID_SIZE=${VALID_SIZE:-500}
 SEEDS=${SEEDS:-0 1 2}
 CURVE_SIZES=${CURVE_SIZES:-500 1000}
 BF16=${BF16-1}
-COMMON=(--dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size "$EVAL_SIZE" --valid-size "$VALID_SIZE"
-        ${DEVICE:+--device "$DEVICE"} ${BF16:+--bf16} ${EXTRA:-})
+# The tables' rows are the published recipe: its loss is pinned, since the trainer's default became
+# --loss yes-no-centered (RESULTS.md, issue 16 part 3); a run's own options (and EXTRA) come later and win.
+PUBLISHED_LOSS=(--loss answer-ce)
+COMMON=("${PUBLISHED_LOSS[@]}" --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size "$EVAL_SIZE"
+        --valid-size "$VALID_SIZE" ${DEVICE:+--device "$DEVICE"} ${BF16:+--bf16} ${EXTRA:-})
 
 train() {  # train NAME OPTIONS...: one run into $OUT/NAME, skipped when it has finished
   local name=$1; shift
@@ -65,7 +68,7 @@ screen() {  # screen NAME OPTIONS...
   if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
   if [[ -f "$SCREEN_OUT/$name/results.json" ]]; then echo "== $name: done"; return; fi
   echo "== $name"
-  "$PY" -m reclora.train --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size 1000 \
+  "$PY" -m reclora.train "${PUBLISHED_LOSS[@]}" --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size 1000 \
     --valid-size "$VALID_SIZE" --evals-per-epoch 2 --patience 2 --seed 1 ${DEVICE:+--device "$DEVICE"} \
     ${BF16:+--bf16} --out "$SCREEN_OUT/$name" --resume "$@"
 }
@@ -77,6 +80,7 @@ screen sim-s1 --method sim
 # Part 3: the loss that damps the batch-mean margin's gradient, and plain yes-no with today's readout
 screen lora-s1-centered --method lora --train-size "$TRAIN_SIZE" --loss yes-no-centered
 screen lora-s1-yesno-fp32head --method lora --train-size "$TRAIN_SIZE" --loss yes-no
+screen reclora-s1-centered --method reclora --train-size "$TRAIN_SIZE" --loss yes-no-centered
 [[ -n "${ONLY:-}" ]] && exit 0
 "$PY" -m reclora.analysis.attempts "$SCREEN_OUT" --base lora-s1-base --json docs/results/ml100k-screen.json \
   --plot docs/results/ml100k-screen-curves.png
@@ -92,4 +96,8 @@ done
   --json docs/results/ml100k-margin-gradients.json
 # The bar the prompt sets without any model: the AUC of its mean star rating (recent and semantic history)
 "$PY" -m reclora.analysis.prompt_baseline --data-dir "$DATA" --eval-size "$EVAL_SIZE" --json docs/results/ml100k-prompt-baseline.json
+# ... and the screening runs paired with it on their 1,000 test samples
+"$PY" -m reclora.analysis.prompt_baseline --data-dir "$DATA" --eval-size 1000 --json docs/results/ml100k-screen-prompt-baseline.json \
+  $(for run in lora-s1-base lora-s1-centered lora-s1-yesno-fp32head reclora-s1-fp32head reclora-s1-centered; do
+      echo --against "$SCREEN_OUT/$run"; done)
 "$PY" -m reclora.analysis.study "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png

@@ -21,7 +21,7 @@ from reclora.item_embeddings import EMBEDDERS
 from reclora.llm import SMOLLM2, TINY_LLAMA
 from reclora.methods import CRM_METHODS, GATE_INPUTS, METHODS, Method, describe_methods, method
 from reclora.prompt import RATING_FORMATS
-from reclora.readout import LOSSES
+from reclora.readout import DEFAULT_LOSS, LOSSES
 from reclora.retriever import STRATEGIES
 from reclora_kernels import BACKENDS
 from reclora_kernels.cpu_features import warn_if_bf16_is_slow
@@ -102,7 +102,8 @@ class TrainConfig:
     batch_size: int = _option(
         16, "samples per optimizer step over all processes and accumulation steps", bound=AT_LEAST_1
     )
-    # Memory and speed only (the same results up to float rounding): a resume may change them.
+    # Memory and speed only (the same results up to float rounding, except under --loss
+    # yes-no-centered, which centres each micro-batch): a resume may change them.
     grad_accum: int = _option(
         1,
         "micro-steps per optimizer step (each process runs batch / (processes x grad_accum) samples at a time)",
@@ -120,10 +121,10 @@ class TrainConfig:
         1, "validations per epoch (early stopping and model selection happen at each)", bound=AT_LEAST_1
     )
     loss: str = _option(
-        "answer-ce",
-        "answer-ce: cross-entropy of the answer token over the vocabulary (published); "
-        "yes-no: binary cross-entropy of P(Yes), the scored readout; both: their sum; "
-        "yes-no-centered: yes-no with the gradient of the batch's mean margin damped (reclora.readout)",
+        DEFAULT_LOSS,
+        "yes-no-centered: binary cross-entropy of P(Yes) with the gradient of the batch's mean margin "
+        "damped (reclora.readout; docs/RESULTS.md, issue 16 part 3); answer-ce: cross-entropy of the answer "
+        "token over the vocabulary (published); yes-no: binary cross-entropy of P(Yes); both: answer-ce + yes-no",
         LOSSES,
     )
     # adapters
@@ -258,6 +259,7 @@ class TrainConfig:
             bound = f.metadata["bound"]
             if bound is not None and value is not None and not bound.admits(value):
                 raise ConfigError(f"--{_flag(f.name)} must be {bound}, got {value}")
+        self.check_micro_batch(processes=1)
         if self.k_short > self.k_long:
             raise ConfigError(f"--k-short ({self.k_short}) must not exceed --k-long ({self.k_long})")
         try:
@@ -276,6 +278,16 @@ class TrainConfig:
         if self.bf16:
             warn_if_bf16_is_slow(self.device)
         return self
+
+    def check_micro_batch(self, processes: int) -> None:
+        """--loss yes-no-centered damps each micro-batch's mean margin: one sample would leave nothing else."""
+        micro_batch = self.batch_size // (processes * self.grad_accum)
+        if self.is_llm_method and self.loss == "yes-no-centered" and micro_batch < 2:
+            raise ConfigError(
+                f"--loss yes-no-centered needs at least 2 samples per micro-batch (--batch-size / (processes x "
+                f"--grad-accum)), got {self.batch_size} / ({processes} x {self.grad_accum}); lower --grad-accum "
+                "or use --loss yes-no"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -172,6 +172,7 @@ class Trainer:
         log=print,
     ):
         self.model, self.config, self.processes, self.run, self.log = model, config, processes, run, log
+        config.check_micro_batch(processes.world_size)
         self.train_samples, self.valid_samples = train_samples, valid_samples
         self.steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs

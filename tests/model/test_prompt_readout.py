@@ -139,11 +139,11 @@ def test_loss_is_the_answer_tokens_cross_entropy_over_the_vocabulary():
     readout = YesNoReadout(yes_id=7, no_id=3)
     logits = torch.randn(4, 11, requires_grad=True)
     labels = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    loss = readout.loss(logits, labels)
+    loss = readout.loss(logits, labels, "answer-ce")
     log_probs = logits.log_softmax(-1)
     manual = -(log_probs[0, 7] + log_probs[1, 3] + log_probs[2, 3] + log_probs[3, 7]) / 4
     torch.testing.assert_close(loss, manual)
-    torch.testing.assert_close(readout.loss(logits, labels.bool()), manual)
+    torch.testing.assert_close(readout.loss(logits, labels.bool(), "answer-ce"), manual)
     assert readout.answer_ids(torch.tensor([True, False])).tolist() == [7, 3]
     loss.backward()
     assert logits.grad[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].gt(0).all()  # every wrong token is pushed down
@@ -156,7 +156,7 @@ def test_yes_no_loss_is_the_binary_cross_entropy_of_the_scored_probability():
     loss = readout.loss(logits, labels, "yes-no")
     probability = readout.yes_probability(logits)
     torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy(probability, labels))
-    torch.testing.assert_close(readout.loss(logits, labels, "both"), loss + readout.loss(logits, labels))
+    torch.testing.assert_close(readout.loss(logits, labels, "both"), loss + readout.loss(logits, labels, "answer-ce"))
     loss.backward()
     assert logits.grad[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].eq(0).all()  # only the two answer logits are trained
     with pytest.raises(ValueError, match="kind must be one of"):

@@ -46,6 +46,27 @@ def test_the_choices_come_from_their_owners():
     assert FIELDS["gate_input"].metadata["choices"] == GATE_INPUTS
 
 
+def test_the_default_loss_is_the_centered_one_and_published_keeps_its_own():
+    from reclora.readout import DEFAULT_LOSS, LOSSES
+    from reclora.train.config import config_from_args
+
+    assert DEFAULT_LOSS == "yes-no-centered" and FIELDS["loss"].default == DEFAULT_LOSS
+    assert FIELDS["loss"].metadata["choices"] == LOSSES
+    assert config_from_args(["--config", "configs/published.yaml"]).loss == "answer-ce"
+
+
+def test_the_centered_loss_refuses_micro_batches_of_one():
+    from reclora.train.config import config_from_args
+
+    with pytest.raises(ConfigError, match="at least 2 samples per micro-batch.*got 4 / \\(1 x 4\\)"):
+        config_from_args(["--method", "lora", "--batch-size", "4", "--grad-accum", "4"])
+    config = config_from_args(["--method", "lora", "--batch-size", "4", "--grad-accum", "2"])
+    with pytest.raises(ConfigError, match="got 4 / \\(2 x 2\\)"):
+        config.check_micro_batch(processes=2)  # each of 2 DDP processes would get 1 sample per micro-step
+    config_from_args(["--method", "lora", "--batch-size", "4", "--grad-accum", "4", "--loss", "yes-no"])
+    config_from_args(["--method", "sim", "--batch-size", "1"])  # no LLM, no loss
+
+
 def test_what_each_method_is_made_of():
     made_of = {
         name: (m.llm, m.adapters, m.needs_crm("crm"), m.needs_crm("user-embedding")) for name, m in METHODS.items()
