@@ -4,10 +4,12 @@
 # seed spread, the plot). Every run resumes where it stopped, and a finished run is skipped, so the
 # script can be interrupted and rerun. Budget by environment (defaults: the CPU study):
 #   DATA=../shared/data/ml-100k OUT=runs/ml100k TRAIN_SIZE=2000 EVAL_SIZE=3000 VALID_SIZE=500 \
-#   SEEDS="0 1 2" CURVE_SIZES="500 1000" DEVICE=cpu BF16=1 bash scripts/reproduce_ml100k.sh
+#   SEEDS="0 1 2" CURVE_SIZES="500 1000" DEVICE=cpu bash scripts/reproduce_ml100k.sh
 # ONLY="reclora-seed1 ablation-k1" runs just those runs (in the script's order) and skips the summary.
-# BF16=1 (the default) runs the LLM under bf16 autocast: 2.5x faster on CPUs with AVX512-BF16 (the
-# loss of a SmolLM2 batch agrees with float32 to 1e-3); BF16= runs float32.
+# BF16=1 runs the LLM under bf16 autocast (the loss of a SmolLM2 batch agrees with float32 to 1e-3),
+# BF16= float32. Unset, it is 1 on a GPU and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX:
+# 2.5x faster than float32 there), else float32 (bf16 autocast ran 2.6x slower on an Ice Lake Xeon:
+# benchmarks/results/cpu-bf16-*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,7 +20,10 @@ EVAL_SIZE=${EVAL_SIZE:-3000}
 VALID_SIZE=${VALID_SIZE:-500}
 SEEDS=${SEEDS:-0 1 2}
 CURVE_SIZES=${CURVE_SIZES:-500 1000}
-BF16=${BF16-1}
+if [[ -z "${BF16+set}" ]]; then
+  BF16=$("$PY" -c "import torch; from reclora_kernels.cpu_features import native_bf16
+print(1 if (torch.cuda.is_available() and '${DEVICE:-}' != 'cpu') or native_bf16() else '')")
+fi
 # The tables' rows are the published recipe: its loss is pinned, since the trainer's default became
 # --loss yes-no-centered (RESULTS.md, issue 16 part 3); a run's own options (and EXTRA) come later and win.
 PUBLISHED_LOSS=(--loss answer-ce)
@@ -38,6 +43,14 @@ train zero-shot --method zero-shot
 for seed in $SEEDS; do
   for method in lora rella reclora; do
     train "$method-seed$seed" --method "$method" --train-size "$TRAIN_SIZE" --seed "$seed"
+  done
+done
+# Issue 16's recipe: the trainer's defaults (--loss yes-no-centered), the same seeds and samples as
+# the published rows above, which stay beside them (RESULTS.md, "The recipe over seeds")
+RECIPE=(--loss yes-no-centered)
+for seed in $SEEDS; do
+  for method in lora reclora rella; do
+    train "recipe-$method-seed$seed" --method "$method" --train-size "$TRAIN_SIZE" --seed "$seed" "${RECIPE[@]}"
   done
 done
 # Ablations of reclora (seed 0, the main budget)

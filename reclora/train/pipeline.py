@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import reclora_kernels
+from reclora_kernels.cpu_features import cpu_model
 from reclora.adapters import AdapterConfig
 from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
@@ -325,7 +326,8 @@ def _run_facts(config, dataset, parts, processes, crm_info, seconds, total) -> d
 def _describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores)"
+    # The model too: a run's speed (and whether --bf16 pays) depends on which CPU it had.
+    return f"cpu ({os.cpu_count()} cores, {cpu_model()})"
 
 
 def load_run_dataset(config: TrainConfig, progress: bool = False):
