@@ -1,17 +1,17 @@
 // CPU kernels of reclora::gated_lora_forward / gated_lora_backward (schemas in registration.cpp;
 // the algebra and its notation: reclora_kernels/gated_lora_reference.py).
 //
-// What differs from the other backends: both mixes run one token-tile pipeline on effective
-// factors A_e (R, d_in) and B_e^T (R, d_out), and for weight mix these are the sample's A_p and
-// B_p^T (R = r), mixed once per call from the gate, so a token's activations are r wide, not K r;
-// for output mix they are A_cat and B_cat^T (R = K r) and the gate scales the K blocks of U, H.
-// Tokens are grouped by sample (a counting sort when sample_index is given) and cut into pieces
-// of one sample, which threads share out. A piece goes through tiles of kTile tokens whose rows
-// of x and grad_out are read (and converted to float32) once, then stay in cache for three skinny
-// SIMD kernels: row_dots (u = A_e x), row_combine (y += B_e u) and rank_update (dA_e += h x^T).
-// Weight-mix gradients of A_p, B_p are kept per piece and reduced over pieces with the gate at
-// the end; output-mix gradients are gated per token and kept per thread. Nothing per token of
-// size r * d is ever formed, and results do not depend on how threads pick up pieces.
+// What differs from the other backends: the weight mix runs a token-tile pipeline on each
+// sample's A_p (r, d_in) and B_p^T (r, d_out), mixed once per call from the gate, so a token's
+// activations are r wide, not K r. Tokens are grouped by sample (a counting sort when sample_index
+// is given) and cut into pieces of one sample, which threads share out. A piece goes through tiles
+// of kTile tokens whose rows of x and grad_out are read (and converted to float32) once, then stay
+// in cache for three skinny SIMD kernels: row_dots (u = A_p x), row_combine (y += B_p u) and
+// rank_update (dA_p += h x^T). The gradients of A_p, B_p are kept per piece and reduced over pieces
+// with the gate at the end. Nothing per token of size r * d is ever formed, and results do not
+// depend on how threads pick up pieces.
+// The output mix (rank K r) is compute-bound, and goes through the platform's GEMM instead (see
+// "Output mix" below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -91,8 +91,8 @@ struct RowDots {
     do {
       const int64_t end = std::min(len, begin + chunk);
       const bool add = accumulate || begin > 0;
-      // Four rows a block: each vector of q, read from L2 when R is large (the output mix), serves
-      // four rows; AVX2's 16 registers then hold two q rows a block, AVX-512's 32 hold four.
+      // Four rows a block: each vector of q, read from L2 when R is large (the gate's gradient),
+      // serves four rows; AVX2's 16 registers then hold two q rows a block, AVX-512's 32 hold four.
       cpu::for_blocks<4>(0, n, [&](auto nt, int64_t t) RECLORA_INLINE_LAMBDA {
         cpu::for_blocks<kWideBlock<W>>(0, R, [&](auto nj, int64_t j) RECLORA_INLINE_LAMBDA {
           block<decltype(nt)::value, decltype(nj)::value>(
@@ -291,17 +291,22 @@ struct Grouping {
   }
 };
 
+void check_sample_ids(const at::Tensor& sample_index, int64_t B) {
+  const int64_t* ids = sample_index.data_ptr<int64_t>();
+  for (int64_t m = 0; m < sample_index.size(0); ++m) {
+    TORCH_CHECK(ids[m] >= 0 && ids[m] < B, "gated_lora (cpu): sample_index[", m, "] = ", ids[m],
+                " is not a row of gate (B = ", B, ")");
+  }
+}
+
 // piece: the most tokens per piece.
 Grouping group_tokens(const c10::optional<at::Tensor>& sample_index, int64_t M, int64_t B, int64_t piece) {
   Grouping grouping;
   std::vector<int64_t> offsets(B + 1, 0);
   if (sample_index.has_value()) {
+    check_sample_ids(*sample_index, B);
     const int64_t* ids = sample_index->data_ptr<int64_t>();
-    for (int64_t m = 0; m < M; ++m) {
-      TORCH_CHECK(ids[m] >= 0 && ids[m] < B, "gated_lora (cpu): sample_index[", m, "] = ", ids[m],
-                  " is not a row of gate (B = ", B, ")");
-      ++offsets[ids[m] + 1];
-    }
+    for (int64_t m = 0; m < M; ++m) ++offsets[ids[m] + 1];
     for (int64_t b = 0; b < B; ++b) offsets[b + 1] += offsets[b];
     std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
     grouping.order.resize(M);
@@ -317,29 +322,14 @@ Grouping group_tokens(const c10::optional<at::Tensor>& sample_index, int64_t M, 
   return grouping;
 }
 
-// Runs fn(piece, worker) for every piece, worker < workers. dynamic: workers take pieces from a
-// shared counter, which balances uneven pieces. Otherwise worker w runs the pieces that start in
-// tokens [w M / workers, (w + 1) M / workers): what a worker accumulates, and so the result, is
-// the same from run to run.
+// Runs fn(piece, worker) for every piece, worker < workers: workers take pieces from a shared
+// counter, which balances uneven pieces. What a piece computes does not depend on its worker.
 template <class F>
-void for_each_piece(const Grouping& grouping, int64_t M, int64_t workers, bool dynamic, const F& fn) {
-  const std::vector<Piece>& pieces = grouping.pieces;
-  const int64_t count = pieces.size();
+void for_each_piece(const Grouping& grouping, int64_t workers, const F& fn) {
+  const int64_t count = grouping.pieces.size();
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    if (dynamic) {
-      for (int64_t p; (p = next.fetch_add(1)) < count;) fn(p, begin);
-      return;
-    }
-    auto first_piece = [&](int64_t worker) {
-      const int64_t token = M * worker / workers;
-      return std::lower_bound(pieces.begin(), pieces.end(), token,
-                              [](const Piece& piece, int64_t t) { return piece.begin < t; }) -
-             pieces.begin();
-    };
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t p = first_piece(worker); p < first_piece(worker + 1); ++p) fn(p, worker);
-    }
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t) {
+    for (int64_t p; (p = next.fetch_add(1)) < count;) fn(p, begin);
   });
 }
 
@@ -405,23 +395,21 @@ void write_rows(scalar_t* base, int64_t d, const int64_t* rows, int64_t n, const
 struct Problem {
   int64_t M, B, K, r, d_in, d_out;
   float scaling;
-  bool output_mix;
-  int64_t R;  // rank of the effective factors: r (weight mix) or K r (output mix)
   const float* gate;
-  at::Tensor a;      // float (K, r, d_in): A_k, i.e. A_cat as (K r, d_in)
-  at::Tensor bt;     // float (K, r, d_out): B_k^T, i.e. B_cat^T as (K r, d_out)
-  at::Tensor mixed;  // weight mix: float (B, r (d_in + d_out)), [A_p | B_p^T] of each sample
+  at::Tensor a;      // float (K, r, d_in): A_k
+  at::Tensor bt;     // float (K, r, d_out): B_k^T
+  at::Tensor mixed;  // float (B, r (d_in + d_out)), [A_p | B_p^T] of each sample
   Grouping grouping;
   int64_t workers;
 
   int64_t mixed_ld() const {
     return r * (d_in + d_out);
   }
-  const float* a_eff(int64_t sample) const {
-    return output_mix ? a.data_ptr<float>() : mixed.data_ptr<float>() + sample * mixed_ld();
+  const float* a_p(int64_t sample) const {
+    return mixed.data_ptr<float>() + sample * mixed_ld();
   }
-  const float* bt_eff(int64_t sample) const {
-    return output_mix ? bt.data_ptr<float>() : mixed.data_ptr<float>() + sample * mixed_ld() + r * d_in;
+  const float* bt_p(int64_t sample) const {
+    return a_p(sample) + r * d_in;
   }
 };
 
@@ -469,7 +457,7 @@ void check_inputs(
 
 Problem make_problem(
     const at::Tensor& x, const at::Tensor& gate, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const c10::optional<at::Tensor>& sample_index, double scaling, bool output_mix) {
+    const c10::optional<at::Tensor>& sample_index, double scaling) {
   Problem pb;
   pb.M = x.size(0);
   pb.B = gate.size(0);
@@ -478,42 +466,27 @@ Problem make_problem(
   pb.d_in = lora_a.size(2);
   pb.d_out = lora_b.size(1);
   pb.scaling = static_cast<float>(scaling);
-  pb.output_mix = output_mix;
-  pb.R = output_mix ? pb.K * pb.r : pb.r;
   pb.gate = gate.data_ptr<float>();
   pb.a = lora_a.to(at::kFloat);
   pb.bt = at::empty({pb.K, pb.r, pb.d_out}, lora_b.options().dtype(at::kFloat));
   transpose_inner(lora_b.to(at::kFloat).data_ptr<float>(), pb.bt.data_ptr<float>(), pb.K, pb.d_out, pb.r);
   const int64_t threads = at::get_num_threads();
-  // Weight-mix pieces carry gradient accumulators: few, long ones (yet enough to balance the
-  // threads). Output-mix pieces carry none: tiles, for an even static split.
-  const int64_t piece =
-      output_mix ? kTile : std::max(kTile, ceil_div(ceil_div(pb.M, 4 * threads), kTile) * kTile);
+  // Pieces carry gradient accumulators: few, long ones (yet enough to balance the threads).
+  const int64_t piece = std::max(kTile, ceil_div(ceil_div(pb.M, 4 * threads), kTile) * kTile);
   pb.grouping = group_tokens(sample_index, pb.M, pb.B, piece);
   pb.workers = std::min<int64_t>(threads, pb.grouping.pieces.size());
-  if (!output_mix) {
-    // A_p and B_p^T of every sample: (B, r d) = gate (B, K) @ (K, r d).
-    pb.mixed = at::empty({pb.B, pb.mixed_ld()}, pb.a.options());
-    float* mixed = pb.mixed.data_ptr<float>();
-    mix_rows(pb.gate, 1, pb.K, pb.K, pb.B,
-             {{pb.a.data_ptr<float>(), pb.r * pb.d_in, mixed, pb.mixed_ld(), pb.r * pb.d_in},
-              {pb.bt.data_ptr<float>(), pb.r * pb.d_out, mixed + pb.r * pb.d_in, pb.mixed_ld(), pb.r * pb.d_out}});
-  }
+  // A_p and B_p^T of every sample: (B, r d) = gate (B, K) @ (K, r d).
+  pb.mixed = at::empty({pb.B, pb.mixed_ld()}, pb.a.options());
+  float* mixed = pb.mixed.data_ptr<float>();
+  mix_rows(pb.gate, 1, pb.K, pb.K, pb.B,
+           {{pb.a.data_ptr<float>(), pb.r * pb.d_in, mixed, pb.mixed_ld(), pb.r * pb.d_in},
+            {pb.bt.data_ptr<float>(), pb.r * pb.d_out, mixed + pb.r * pb.d_in, pb.mixed_ld(), pb.r * pb.d_out}});
   return pb;
 }
 
 // Grouped positions [begin, begin + n) as rows of x.
 void tile_rows(const Grouping& grouping, int64_t begin, int64_t n, int64_t* rows) {
   for (int64_t t = 0; t < n; ++t) rows[t] = grouping.row(begin + t);
-}
-
-// Output mix: the gate scales block k (r entries) of each token's rank-K r activations.
-void scale_blocks(float* u, int64_t n, int64_t K, int64_t r, const float* g) {
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < r; ++j) u[(t * K + k) * r + j] *= g[k];
-    }
-  }
 }
 
 // The base projection a @ b (+ bias) with BLAS. float16 goes through float32 BLAS: ATen's float16
@@ -526,20 +499,110 @@ at::Tensor base_gemm(const at::Tensor& a, const at::Tensor& b, const c10::option
 }
 
 // ---------------------------------------------------------------------------------------------
+// Output mix: the composition, in float32 on the platform's GEMM
+//
+// Its rank is K r (128 at the SmolLM2 shape): about 57 flops a byte, compute-bound, where fusing
+// saves little traffic and the vendor's GEMM, tuned for each CPU, wins. The tile pipeline's skinny
+// kernels, tuned on one AMD core, ran this backward 1.4x slower than these GEMMs on an Ice Lake Xeon
+// (benchmarks/README.md). U = x A_cat^T (M, K r) is recomputed in the backward, as the op keeps no
+// activations.
+
+// s g[b(t), k] for each token t, shaped (M, K, 1) to scale the K blocks of a token's U.
+at::Tensor token_gate(const at::Tensor& gate, const c10::optional<at::Tensor>& sample_index, int64_t M,
+                      double scaling) {
+  at::Tensor per_token;
+  if (sample_index.has_value()) {
+    check_sample_ids(*sample_index, gate.size(0));
+    per_token = gate.index_select(0, *sample_index);
+  } else {
+    per_token = gate.repeat_interleave(M / gate.size(0), 0);
+  }
+  return (per_token * scaling).unsqueeze(-1);
+}
+
+// The factors in float32, each in the layout its GEMM runs fastest with (contiguous right-hand
+// operands: x @ A_cat^T ran 1.2x faster with A_cat^T stored than as a transposed view).
+struct OutputMix {
+  int64_t M, K, r;
+  at::Tensor a, at;  // A_cat (K r, d_in) and A_cat^T (d_in, K r)
+  at::Tensor b, bt;  // B_cat (d_out, K r) and B_cat^T (K r, d_out)
+  at::Tensor scale;  // (M, K, 1) from token_gate
+
+  OutputMix(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& lora_a, const at::Tensor& lora_b,
+            const c10::optional<at::Tensor>& sample_index, double scaling)
+      : M(x.size(0)), K(gate.size(1)), r(lora_a.size(1)) {
+    const at::Tensor a32 = lora_a.to(at::kFloat), b32 = lora_b.to(at::kFloat);
+    a = a32.view({K * r, -1});
+    at = a.t().contiguous();
+    b = b32.permute({1, 0, 2}).reshape({-1, K * r});
+    bt = b.t().contiguous();
+    scale = token_gate(gate, sample_index, M, scaling);
+  }
+  // t's rank-K r activations with block k scaled by s g[b(t), k], in place.
+  at::Tensor& gated(at::Tensor& u) const {
+    u.view({M, K, r}).mul_(scale);
+    return u;
+  }
+};
+
+// y (+)= s sum_k g_k B_k A_k x. y holds the base projection when accumulate.
+void output_mix_forward(const OutputMix& mix, const at::Tensor& x, at::Tensor& y, bool accumulate) {
+  at::Tensor u = at::mm(x.to(at::kFloat), mix.at);
+  mix.gated(u);
+  if (y.scalar_type() == at::kFloat) {
+    if (accumulate) {
+      y.addmm_(u, mix.bt);
+    } else {
+      at::mm_out(y, u, mix.bt);
+    }
+  } else {
+    const at::Tensor delta = at::mm(u, mix.bt);  // rounded once, onto the base where there is one
+    accumulate ? y.add_(delta) : y.copy_(delta);
+  }
+}
+
+// Gradients of x (added to grad_x's base-projection gradient when accumulate), of the gate and of
+// A_k, B_k (float).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> output_mix_backward(
+    const OutputMix& mix, const at::Tensor& grad_out, const at::Tensor& x, int64_t B,
+    const c10::optional<at::Tensor>& sample_index, double scaling, at::Tensor& grad_x, bool accumulate) {
+  const int64_t M = mix.M, K = mix.K, r = mix.r;
+  const at::Tensor x32 = x.to(at::kFloat), g32 = grad_out.to(at::kFloat);
+  at::Tensor u = at::mm(x32, mix.at);  // A_cat x
+  at::Tensor h = at::mm(g32, mix.b);   // B_cat^T G
+  // dgate[b, k] = s sum over b's tokens of <A_k x, B_k^T G>.
+  const at::Tensor token_dgate = (u * h).view({M, K, r}).sum(-1).mul_(scaling);
+  at::Tensor grad_gate = sample_index.has_value()
+                             ? at::zeros({B, K}, token_dgate.options()).index_add_(0, *sample_index, token_dgate)
+                             : token_dgate.view({B, M / B, K}).sum(1);
+  mix.gated(h);
+  mix.gated(u);
+  if (grad_x.scalar_type() == at::kFloat && accumulate) {
+    grad_x.addmm_(h, mix.a);
+  } else {
+    const at::Tensor dx = at::mm(h, mix.a);
+    accumulate ? grad_x.add_(dx) : grad_x.copy_(dx);
+  }
+  at::Tensor grad_a = at::mm(h.t(), x32).view({K, r, -1});
+  at::Tensor grad_b = at::mm(u.t(), g32).view({K, r, -1}).transpose(1, 2);  // (K, d_out, r)
+  return {grad_gate, grad_a, grad_b};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward
 
 template <typename scalar_t>
 void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t* y, bool accumulate) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const int64_t stride = kTile * (pb.R + pb.d_in + pb.d_out);
+  const int64_t stride = kTile * (pb.r + pb.d_in + pb.d_out);
   std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
-  for_each_piece(pb.grouping, pb.M, pb.workers, true, [&](int64_t p, int64_t worker) {
+  for_each_piece(pb.grouping, pb.workers, [&](int64_t p, int64_t worker) {
     const Piece& piece = pb.grouping.pieces[p];
     float* u = scratch.get() + worker * stride;
-    float* x_buf = u + kTile * pb.R;
+    float* x_buf = u + kTile * pb.r;
     float* y_buf = x_buf + kTile * pb.d_in;
-    const float* a_eff = pb.a_eff(piece.sample);
-    const float* bt_eff = pb.bt_eff(piece.sample);
+    const float* a_p = pb.a_p(piece.sample);
+    const float* bt_p = pb.bt_p(piece.sample);
     int64_t rows[kTile];
     const float* x_rows[kTile];
     float* y_rows[kTile];
@@ -547,10 +610,9 @@ void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t*
       const int64_t n = std::min(kTile, piece.end - begin);
       tile_rows(pb.grouping, begin, n, rows);
       read_rows(x, pb.d_in, rows, n, x_buf, x_rows);
-      row_dots(x_rows, n, a_eff, pb.d_in, pb.R, pb.d_in, pb.scaling, u, pb.R, false);
-      if (pb.output_mix) scale_blocks(u, n, pb.K, pb.r, pb.gate + piece.sample * pb.K);
+      row_dots(x_rows, n, a_p, pb.d_in, pb.r, pb.d_in, pb.scaling, u, pb.r, false);
       output_rows(y, pb.d_out, rows, n, y_buf, y_rows);
-      row_combine(y_rows, n, u, pb.R, bt_eff, pb.d_out, pb.R, pb.d_out, kFloat && accumulate);
+      row_combine(y_rows, n, u, pb.r, bt_p, pb.d_out, pb.r, pb.d_out, kFloat && accumulate);
       write_rows(y, pb.d_out, rows, n, y_buf, accumulate);
     }
   });
@@ -573,7 +635,11 @@ at::Tensor gated_lora_forward_cpu(
     y = at::empty({x.size(0), d_out}, x.options());
   }
   if (x.size(0) == 0) return y;
-  const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling, output_mix);
+  if (output_mix) {
+    output_mix_forward(OutputMix(x, gate, lora_a, lora_b, sample_index, scaling), x, y, weight.has_value());
+    return y;
+  }
+  const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling);
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_forward_cpu", [&] {
     forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value());
   });
@@ -583,8 +649,7 @@ at::Tensor gated_lora_forward_cpu(
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-// Gradient accumulators [dA_e | dB_e^T], float (rows, R (d_in + d_out)): one row per piece (weight
-// mix: dA_p, dB_p^T of the piece's sample) or per worker (output mix: gate already applied).
+// Gradient accumulators [dA_p | dB_p^T] of each piece's sample, float (pieces, r (d_in + d_out)).
 struct Accumulators {
   at::Tensor data;
   std::vector<char> written;
@@ -593,26 +658,23 @@ struct Accumulators {
 template <typename scalar_t>
 void backward_pieces(
     const Problem& pb, const StridedRows<scalar_t>& grad_out, const StridedRows<scalar_t>& x, scalar_t* grad_x,
-    bool accumulate_x, Accumulators& acc, float* dgate_pieces) {
+    bool accumulate_x, Accumulators& acc) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const int64_t R = pb.R, d_in = pb.d_in, d_out = pb.d_out;
-  const int64_t stride = kTile * (2 * R + 2 * d_in + d_out);
+  const int64_t r = pb.r, d_in = pb.d_in, d_out = pb.d_out;
+  const int64_t stride = kTile * (2 * r + 2 * d_in + d_out);
   std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
-  const int64_t acc_ld = R * (d_in + d_out);
-  // Output-mix accumulators are per worker: a static split keeps the gradients deterministic.
-  for_each_piece(pb.grouping, pb.M, pb.workers, !pb.output_mix, [&](int64_t p, int64_t worker) {
+  const int64_t acc_ld = r * (d_in + d_out);
+  for_each_piece(pb.grouping, pb.workers, [&](int64_t p, int64_t worker) {
     const Piece& piece = pb.grouping.pieces[p];
     float* u = scratch.get() + worker * stride;
-    float* h = u + kTile * R;
-    float* x_buf = h + kTile * R;
+    float* h = u + kTile * r;
+    float* x_buf = h + kTile * r;
     float* g_buf = x_buf + kTile * d_in;
     float* dx_buf = g_buf + kTile * d_out;
-    const float* a_eff = pb.a_eff(piece.sample);
-    const float* bt_eff = pb.bt_eff(piece.sample);
-    const float* gate = pb.gate + piece.sample * pb.K;
-    const int64_t slot = pb.output_mix ? worker : p;
-    float* acc_a = acc.data.data_ptr<float>() + slot * acc_ld;
-    float* acc_bt = acc_a + R * d_in;
+    const float* a_p = pb.a_p(piece.sample);
+    const float* bt_p = pb.bt_p(piece.sample);
+    float* acc_a = acc.data.data_ptr<float>() + p * acc_ld;
+    float* acc_bt = acc_a + r * d_in;
     int64_t rows[kTile];
     const float* x_rows[kTile];
     const float* g_rows[kTile];
@@ -622,33 +684,16 @@ void backward_pieces(
       tile_rows(pb.grouping, begin, n, rows);
       read_rows(x, d_in, rows, n, x_buf, x_rows);
       read_rows(grad_out, d_out, rows, n, g_buf, g_rows);
-      // u = s A_e x; h = B_e^T G (times s in the weight mix, where it is final).
-      row_dots(x_rows, n, a_eff, d_in, R, d_in, pb.scaling, u, R, false);
-      row_dots(g_rows, n, bt_eff, d_out, R, d_out, pb.output_mix ? 1.f : pb.scaling, h, R, false);
-      if (pb.output_mix) {
-        // dgate_k += <s A_k x, B_k^T G>; then h -> s g_k B_k^T G and u -> s g_k A_k x per block k.
-        float* dgate = dgate_pieces + p * pb.K;
-        for (int64_t t = 0; t < n; ++t) {
-          for (int64_t k = 0; k < pb.K; ++k) {
-            float* ub = u + t * R + k * pb.r;
-            float* hb = h + t * R + k * pb.r;
-            float dot = 0.f;
-            for (int64_t j = 0; j < pb.r; ++j) dot += ub[j] * hb[j];
-            dgate[k] += dot;
-            for (int64_t j = 0; j < pb.r; ++j) {
-              ub[j] *= gate[k];
-              hb[j] *= pb.scaling * gate[k];
-            }
-          }
-        }
-      }
+      // u = s A_p x; h = s B_p^T G.
+      row_dots(x_rows, n, a_p, d_in, r, d_in, pb.scaling, u, r, false);
+      row_dots(g_rows, n, bt_p, d_out, r, d_out, pb.scaling, h, r, false);
       output_rows(grad_x, d_in, rows, n, dx_buf, dx_rows);
-      row_combine(dx_rows, n, h, R, a_eff, d_in, R, d_in, kFloat && accumulate_x);
+      row_combine(dx_rows, n, h, r, a_p, d_in, r, d_in, kFloat && accumulate_x);
       write_rows(grad_x, d_in, rows, n, dx_buf, accumulate_x);
-      const bool first = !acc.written[slot];
-      rank_update(acc_a, d_in, R, d_in, h, R, 1, x_rows, n, !first);
-      rank_update(acc_bt, d_out, R, d_out, u, R, 1, g_rows, n, !first);
-      acc.written[slot] = 1;
+      const bool first = !acc.written[p];
+      rank_update(acc_a, d_in, r, d_in, h, r, 1, x_rows, n, !first);
+      rank_update(acc_bt, d_out, r, d_out, u, r, 1, g_rows, n, !first);
+      acc.written[p] = 1;
     }
   });
 }
@@ -667,62 +712,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   at::Tensor grad_gate = at::zeros({B, K}, gate.options());
   if (x.size(0) == 0) return {grad_x, grad_gate, at::zeros_like(lora_a), at::zeros_like(lora_b)};
 
-  const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling, output_mix);
-  const int64_t P = pb.grouping.pieces.size(), R = pb.R, d_in = pb.d_in, d_out = pb.d_out;
+  const auto float_options = gate.options();
+  if (output_mix) {
+    auto [dgate, grad_a, grad_b] = output_mix_backward(OutputMix(x, gate, lora_a, lora_b, sample_index, scaling),
+                                                       grad_out, x, B, sample_index, scaling, grad_x,
+                                                       weight.has_value());
+    return {grad_x, dgate, grad_a.to(lora_a.scalar_type()).contiguous(), grad_b.to(lora_b.scalar_type()).contiguous()};
+  }
+
+  const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling);
+  const int64_t P = pb.grouping.pieces.size(), r = pb.r, d_in = pb.d_in, d_out = pb.d_out;
   // Any strides are read as they are; a broadcast row (y.sum()'s gradient) is made contiguous once.
   const at::Tensor grad_rows = grad_out.stride(0) == 0 && grad_out.stride(1) != 1
                                    ? grad_out.select(0, 0).contiguous().expand_as(grad_out)
                                    : grad_out;
-  const auto float_options = gate.options();
   Accumulators acc;
-  const int64_t slots = output_mix ? pb.workers : P;
-  acc.data = at::empty({slots, R * (d_in + d_out)}, float_options);
-  acc.written.assign(slots, 0);
-  std::vector<float> dgate_pieces(P * K, 0.f);
+  const int64_t ld = r * (d_in + d_out);
+  acc.data = at::empty({P, ld}, float_options);
+  acc.written.assign(P, 0);
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_backward_cpu", [&] {
     backward_pieces<scalar_t>(pb, strided_rows<scalar_t>(grad_rows), strided_rows<scalar_t>(x),
-                              grad_x.data_ptr<scalar_t>(), weight.has_value(), acc, dgate_pieces.data());
+                              grad_x.data_ptr<scalar_t>(), weight.has_value(), acc);
   });
 
-  at::Tensor grad_a, grad_bt;  // float (K r, d_in), (K r, d_out)
-  const int64_t ld = R * (d_in + d_out);
-  if (output_mix) {
-    for (int64_t w = 0; w < slots; ++w) {
-      if (!acc.written[w]) acc.data[w].zero_();
-    }
-    at::Tensor total = slots == 1 ? acc.data[0] : acc.data.sum(0);
-    grad_a = total.narrow(0, 0, R * d_in);
-    grad_bt = total.narrow(0, R * d_in, R * d_out);
-  } else {
-    // dA_k = sum_p g[b(p), k] dA_p, likewise dB_k; dgate[b(p), k] += <dA_p, A_k> + <dB_p, B_k>.
-    std::vector<float> piece_gate(P * K);
-    for (int64_t p = 0; p < P; ++p) {
-      std::copy_n(pb.gate + pb.grouping.pieces[p].sample * K, K, piece_gate.begin() + p * K);
-    }
-    grad_a = at::empty({K * R * d_in}, float_options);
-    grad_bt = at::empty({K * R * d_out}, float_options);
-    const float* acc_base = acc.data.data_ptr<float>();
-    mix_rows(piece_gate.data(), K, 1, P, K,
-             {{acc_base, ld, grad_a.data_ptr<float>(), R * d_in, R * d_in},
-              {acc_base + R * d_in, ld, grad_bt.data_ptr<float>(), R * d_out, R * d_out}});
-    const float* a = pb.a.data_ptr<float>();
-    const float* bt = pb.bt.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * ld));
-    at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-      std::vector<const float*> rows(end - begin);
-      for (int64_t p = begin; p < end; ++p) rows[p - begin] = acc_base + p * ld;
-      float* out = dgate_pieces.data() + begin * K;
-      row_dots(rows.data(), end - begin, a, R * d_in, K, R * d_in, 1.f, out, K, false);
-      for (auto& row : rows) row += R * d_in;
-      row_dots(rows.data(), end - begin, bt, R * d_out, K, R * d_out, 1.f, out, K, true);
-    });
+  // dA_k = sum_p g[b(p), k] dA_p, likewise dB_k; dgate[b(p), k] += <dA_p, A_k> + <dB_p, B_k>.
+  std::vector<float> piece_gate(P * K);
+  for (int64_t p = 0; p < P; ++p) {
+    std::copy_n(pb.gate + pb.grouping.pieces[p].sample * K, K, piece_gate.begin() + p * K);
   }
+  at::Tensor grad_a = at::empty({K * r * d_in}, float_options);
+  at::Tensor grad_bt = at::empty({K * r * d_out}, float_options);
+  const float* acc_base = acc.data.data_ptr<float>();
+  mix_rows(piece_gate.data(), K, 1, P, K,
+           {{acc_base, ld, grad_a.data_ptr<float>(), r * d_in, r * d_in},
+            {acc_base + r * d_in, ld, grad_bt.data_ptr<float>(), r * d_out, r * d_out}});
+  const float* a = pb.a.data_ptr<float>();
+  const float* bt = pb.bt.data_ptr<float>();
+  std::vector<float> dgate_pieces(P * K, 0.f);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * ld));
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> rows(end - begin);
+    for (int64_t p = begin; p < end; ++p) rows[p - begin] = acc_base + p * ld;
+    float* out = dgate_pieces.data() + begin * K;
+    row_dots(rows.data(), end - begin, a, r * d_in, K, r * d_in, 1.f, out, K, false);
+    for (auto& row : rows) row += r * d_in;
+    row_dots(rows.data(), end - begin, bt, r * d_out, K, r * d_out, 1.f, out, K, true);
+  });
   float* dgate = grad_gate.data_ptr<float>();
   for (int64_t p = 0; p < P; ++p) {
     const int64_t b = pb.grouping.pieces[p].sample;
     for (int64_t k = 0; k < K; ++k) dgate[b * K + k] += dgate_pieces[p * K + k];
   }
-  const int64_t r = pb.r;
   at::Tensor grad_lora_a = grad_a.view({K, r, d_in}).to(lora_a.scalar_type());
   at::Tensor grad_lora_b = at::empty({K, d_out, r}, float_options);
   transpose_inner(grad_bt.data_ptr<float>(), grad_lora_b.data_ptr<float>(), K, r, d_out);
