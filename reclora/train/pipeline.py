@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 import reclora_kernels
-from reclora_kernels.cpu_features import cpu_model
 from reclora.adapters import AdapterConfig
 from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
@@ -28,6 +27,7 @@ from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import Trainer, data_conflict, evaluate, run_identity, settings_conflict
 from reclora.train.outputs import RunDirectory, RunInUse
+from reclora_kernels.cpu_features import cpu_model
 
 GAUC_WEIGHTING = "mean of per-user AUCs weighted by each user's number of evaluated samples (users with both labels)"
 
