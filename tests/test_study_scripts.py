@@ -116,6 +116,23 @@ def test_summary_of_a_study(summarize_study, study, tmp_path, capsys):
     assert "| reclora | 500 |" in printed and "| reclora | 2000 |" in printed
 
 
+def test_the_recipe_against_the_published_runs_and_the_crms(summarize_study, tmp_path, capsys):
+    for seed in range(2):
+        write_run(tmp_path, f"lora-seed{seed}", "lora", 0.3, seed)
+        write_run(tmp_path, f"recipe-lora-seed{seed}", "lora", 1.2, seed)
+    write_run(tmp_path, "recipe-reclora-seed0", "reclora", 1.0)  # no published partner: the CRMs only
+    write_run(tmp_path, "sim", "sim", 1.5, train_size=70000)
+    assert summarize_study.main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    runs, versus = summary["runs"], summary["recipe_vs"]
+    assert sorted(versus) == ["recipe-lora", "recipe-reclora"]
+    assert sorted(versus["recipe-lora"]) == ["lora", "sim"] and sorted(versus["recipe-reclora"]) == ["sim"]
+    published = np.mean([runs[f"recipe-lora-seed{s}"]["auc"] - runs[f"lora-seed{s}"]["auc"] for s in range(2)])
+    assert versus["recipe-lora"]["lora"]["auc_difference"] == pytest.approx(published)
+    assert versus["recipe-lora"]["lora"]["auc_difference"] > 0 and versus["recipe-lora"]["sim"]["auc_difference"] < 0
+    assert "| recipe-lora vs lora |" in capsys.readouterr().out
+
+
 def test_one_seed_gives_no_verdict(summarize_study, tmp_path):
     write_run(tmp_path, "reclora-seed0", "reclora", 1.5)
     write_run(tmp_path, "lora-seed0", "lora", 0.5)

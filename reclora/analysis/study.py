@@ -4,7 +4,9 @@ For each run: test AUC with a bootstrap 95% interval (resampling the test sample
 method run over several seeds: mean and spread (sample standard deviation) of AUC and LogLoss.
 For reclora against each other method: the mean AUC difference, its paired bootstrap interval
 (the methods share the test subset) and whether it exceeds both the seed spread and the interval.
-Each attempt-* run over seeds (attempt-NAME-seedS) against the CRMs, the same way.
+Each attempt-* run over seeds (attempt-NAME-seedS) against the CRMs, the same way; each recipe-*
+run over seeds (recipe-METHOD-seedS, issue 16's training recipe) against the published recipe's
+METHOD-seedS, seed by seed, and against the CRMs.
 For each ablation-* and attempt-* run: its AUC minus reclora's at the same seed (its -seedS suffix,
 else seed 0: the same training and test samples), paired bootstrap interval. For each run with a
 gates.json (python -m reclora.analysis.gates): the trained gates' statistics. For each run, the rank
@@ -36,6 +38,7 @@ RUN_COLUMNS = tuple(c for c in CSV_COLUMNS if c not in ("dataset", "llm", "out")
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
 CRMS = KINDS  # the CRMs alone: one deterministic run each, on the whole training split
+RECIPE = "recipe-"  # recipe-METHOD-seedS: METHOD-seedS's run under issue 16's training recipe
 
 
 def load_runs(directory: Path) -> dict:
@@ -90,11 +93,15 @@ def summarize(runs: dict) -> dict:
         }
     crms = [n for n in CRMS if n in runs]
     attempts_vs_crms = {m: compare(runs, seeds, over_seeds, m, crms) for m in seeds if m.startswith("attempt-")}
+    recipe_vs = {
+        m: compare(runs, seeds, over_seeds, m, [m.removeprefix(RECIPE), *crms]) for m in seeds if m.startswith(RECIPE)
+    }
     return {
         "runs": table,
         "over_seeds": over_seeds,
         "reclora_vs": compare(runs, seeds, over_seeds),
         "attempts_vs_crms": {m: c for m, c in attempts_vs_crms.items() if c},
+        "recipe_vs": {m: c for m, c in recipe_vs.items() if c},
         "against_reclora": against_reclora(runs),
         "few2many": curve(runs, over_seeds),
     }
@@ -274,17 +281,18 @@ def markdown(summary: dict) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [comparison_row(other, c) for other, c in summary["reclora_vs"].items()]
-    if summary["attempts_vs_crms"]:
-        lines += [
-            "",
-            "| attempt (over seeds) vs | AUC difference | paired 95% interval | seed spread | larger than both |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            comparison_row(f"{attempt} vs {crm}", c)
-            for attempt, versus in summary["attempts_vs_crms"].items()
-            for crm, c in versus.items()
-        ]
+    for key, title in (("attempts_vs_crms", "attempt"), ("recipe_vs", "recipe")):
+        if summary.get(key):
+            lines += [
+                "",
+                f"| {title} (over seeds) vs | AUC difference | paired 95% interval | seed spread | larger than both |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                comparison_row(f"{run} vs {other}", c)
+                for run, versus in summary[key].items()
+                for other, c in versus.items()
+            ]
     if summary["against_reclora"]:
         lines += ["", "| run | AUC minus reclora, same seed | paired 95% interval |", "|---|---|---|"]
         for name, c in summary["against_reclora"].items():
