@@ -108,7 +108,9 @@ done
 "$PY" -m reclora.analysis.margin_gradients --data-dir "$DATA" --samples 16 --seed 1 ${BF16:+--bf16} \
   --json docs/results/ml100k-margin-gradients.json
 # The bar the prompt sets without any model: the AUC of its mean star rating (recent and semantic history)
-"$PY" -m reclora.analysis.prompt_baseline --data-dir "$DATA" --eval-size "$EVAL_SIZE" --json docs/results/ml100k-prompt-baseline.json
+# (and paired with the LLM-only runs on the same test samples: does the LLM read its prompt?)
+"$PY" -m reclora.analysis.prompt_baseline --data-dir "$DATA" --eval-size "$EVAL_SIZE" --json docs/results/ml100k-prompt-baseline.json \
+  $(for dir in "$OUT"/lora-seed* "$OUT"/recipe-lora-seed*; do [[ -f "$dir/results.json" ]] && echo --against "$dir"; done)
 # ... and the screening runs paired with it on their 1,000 test samples
 "$PY" -m reclora.analysis.prompt_baseline --data-dir "$DATA" --eval-size 1000 --json docs/results/ml100k-screen-prompt-baseline.json \
   $(for run in lora-s1-base lora-s1-centered lora-s1-yesno-fp32head reclora-s1-fp32head reclora-s1-centered; do
