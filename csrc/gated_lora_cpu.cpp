@@ -260,19 +260,56 @@ void mix_rows(const float* c, int64_t c_ts, int64_t c_js, int64_t T, int64_t R, 
   });
 }
 
+// out[j * rows + i] = in[i * cols + j]: one (rows, cols) matrix transposed. lora_b's factors are
+// (d_out, r), and r is small: with that side a compile-time constant N, the vectorizer turns the N
+// interleaved streams into shuffles of whole vectors. As a scalar loop this was a third of a
+// small call's time; at d_out = 576, r = 8 these loops took 16-33 us per 16 factors against 72-137
+// for the scalar one (a standalone test on the Ice Lake). Other sizes take the blocked scalar loop.
+template <int W>
+struct Transpose {
+  template <int N>
+  static RECLORA_INLINE void few_cols(const float* in, float* out, int64_t rows) {
+    for (int j = 0; j < N; ++j) {
+      for (int64_t i = 0; i < rows; ++i) out[j * rows + i] = in[i * N + j];
+    }
+  }
+
+  template <int N>
+  static RECLORA_INLINE void few_rows(const float* in, float* out, int64_t cols) {
+    for (int64_t j = 0; j < cols; ++j) {
+#pragma GCC unroll 16
+      for (int i = 0; i < N; ++i) out[j * N + i] = in[i * cols + j];
+    }
+  }
+
+  static void blocked(const float* in, float* out, int64_t rows, int64_t cols) {
+    // Blocks of 16 rows: the reads stay in a few cache lines while the writes run contiguously.
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+      const int64_t i1 = std::min(rows, i0 + 16);
+      for (int64_t j = 0; j < cols; ++j) {
+        for (int64_t i = i0; i < i1; ++i) out[j * rows + i] = in[i * cols + j];
+      }
+    }
+  }
+
+  template <int N = 16>
+  static RECLORA_INLINE bool small_side(const float* in, float* out, int64_t rows, int64_t cols) {
+    if (cols == N) return few_cols<N>(in, out, rows), true;
+    if (rows == N) return few_rows<N>(in, out, cols), true;
+    if constexpr (N > 1) return small_side<N / 2>(in, out, rows, cols);
+    return false;
+  }
+
+  void operator()(const float* in, float* out, int64_t rows, int64_t cols) const {
+    if (!small_side(in, out, rows, cols)) blocked(in, out, rows, cols);
+  }
+};
+
 // out[k][j][i] = in[k][i][j]: (K, rows, cols) -> (K, cols, rows).
 void transpose_inner(const float* in, float* out, int64_t K, int64_t rows, int64_t cols) {
   const int64_t size = rows * cols;
   at::parallel_for(0, K, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, size)), [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      // Blocks of 16 rows: the reads stay in a few cache lines while the writes run contiguously.
-      for (int64_t i0 = 0; i0 < rows; i0 += 16) {
-        const int64_t i1 = std::min(rows, i0 + 16);
-        for (int64_t j = 0; j < cols; ++j) {
-          for (int64_t i = i0; i < i1; ++i) out[k * size + j * rows + i] = in[k * size + i * cols + j];
-        }
-      }
-    }
+    for (int64_t k = begin; k < end; ++k) cpu::run_simd<Transpose>(in + k * size, out + k * size, rows, cols);
   });
 }
 
