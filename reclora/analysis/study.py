@@ -275,12 +275,13 @@ def markdown(summary: dict) -> str:
             f"| {method} | {len(s['runs'])} | {s['auc_mean']:.4f} ± {sd(s['auc_std'])} | "
             f"{s['logloss_mean']:.4f} ± {sd(s['logloss_std'])} |"
         )
-    lines += [
-        "",
-        "| reclora vs | AUC difference | paired 95% interval | seed spread | larger than both |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [comparison_row(other, c) for other, c in summary["reclora_vs"].items()]
+    if summary["reclora_vs"]:
+        lines += [
+            "",
+            "| reclora vs | AUC difference | paired 95% interval | seed spread | larger than both |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [comparison_row(other, c) for other, c in summary["reclora_vs"].items()]
     for key, title in (("attempts_vs_crms", "attempt"), ("recipe_vs", "recipe")):
         if summary.get(key):
             lines += [
