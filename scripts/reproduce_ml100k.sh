@@ -46,7 +46,7 @@ for seed in $SEEDS; do
   done
 done
 # Issue 16's recipe: the trainer's defaults (--loss yes-no-centered), the same seeds and samples as
-# the published rows above, which stay beside them (RESULTS.md, "The recipe over seeds")
+# the published rows above, which stay beside them (RESULTS.md, "Issue 16, part 4")
 RECIPE=(--loss yes-no-centered)
 for seed in $SEEDS; do
   for method in lora reclora rella; do
