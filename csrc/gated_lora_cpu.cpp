@@ -557,43 +557,48 @@ at::Tensor token_gate(const at::Tensor& gate, const c10::optional<at::Tensor>& s
   return (per_token * scaling).unsqueeze(-1);
 }
 
-// The factors in float32, each in the layout its GEMM runs fastest with (contiguous right-hand
-// operands: x @ A_cat^T ran 1.2x faster with A_cat^T stored than as a transposed view).
+// The factors in float32, each right-hand operand contiguous in the layout its GEMM reads (x @
+// A_cat^T ran 1.2x faster with A_cat^T stored than as a transposed view). B_cat is laid out for the
+// one pass that reads it: B_cat^T in the forward, B_cat in the backward.
 struct OutputMix {
   int64_t M, K, r;
   at::Tensor a, at;  // A_cat (K r, d_in) and A_cat^T (d_in, K r)
-  at::Tensor b, bt;  // B_cat (d_out, K r) and B_cat^T (K r, d_out)
+  at::Tensor b32;    // float (K, d_out, r): B_k
   at::Tensor scale;  // (M, K, 1) from token_gate
 
   OutputMix(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& lora_a, const at::Tensor& lora_b,
             const c10::optional<at::Tensor>& sample_index, double scaling)
       : M(x.size(0)), K(gate.size(1)), r(lora_a.size(1)) {
-    const at::Tensor a32 = lora_a.to(at::kFloat), b32 = lora_b.to(at::kFloat);
-    a = a32.view({K * r, -1});
+    a = lora_a.to(at::kFloat).view({K * r, -1});
     at = a.t().contiguous();
-    b = b32.permute({1, 0, 2}).reshape({-1, K * r});
-    bt = b.t().contiguous();
+    b32 = lora_b.to(at::kFloat);
     scale = token_gate(gate, sample_index, M, scaling);
   }
+  at::Tensor b_cat() const {  // (d_out, K r)
+    return b32.permute({1, 0, 2}).reshape({-1, K * r});
+  }
+  at::Tensor b_cat_t() const {  // (K r, d_out)
+    return b32.transpose(1, 2).reshape({K * r, -1});
+  }
   // t's rank-K r activations with block k scaled by s g[b(t), k], in place.
-  at::Tensor& gated(at::Tensor& u) const {
+  void gate(at::Tensor& u) const {
     u.view({M, K, r}).mul_(scale);
-    return u;
   }
 };
 
 // y (+)= s sum_k g_k B_k A_k x. y holds the base projection when accumulate.
 void output_mix_forward(const OutputMix& mix, const at::Tensor& x, at::Tensor& y, bool accumulate) {
   at::Tensor u = at::mm(x.to(at::kFloat), mix.at);
-  mix.gated(u);
+  mix.gate(u);
+  const at::Tensor bt = mix.b_cat_t();
   if (y.scalar_type() == at::kFloat) {
     if (accumulate) {
-      y.addmm_(u, mix.bt);
+      y.addmm_(u, bt);
     } else {
-      at::mm_out(y, u, mix.bt);
+      at::mm_out(y, u, bt);
     }
   } else {
-    const at::Tensor delta = at::mm(u, mix.bt);  // rounded once, onto the base where there is one
+    const at::Tensor delta = at::mm(u, bt);  // rounded once, onto the base where there is one
     accumulate ? y.add_(delta) : y.copy_(delta);
   }
 }
@@ -606,14 +611,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> output_mix_backward(
   const int64_t M = mix.M, K = mix.K, r = mix.r;
   const at::Tensor x32 = x.to(at::kFloat), g32 = grad_out.to(at::kFloat);
   at::Tensor u = at::mm(x32, mix.at);  // A_cat x
-  at::Tensor h = at::mm(g32, mix.b);   // B_cat^T G
+  at::Tensor h = at::mm(g32, mix.b_cat());  // B_cat^T G
   // dgate[b, k] = s sum over b's tokens of <A_k x, B_k^T G>.
   const at::Tensor token_dgate = (u * h).view({M, K, r}).sum(-1).mul_(scaling);
   at::Tensor grad_gate = sample_index.has_value()
                              ? at::zeros({B, K}, token_dgate.options()).index_add_(0, *sample_index, token_dgate)
                              : token_dgate.view({B, M / B, K}).sum(1);
-  mix.gated(h);
-  mix.gated(u);
+  mix.gate(h);
+  mix.gate(u);
   if (grad_x.scalar_type() == at::kFloat && accumulate) {
     grad_x.addmm_(h, mix.a);
   } else {
