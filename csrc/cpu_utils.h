@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(__GNUC__) && !defined(__clang__)
 // Vector helpers are always inlined into ISA-specific callers: the ABI notes about them do not apply.
@@ -29,11 +30,24 @@
 #define RECLORA_X86_DISPATCH 1
 #endif
 
+// Two-source permutes (GCC >= 12, Clang); without them the transposes take scalar loops.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define RECLORA_HAS_SHUFFLE 1
+#endif
+#endif
+
 #define RECLORA_INLINE inline __attribute__((always_inline))
 // Lambdas inside kernels must be inlined too, to compile for the caller's ISA.
 #define RECLORA_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace reclora::cpu {
+
+#ifdef RECLORA_HAS_SHUFFLE
+constexpr bool kHasShuffle = true;
+#else
+constexpr bool kHasShuffle = false;
+#endif
 
 // T only makes the vector types dependent: GCC fixes non-dependent ones at definition time.
 template <int W, class T = float>
@@ -44,6 +58,18 @@ struct Simd {
   using U16 = std::conditional_t<sizeof(T) == 4, uint16_t, void>;
   typedef U32 uvec __attribute__((vector_size(W * 4)));  // float bits
   typedef U16 hvec __attribute__((vector_size(W * 2)));  // bfloat16 / float16 bits
+
+#ifdef RECLORA_HAS_SHUFFLE
+  // Lane i of the result is lane index(i) of the 2W lanes a, b: one two-source permute.
+  template <class F, size_t... I>
+  static RECLORA_INLINE vec lanes(const vec& a, const vec& b, F index, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, index(I)...);
+  }
+  template <class F>
+  static RECLORA_INLINE vec lanes(const vec& a, const vec& b, F index) {
+    return lanes(a, b, index, std::make_index_sequence<W>{});
+  }
+#endif
 
   static RECLORA_INLINE vec splat(float value) {
     return vec{} + value;
@@ -128,6 +154,23 @@ struct Simd {
                           select((uvec)(u < (113u << 23)), subnormal, normal));
     return o | (sign >> 16);
   }
+
+#ifdef RECLORA_HAS_SHUFFLE
+  // The even lanes of a then b, and the odd ones: a and b are consecutive W-float pieces of a
+  // sequence, and unzip splits it into its even and odd elements. zip is the inverse.
+  static RECLORA_INLINE vec unzip_even(const vec& a, const vec& b) {
+    return lanes(a, b, [](int i) { return 2 * i; });
+  }
+  static RECLORA_INLINE vec unzip_odd(const vec& a, const vec& b) {
+    return lanes(a, b, [](int i) { return 2 * i + 1; });
+  }
+  static RECLORA_INLINE vec zip_low(const vec& even, const vec& odd) {
+    return lanes(even, odd, [](int i) { return i / 2 + (i % 2) * W; });
+  }
+  static RECLORA_INLINE vec zip_high(const vec& even, const vec& odd) {
+    return lanes(even, odd, [](int i) { return W / 2 + i / 2 + (i % 2) * W; });
+  }
+#endif
 
   static RECLORA_INLINE float hsum(const vec& v) {
     typename Simd<W / 2, T>::vec low, high;
