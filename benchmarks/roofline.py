@@ -26,13 +26,19 @@ TRIAD_DRAM = 1 << 24  # floats per array: 3 x 64 MiB, far beyond any L3
 TRIAD_L3 = 1 << 20  # 3 x 4 MiB: about the working set of gated_lora at the SmolLM2 shape
 
 
-def interleaved(impls, rounds, warmup):
+def interleaved(impls, rounds, warmup, back_to_back=False):
     """{name: stats}: round i of every implementation runs before round i + 1 of any. Wall time, and
     beside it the process's CPU time (all threads), which time slices lost to other processes on a
-    shared machine do not inflate."""
+    shared machine do not inflate.
+
+    By default the other implementations run between two calls of one and evict its operands from
+    the caches, as a model's other layers do between two calls of an op. back_to_back: each timed
+    call comes right after an untimed identical one, so its operands are in cache (a loop's regime)."""
     wall, cpu = {name: [] for name in impls}, {name: [] for name in impls}
     for i in range(warmup + rounds):
         for name, fn in impls.items():
+            if back_to_back:
+                fn()
             start = time.process_time()
             ms = timed_ms(fn, "cpu")
             if i >= warmup:

@@ -1,5 +1,7 @@
 """benchmarks.run's CPU pieces: the round-robin timer, ratios, work models, and every group runs."""
 
+import time
+
 import pytest
 
 from benchmarks import bench_gated_lora, bench_retrieval, roofline, run
@@ -14,6 +16,26 @@ def test_interleaved_runs_round_robin():
     table = roofline.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
     assert calls == ["a", "b"] * 4
     assert table["a"]["steps"] == 3 and table["a"]["cpu_median_ms"] >= 0
+
+
+def test_back_to_back_times_the_second_of_two_calls():
+    calls = []
+
+    def slow_after_other(name):
+        # Slow (10 ms) when the previous call was another implementation's, fast after its own.
+        def fn():
+            if not calls or calls[-1] != name:
+                time.sleep(0.01)
+            calls.append(name)
+
+        return fn
+
+    impls = {"a": slow_after_other("a"), "b": slow_after_other("b")}
+    table = roofline.interleaved(impls, rounds=2, warmup=0, back_to_back=True)
+    assert calls == ["a", "a", "b", "b"] * 2
+    assert table["a"]["max_ms"] < 5 and table["b"]["max_ms"] < 5
+    cold = roofline.interleaved(impls, rounds=2, warmup=0)
+    assert cold["a"]["min_ms"] >= 10 and cold["b"]["min_ms"] >= 10
 
 
 def test_ratios():

@@ -69,7 +69,11 @@ def run(config: TrainConfig, log=None) -> dict:
     config = dataclasses.replace(config).validate()
     processes = distributed.start(config.device)
     try:
-        return _run(config, processes, log or _logger(processes))
+        results = _run(config, processes, log or _logger(processes))
+        # Every rank finishes before any tears the group down: a gloo rank whose peer has already
+        # left can abort in its teardown. Only on success, so a failing rank never waits here.
+        processes.barrier()
+        return results
     finally:
         distributed.stop()
 
