@@ -59,20 +59,20 @@ def measure_path(rounds, warmup):
             "roofline": roofline.roofline(table["fused"]["median_ms"], meta, peaks),
             "loadavg": os.getloadavg(),
         }
-        print(
-            f"[{cpu_features.active_isa()}] {name}: "
-            + ", ".join(f"{impl} {s['median_ms']:.3f} ms" for impl, s in table.items()),
-            flush=True,
-        )
+        print_medians(name, table)
         if meta["op"] == "gated_lora":  # its operands fit in L2 / L3; top-k attention's do not
             warm = roofline.interleaved(impls, rounds, warmup, back_to_back=True)
             groups[name]["in_cache"] = {"timings": warm, "ratios": ratios(warm)}
-            print(
-                f"[{cpu_features.active_isa()}] {name}, in cache: "
-                + ", ".join(f"{impl} {s['median_ms']:.3f} ms" for impl, s in warm.items()),
-                flush=True,
-            )
+            print_medians(f"{name}, in cache", warm)
     return {"environment": describe(), "peaks": peaks, "groups": groups}
+
+
+def print_medians(label, table):
+    print(
+        f"[{cpu_features.active_isa()}] {label}: "
+        + ", ".join(f"{impl} {s['median_ms']:.3f} ms" for impl, s in table.items()),
+        flush=True,
+    )
 
 
 def ratios(table, key="median_ms"):
