@@ -40,9 +40,13 @@ class Method:
     def gated(self) -> bool:
         return self.adapters == "gated"
 
-    def needs_crm(self, gate_input: str) -> bool:
-        """Whether stage 1 trains (or finds) a CRM: a CRM alone, or gates that read one."""
-        return not self.llm or (self.gated and gate_input == "crm")
+    def gates_read_crm(self, gate_input: str) -> bool:
+        return self.gated and gate_input == "crm"
+
+    def needs_crm(self, gate_input: str, crm_residual: bool = False) -> bool:
+        """Whether stage 1 trains (or finds) a CRM: a CRM alone, gates that read one, or a tuned LLM
+        whose readout adds the CRM's logit (--crm-residual)."""
+        return not self.llm or self.gates_read_crm(gate_input) or (self.tuned and crm_residual)
 
 
 LLM_METHODS = {

@@ -9,7 +9,8 @@ Data flow for a batch of sample indices:
     "uniform" every alpha is 1/K (the meta-LoRAs averaged: the no-personalization ablation);
   prompt: user attributes, the K_short behaviours with ratings, the target, the question;
   PersonalizedLLM: gates alpha = softmax(gate(h) / T) mix each slot's K meta-LoRAs; the logits
-    at the answer position give P(Yes) = softmax([No, Yes])[Yes].
+    at the answer position give P(Yes) = softmax([No, Yes])[Yes], with crm_residual
+    sigmoid(logit_Yes - logit_No + the CRM's logit): the LLM then learns the CRM's residual.
 The baselines run through the same class: "lora" (one shared LoRA, the most recent K_short items
 in the prompt: TALLRec-style), "rella" (one shared LoRA, retrieved prompt), "zero-shot" (no tuning).
 """
@@ -45,6 +46,7 @@ class RecLoRAModel(nn.Module):
         gate_input="crm",
         loss=DEFAULT_LOSS,
         rating_format="stars",
+        crm_residual=False,
     ):
         """crm / crm_inputs: the trained CRM and its batch builder (reclora with gate_input "crm").
 
@@ -55,18 +57,22 @@ class RecLoRAModel(nn.Module):
         "uniform": no gates, every alpha 1/K, the ablation that removes personalization.
         loss: the training loss, one of reclora.readout.LOSSES.
         rating_format: how the prompt writes a rating, one of reclora.prompt.RATING_FORMATS.
+        crm_residual: the readout adds the frozen CRM's logit to the Yes/No margin (any tuned method).
         """
         super().__init__()
         row = _llm_method(method)
         if gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
-        uses_crm = row.needs_crm(gate_input)
+        if crm_residual and not row.tuned:
+            raise ValueError(f"crm_residual needs a tuned method; {row.name!r} tunes nothing")
+        uses_crm = row.needs_crm(gate_input, crm_residual)
         if uses_crm and (crm is None or crm_inputs is None):
             raise ValueError(
-                f"method {row.name!r} needs a trained crm and its crm_inputs (or gate_input='user-embedding')"
+                f"method {row.name!r} needs a trained crm and its crm_inputs (or gate_input='user-embedding' "
+                "and no crm_residual)"
             )
         self.method, self.dataset, self.retriever, self.crm_inputs = row.name, dataset, retriever, crm_inputs
-        self.row, self.gate_input, self.loss_kind = row, gate_input, loss
+        self.row, self.gate_input, self.loss_kind, self.crm_residual = row, gate_input, loss, crm_residual
         self.crm = crm.eval().requires_grad_(False) if uses_crm else None
         self.user_embedding = None
         if not row.tuned:
@@ -120,7 +126,7 @@ class RecLoRAModel(nn.Module):
     def gate_features(self, batch) -> torch.Tensor:
         """What the gates read, (B, gate_input_dim): the frozen CRM's last hidden layer or the user
         embedding; (B, 0) for the uniform gate, which reads only B; None for the methods without gates."""
-        if self.crm is not None:
+        if self.row.gates_read_crm(self.gate_input):
             with torch.no_grad():
                 return self.crm.represent(batch["crm"])
         if self.user_embedding is not None:
@@ -154,13 +160,20 @@ class RecLoRAModel(nn.Module):
             return last_token_logits(self.llm, batch["input_ids"], batch["attention_mask"])
         return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=self.gate_features(batch))
 
+    def crm_logit(self, batch):
+        """The frozen CRM's logit per sample, (B,) float32, which the readout adds under crm_residual; else None."""
+        if not self.crm_residual:
+            return None
+        with torch.no_grad():
+            return self.crm(batch["crm"]).float()
+
     def yes_probability(self, batch) -> torch.Tensor:
         """P(Yes) per sample: (B,) float32."""
-        return self.readout.yes_probability(self(batch))
+        return self.readout.yes_probability(self(batch), self.crm_logit(batch))
 
     def loss(self, batch) -> torch.Tensor:
         """The training loss (self.loss_kind) of the answer logits against the labels."""
-        return self.readout.loss(self(batch), batch["label"], self.loss_kind)
+        return self.readout.loss(self(batch), batch["label"], self.loss_kind, self.crm_logit(batch))
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -21,6 +21,10 @@ position, (B, V), predict the answer's first token:
 The paper trains on every answer token ("Yes." and the end of turn); the tokens after the first
 carry no information about the label once it is given, so only the first is trained and read.
 Both are deterministic functions of the logits: with the model in eval mode, so is the score.
+
+offset (optional, (B,)): a logit added to the margin before the score and the Yes/No losses. The
+model passes the frozen CRM's logit there under --crm-residual, so the LLM learns what the CRM gets
+wrong instead of relearning what it knows (docs/RESULTS.md, issue 16 part 5; not in the paper).
 """
 
 import dataclasses
@@ -31,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 YES, NO = "Yes", "No"
 LOSSES = ("answer-ce", "yes-no", "both", "yes-no-centered")
+MARGIN_LOSSES = ("yes-no", "yes-no-centered")  # the losses of the margin alone (an offset can shift it)
 # The trainer's default since 2026-12-03 (docs/RESULTS.md, issue 16 part 3: with it lora learns from
 # its prompt, with "answer-ce", the published loss, it does not); configs/published.yaml keeps "answer-ce".
 DEFAULT_LOSS = "yes-no-centered"
@@ -53,25 +58,36 @@ class YesNoReadout:
             raise ValueError(f"{YES!r} and {NO!r} start with the same token {readout.yes_id}")
         return readout
 
-    def yes_probability(self, logits: torch.Tensor) -> torch.Tensor:
+    def margin(self, logits: torch.Tensor, offset: torch.Tensor = None) -> torch.Tensor:
+        """logits: (B, V) at the answer position -> logit_Yes - logit_No (+ offset): (B,) float32,
+        the logit of P(Yes)."""
+        margin = logits[:, self.yes_id].float() - logits[:, self.no_id].float()  # subtracted in float32, not bf16
+        return margin if offset is None else margin + offset.float()
+
+    def yes_probability(self, logits: torch.Tensor, offset: torch.Tensor = None) -> torch.Tensor:
         """logits: (B, V) at the answer position -> P(Yes): (B,) float32 in [0, 1]."""
-        no_yes = logits[:, [self.no_id, self.yes_id]].float()
-        return torch.softmax(no_yes, dim=-1)[:, 1]
+        return torch.sigmoid(self.margin(logits, offset))
 
     def answer_ids(self, labels: torch.Tensor) -> torch.Tensor:
         """labels: (B,) (bool, or 0/1 of any dtype) -> the answer token each should produce: (B,) int64."""
         yes = torch.full_like(labels, self.yes_id, dtype=torch.long)
         return torch.where(labels.bool(), yes, self.no_id)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, kind: str = DEFAULT_LOSS) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, kind: str = DEFAULT_LOSS, offset: torch.Tensor = None
+    ) -> torch.Tensor:
         """The mean loss of kind (one of LOSSES) over the batch; logits (B, V), labels (B,)."""
         if kind not in LOSSES:
             raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
+        if offset is not None and kind not in MARGIN_LOSSES:
+            raise ValueError(
+                f"an offset applies to the Yes/No margin: kind must be one of {MARGIN_LOSSES}, got {kind!r}"
+            )
         total = logits.new_zeros((), dtype=torch.float32)
         if kind in ("answer-ce", "both"):
             total = total + F.cross_entropy(logits.float(), self.answer_ids(labels))
         if kind in ("yes-no", "both", "yes-no-centered"):
-            margin = (logits[:, self.yes_id] - logits[:, self.no_id]).float()  # logit of P(Yes)
+            margin = self.margin(logits, offset)
             if kind == "yes-no-centered":
                 shared = margin.mean()
                 margin = margin - (1 - SHARED_MARGIN_SCALE) * (shared - shared.detach())  # same value

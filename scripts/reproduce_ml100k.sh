@@ -53,6 +53,12 @@ for seed in $SEEDS; do
     train "recipe-$method-seed$seed" --method "$method" --train-size "$TRAIN_SIZE" --seed "$seed" "${RECIPE[@]}"
   done
 done
+# The recipe with the CRM's logit added to the readout (--crm-residual, RESULTS.md "Issue 16, part 5"):
+# reclora over seeds, each paired with recipe-reclora-seedS; lora at seed 0 (the residual without gates)
+for seed in $SEEDS; do
+  train "residual-reclora-seed$seed" --method reclora --train-size "$TRAIN_SIZE" --seed "$seed" --crm-residual "${RECIPE[@]}"
+done
+train residual-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
 train ablation-mix-output --method reclora --mix output --train-size "$TRAIN_SIZE"

@@ -121,11 +121,15 @@ def test_the_recipe_against_the_published_runs_and_the_crms(summarize_study, tmp
         write_run(tmp_path, f"lora-seed{seed}", "lora", 0.3, seed)
         write_run(tmp_path, f"recipe-lora-seed{seed}", "lora", 1.2, seed)
     write_run(tmp_path, "recipe-reclora-seed0", "reclora", 1.0)  # no published partner: the CRMs only
+    write_run(tmp_path, "residual-reclora-seed0", "reclora", 1.8)  # paired with recipe-reclora-seed0
     write_run(tmp_path, "sim", "sim", 1.5, train_size=70000)
     assert summarize_study.main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     runs, versus = summary["runs"], summary["recipe_vs"]
-    assert sorted(versus) == ["recipe-lora", "recipe-reclora"]
+    assert sorted(versus) == ["recipe-lora", "recipe-reclora", "residual-reclora"]
+    assert sorted(versus["residual-reclora"]) == ["recipe-reclora", "sim"]
+    residual = versus["residual-reclora"]["recipe-reclora"]["auc_difference"]
+    assert residual == pytest.approx(runs["residual-reclora-seed0"]["auc"] - runs["recipe-reclora-seed0"]["auc"])
     assert sorted(versus["recipe-lora"]) == ["lora", "sim"] and sorted(versus["recipe-reclora"]) == ["sim"]
     published = np.mean([runs[f"recipe-lora-seed{s}"]["auc"] - runs[f"lora-seed{s}"]["auc"] for s in range(2)])
     assert versus["recipe-lora"]["lora"]["auc_difference"] == pytest.approx(published)

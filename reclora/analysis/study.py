@@ -6,7 +6,8 @@ For reclora against each other method: the mean AUC difference, its paired boots
 (the methods share the test subset) and whether it exceeds both the seed spread and the interval.
 Each attempt-* run over seeds (attempt-NAME-seedS) against the CRMs, the same way; each recipe-*
 run over seeds (recipe-METHOD-seedS, issue 16's training recipe) against the published recipe's
-METHOD-seedS, seed by seed, and against the CRMs.
+METHOD-seedS, seed by seed, and against the CRMs; each residual-* run (residual-METHOD-seedS: the
+recipe with --crm-residual) against recipe-METHOD-seedS and the CRMs.
 For each ablation-* and attempt-* run: its AUC minus reclora's at the same seed (its -seedS suffix,
 else seed 0: the same training and test samples), paired bootstrap interval. For each run with a
 gates.json (python -m reclora.analysis.gates): the trained gates' statistics. For each run, the rank
@@ -38,7 +39,10 @@ RUN_COLUMNS = tuple(c for c in CSV_COLUMNS if c not in ("dataset", "llm", "out")
 BOOTSTRAP = 1000
 VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
 CRMS = KINDS  # the CRMs alone: one deterministic run each, on the whole training split
-RECIPE = "recipe-"  # recipe-METHOD-seedS: METHOD-seedS's run under issue 16's training recipe
+# A run family's prefix -> the prefix of the runs it is paired with, seed by seed (and with the CRMs):
+# recipe-METHOD-seedS is METHOD-seedS under issue 16's training recipe; residual-METHOD-seedS is
+# recipe-METHOD-seedS with --crm-residual.
+PAIRED_FAMILIES = {"recipe-": "", "residual-": "recipe-"}
 
 
 def load_runs(directory: Path) -> dict:
@@ -94,7 +98,10 @@ def summarize(runs: dict) -> dict:
     crms = [n for n in CRMS if n in runs]
     attempts_vs_crms = {m: compare(runs, seeds, over_seeds, m, crms) for m in seeds if m.startswith("attempt-")}
     recipe_vs = {
-        m: compare(runs, seeds, over_seeds, m, [m.removeprefix(RECIPE), *crms]) for m in seeds if m.startswith(RECIPE)
+        m: compare(runs, seeds, over_seeds, m, [partner + m.removeprefix(prefix), *crms])
+        for prefix, partner in PAIRED_FAMILIES.items()
+        for m in seeds
+        if m.startswith(prefix)
     }
     return {
         "runs": table,

@@ -21,7 +21,7 @@ from reclora.item_embeddings import EMBEDDERS
 from reclora.llm import SMOLLM2, TINY_LLAMA
 from reclora.methods import CRM_METHODS, GATE_INPUTS, METHODS, Method, describe_methods, method
 from reclora.prompt import RATING_FORMATS
-from reclora.readout import DEFAULT_LOSS, LOSSES
+from reclora.readout import DEFAULT_LOSS, LOSSES, MARGIN_LOSSES
 from reclora.retriever import STRATEGIES
 from reclora_kernels import BACKENDS
 from reclora_kernels.cpu_features import warn_if_bf16_is_slow
@@ -126,6 +126,12 @@ class TrainConfig:
         "damped (reclora.readout; docs/RESULTS.md, issue 16 part 3); answer-ce: cross-entropy of the answer "
         "token over the vocabulary (published); yes-no: binary cross-entropy of P(Yes); both: answer-ce + yes-no",
         LOSSES,
+    )
+    crm_residual: bool = _option(
+        False,
+        "the readout adds the frozen CRM's logit to the LLM's Yes/No margin, so the LLM learns what the "
+        "CRM gets wrong (docs/RESULTS.md, issue 16 part 5; not in the paper); trains --crm in stage 1 "
+        "for any tuned method; needs --loss yes-no or yes-no-centered",
     )
     # adapters
     num_loras: int = _option(16, "K, the meta-LoRAs per adapted projection (reclora)", bound=AT_LEAST_1)
@@ -239,7 +245,7 @@ class TrainConfig:
     @property
     def needs_crm(self) -> bool:
         """Whether the run trains (or finds) a CRM in stage 1."""
-        return self.method_row.needs_crm(self.gate_input)
+        return self.method_row.needs_crm(self.gate_input, self.crm_residual)
 
     @property
     def output_dir(self) -> str:
@@ -271,6 +277,14 @@ class TrainConfig:
                 f"--llm must be {SMOLLM2}, {TINY_LLAMA} or a local model directory; {self.llm!r} is none "
                 "of them (nothing is downloaded)"
             )
+        if self.crm_residual and self.is_llm_method:
+            if not self.method_row.tuned:
+                raise ConfigError(f"--crm-residual needs a tuned LLM method; --method {self.method} tunes nothing")
+            if self.loss not in MARGIN_LOSSES:
+                raise ConfigError(
+                    f"--crm-residual adds the CRM's logit to the Yes/No margin: --loss must be one of "
+                    f"{list(MARGIN_LOSSES)}, got {self.loss!r}"
+                )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):

@@ -52,7 +52,10 @@ def settings_conflict(saved: dict, config: TrainConfig, source) -> None:
             "start afresh with --overwrite"
         )
     now = json.loads(json.dumps(config.run_fingerprint(), default=str))
-    changed = {k: (saved["settings"].get(k), v) for k, v in now.items() if saved["settings"].get(k) != v}
+    # A setting added after the run was written had its default then.
+    defaults = json.loads(json.dumps(TrainConfig().run_fingerprint(), default=str))
+    saved_settings = {**defaults, **saved["settings"]}
+    changed = {k: (saved_settings.get(k), v) for k, v in now.items() if saved_settings.get(k) != v}
     if changed:
         raise ConfigError(
             f"--resume: {source} was written with other settings (saved, now): {changed}; resume "

@@ -253,6 +253,7 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
         gate_input=config.gate_input,
         loss=config.loss,
         rating_format=config.rating_format,
+        crm_residual=config.crm_residual,
     ).to(device)
 
 

@@ -27,13 +27,23 @@ def parts(tmp_path_factory):
     return dataset, inputs, crm, embeddings
 
 
-def build(parts, method, strategy="semantic", seed=0, gate_input="crm"):
+def build(parts, method, strategy="semantic", seed=0, gate_input="crm", crm_residual=False):
     dataset, inputs, crm, embeddings = parts
     llm, tokenizer = load_llm("tiny-llama", seed=seed)
     retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3, strategy=strategy)
     config = AdapterConfig(num_loras=4, rank=2, gate_input_dim=32, backend="torch")
     return RecLoRAModel(
-        method, dataset, llm, tokenizer, retriever, crm, inputs, config, max_prompt_length=512, gate_input=gate_input
+        method,
+        dataset,
+        llm,
+        tokenizer,
+        retriever,
+        crm,
+        inputs,
+        config,
+        max_prompt_length=512,
+        gate_input=gate_input,
+        crm_residual=crm_residual,
     )
 
 
@@ -45,6 +55,31 @@ def test_methods_give_probabilities(parts, method):
     probs = model.yes_probability(batch)
     assert probs.shape == (5,) and ((probs >= 0) & (probs <= 1)).all()
     assert ("crm" in batch) == (method == "reclora")
+
+
+@pytest.mark.parametrize("method", ["reclora", "lora"])
+def test_crm_residual_adds_the_crms_logit_to_the_margin(parts, method):
+    """The same adapters with and without --crm-residual: the score's logit differs by the CRM's logit."""
+    strategy = "recent" if method == "lora" else "semantic"
+    plain = build(parts, method, strategy).eval()
+    residual = build(parts, method, strategy, crm_residual=True).eval()
+    batch = residual.prepare(parts[0].split("test")[:5])
+    assert "crm" in batch
+    with torch.no_grad():
+        crm_logit = parts[2].eval()(batch["crm"])
+        expected = torch.sigmoid(torch.logit(plain.yes_probability(batch).double()) + crm_logit.double())
+    torch.testing.assert_close(residual.yes_probability(batch).double(), expected, rtol=1e-5, atol=1e-6)
+    residual.train()
+    loss = residual.loss(batch)
+    loss.backward()
+    assert all(p.grad is None for p in residual.crm.parameters())  # the CRM stays frozen
+    if method == "lora":
+        assert residual.gate_features(batch) is None  # lora's CRM feeds the readout, not gates
+
+
+def test_crm_residual_needs_a_tuned_method(parts):
+    with pytest.raises(ValueError, match="crm_residual needs a tuned method"):
+        build(parts, "zero-shot", crm_residual=True)
 
 
 def test_reclora_starts_as_the_base_model(parts):

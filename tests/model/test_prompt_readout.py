@@ -181,6 +181,25 @@ def test_centered_loss_keeps_the_value_and_damps_only_the_shared_gradient():
     assert centered_grad[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].eq(0).all()
 
 
+def test_an_offset_shifts_the_margin_before_the_score_and_the_yes_no_losses():
+    """--crm-residual: the CRM's logit is added to the margin; the LLM's logits keep their gradient."""
+    readout = YesNoReadout(yes_id=7, no_id=3)
+    logits = torch.randn(4, 11, requires_grad=True)
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    offset = torch.tensor([2.0, -1.0, 0.5, 0.0])
+    margin = logits[:, 7] - logits[:, 3]
+    torch.testing.assert_close(readout.yes_probability(logits, offset), torch.sigmoid(margin + offset))
+    for kind in ("yes-no", "yes-no-centered"):
+        loss = readout.loss(logits, labels, kind, offset)
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(margin + offset, labels)
+        torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(readout.loss(logits, labels, "yes-no", offset), logits)
+    torch.testing.assert_close(grad[:, 7], (torch.sigmoid(margin + offset) - labels).detach() / 4)
+    for kind in ("answer-ce", "both"):
+        with pytest.raises(ValueError, match="offset applies to the Yes/No margin"):
+            readout.loss(logits, labels, kind, offset)
+
+
 def test_end_to_end_scores_are_deterministic_in_eval_and_padding_free(tokenizer):
     builder, readout = PromptBuilder(tokenizer), YesNoReadout.from_tokenizer(tokenizer)
     model = PersonalizedLLM(tiny_llama(tokenizer, seed=0), AdapterConfig(gate_input_dim=8, backend="torch")).eval()

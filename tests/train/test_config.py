@@ -67,6 +67,18 @@ def test_the_centered_loss_refuses_micro_batches_of_one():
     config_from_args(["--method", "sim", "--batch-size", "1"])  # no LLM, no loss
 
 
+def test_crm_residual_loads_the_crm_and_needs_a_margin_loss():
+    from reclora.train.config import config_from_args
+
+    assert config_from_args(["--method", "lora", "--crm-residual"]).needs_crm
+    assert not config_from_args(["--method", "lora"]).needs_crm
+    assert config_from_args(["--method", "reclora", "--gate-input", "uniform", "--crm-residual"]).needs_crm
+    with pytest.raises(ConfigError, match="--crm-residual .*--loss must be one of.*got 'answer-ce'"):
+        config_from_args(["--method", "reclora", "--crm-residual", "--loss", "answer-ce"])
+    with pytest.raises(ConfigError, match="--crm-residual needs a tuned LLM method"):
+        config_from_args(["--method", "zero-shot", "--crm-residual"])
+
+
 def test_what_each_method_is_made_of():
     made_of = {
         name: (m.llm, m.adapters, m.needs_crm("crm"), m.needs_crm("user-embedding")) for name, m in METHODS.items()

@@ -94,6 +94,19 @@ def test_reclora_gate_sources(runs, settings, tmp_path):
         assert result["trainable_parameters"] < results["reclora"]["trainable_parameters"]  # no gate bank
 
 
+def test_crm_residual_trains_lora_on_the_crms_residual(runs, tmp_path):
+    """lora with --crm-residual finds the CRM reclora trained and scores differently from plain lora."""
+    root, results = runs
+    out = tmp_path / "lora-residual"
+    result = run(
+        make_config(tiny_settings(root, method="lora", crm_residual=True, out=str(out))), log=lambda line: None
+    )
+    assert result["crm"]["kind"] == "sim" and result["crm"]["cached"]
+    assert result["trainable_parameters"] == results["lora"]["trainable_parameters"]  # no gates added
+    plain = np.load(root / "lora" / "predictions.npz")["prob"]
+    assert not np.allclose(np.load(out / "predictions.npz")["prob"], plain)
+
+
 def test_reclora_reuses_the_trained_crm(runs):
     root, results = runs
     assert results["reclora"]["crm"]["kind"] == "sim"

