@@ -297,3 +297,25 @@ def test_alignment_splits_shared_remainder_and_label_contrast():
     assert result["label_contrast_over_shared"] == pytest.approx(0.2)
     assert result["cosine"]["mean"] == pytest.approx(0.99 / 1.01)
     assert "label_contrast_over_shared" not in alignment(torch.stack([shared, shared]), np.array([1, 1]))
+
+
+def test_late_fusion_tells_a_run_with_its_own_signal_from_a_copy_of_the_crm(tmp_path, capsys):
+    from reclora.analysis import late_fusion
+
+    write_run(tmp_path, "sim", "sim", 1.0, train_size=70000)
+    write_run(tmp_path, "own", "lora", 1.0, seed=1)  # as good, with noise of its own
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "predictions.npz").write_bytes((tmp_path / "sim" / "predictions.npz").read_bytes())
+    write_run(tmp_path, "elsewhere", "lora", 1.0, samples=np.arange(N) + 1)
+    out = tmp_path / "fusion.json"
+    assert late_fusion.main(["--crm", str(tmp_path / "sim"), str(tmp_path / "own"), str(copy), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    own, same = result["runs"]["own"]["fused"], result["runs"]["copy"]["fused"]
+    assert set(own) == {"0.25", "0.5"}
+    assert own["0.5"]["minus_crm"] > 0.02 and own["0.5"]["interval"][0] > 0  # averaging independent noise
+    assert all(abs(f["minus_crm"]) < 1e-12 for f in same.values())  # fusing the CRM with itself adds nothing
+    assert "own: AUC" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        late_fusion.main(["--crm", str(tmp_path / "sim"), str(tmp_path / "elsewhere")])
+    assert exit_info.value.code == 2 and "other test samples" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""What does a run know that its CRM does not? The AUC of the two fused late.
+
+For each finished run that shares the CRM run's test samples: the AUC of the weighted mean of their
+logits, (1 - w) logit(p_crm) + w logit(p_run), at fixed weights (WEIGHTS; nothing is fitted, so
+nothing is chosen on the test samples), minus the CRM's own AUC, with a paired bootstrap interval.
+A run whose fusion beats the CRM ranks by something the CRM lacks; a run whose fusion does not
+only relays the CRM (docs/RESULTS.md, issue 16 part 5).
+
+  python -m reclora.analysis.late_fusion --crm runs/ml100k/sim runs/ml100k/recipe-*-seed* --json docs/results/ml100k-late-fusion.json
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from reclora.analysis.study import interval, paired_bootstrap
+from reclora.files import write_json
+from reclora.metrics import auc
+
+WEIGHTS = (0.25, 0.5)
+EPS = 1e-6
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def load_predictions(run_dir: Path) -> dict:
+    path = Path(run_dir) / "predictions.npz"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} holds no predictions.npz: is it a finished run?")
+    with np.load(path) as predictions:
+        return {key: predictions[key] for key in ("sample", "label", "prob")}
+
+
+def fuse(crm: dict, run: dict, weight: float) -> dict:
+    """The run's predictions with P = sigmoid((1 - weight) logit(p_crm) + weight logit(p_run))."""
+    mixed = (1 - weight) * logit(crm["prob"]) + weight * logit(run["prob"])
+    return dict(run, prob=1 / (1 + np.exp(-mixed)))
+
+
+def late_fusion(crm_dir: Path, run_dirs, weights=WEIGHTS) -> dict:
+    crm = load_predictions(crm_dir)
+    out = {"crm": str(crm_dir), "crm_auc": auc(crm["label"], crm["prob"]), "weights": list(weights), "runs": {}}
+    for run_dir in run_dirs:
+        run = load_predictions(run_dir)
+        if not np.array_equal(run["sample"], crm["sample"]):
+            raise ValueError(f"{run_dir} was scored on other test samples than {crm_dir}: nothing to pair")
+        row = {"auc": auc(run["label"], run["prob"]), "fused": {}}
+        for weight in weights:
+            fused = fuse(crm, run, weight)
+            row["fused"][str(weight)] = {
+                "auc": auc(fused["label"], fused["prob"]),
+                "minus_crm": auc(fused["label"], fused["prob"]) - out["crm_auc"],
+                "interval": interval(paired_bootstrap(fused, crm)),
+            }
+        out["runs"][Path(run_dir).name] = row
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crm", type=Path, required=True, help="the CRM's finished run (e.g. runs/ml100k/sim)")
+    parser.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="finished runs to fuse with it")
+    parser.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args(argv)
+    try:
+        result = late_fusion(args.crm, args.runs)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"late_fusion: {error}\n")
+    print(f"{args.crm.name}: AUC {result['crm_auc']:.4f}")
+    for name, row in result["runs"].items():
+        fused = ", ".join(
+            f"w {w}: {f['auc']:.4f} ({f['minus_crm']:+.4f} [{f['interval'][0]:+.4f}, {f['interval'][1]:+.4f}])"
+            for w, f in row["fused"].items()
+        )
+        print(f"{name}: AUC {row['auc']:.4f}; fused with {args.crm.name} {fused}")
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
