@@ -8,7 +8,7 @@ from reclora.llm import smollm2_available
 from reclora.train import make_config, run
 from tests.train.helpers import tiny_settings
 
-# name: the run's settings; every method, and reclora's gates without a CRM
+# name: the run's settings; every method, reclora's gates without a CRM, and lora on the CRM's residual
 RUNS = {
     **{
         method: {"method": method}
@@ -16,6 +16,7 @@ RUNS = {
     },
     "reclora-user-embedding": {"method": "reclora", "gate_input": "user-embedding"},
     "reclora-uniform": {"method": "reclora", "gate_input": "uniform"},
+    "lora-crm-residual": {"method": "lora", "crm_residual": True},  # the CRM in the readout, no gates
 }
 METHODS = tuple(RUNS)
 
