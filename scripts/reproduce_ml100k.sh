@@ -59,6 +59,8 @@ for seed in $SEEDS; do
   train "residual-reclora-seed$seed" --method reclora --train-size "$TRAIN_SIZE" --seed "$seed" --crm-residual "${RECIPE[@]}"
 done
 train residual-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
+# ... and with the strongest CRM, SASRec, as the gates' source and in the readout (paired with sasrec)
+train residual-reclora-sasrec-seed0 --method reclora --crm sasrec --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
 train ablation-mix-output --method reclora --mix output --train-size "$TRAIN_SIZE"
