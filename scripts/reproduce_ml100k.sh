@@ -59,6 +59,10 @@ for seed in $SEEDS; do
   train "residual-reclora-seed$seed" --method reclora --train-size "$TRAIN_SIZE" --seed "$seed" --crm-residual "${RECIPE[@]}"
 done
 train residual-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
+# ... with the CRM trained without the LLM's subset (--crm-holdout: on its own training samples SIM
+# looks far better than on new data); sim-holdout-seed0 is that CRM alone, to pair with
+train sim-holdout-seed0 --method sim --crm-holdout --train-size "$TRAIN_SIZE" --seed 0
+train residual-reclora-holdout-seed0 --method reclora --crm-holdout --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
 # ... and with the strongest CRM, SASRec, as the gates' source and in the readout (paired with sasrec)
 train residual-reclora-sasrec-seed0 --method reclora --crm sasrec --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
 # Ablations of reclora (seed 0, the main budget)

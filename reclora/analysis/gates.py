@@ -31,7 +31,7 @@ from reclora.train.config import make_config
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import load_trainable_state
 from reclora.train.outputs import RunDirectory
-from reclora.train.pipeline import build_model, load_run_dataset, subsets
+from reclora.train.pipeline import build_model, crm_held_out, load_run_dataset, subsets
 
 STATISTICS = ("entropy", "top", "spread", "usage")
 
@@ -84,7 +84,8 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
         samples = subsets(config, dataset)["test"][:max_samples]
         crm = inputs = None
         if config.needs_crm:
-            crm, inputs, _ = prepare_crm(config, dataset, run.crm, processes, log=lambda line: None)
+            held_out = crm_held_out(config, dataset)
+            crm, inputs, _ = prepare_crm(config, dataset, run.crm, processes, log=lambda line: None, held_out=held_out)
         model = build_model(config, dataset, crm, inputs, processes.device).eval()
         initial = gate_statistics(run_alpha(model, samples))
         checkpoint = run.load_checkpoint()

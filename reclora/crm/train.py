@@ -1,4 +1,4 @@
-"""Stage 1 of Few2Many: train the CRM on the whole training split (BCE), early stopping on valid AUC."""
+"""Stage 1 of Few2Many: train the CRM on the training split (BCE), early stopping on valid AUC."""
 
 import copy
 import time
@@ -44,8 +44,9 @@ def evaluate(model, inputs: CrmInputs, split: str, config: CrmTrainConfig) -> di
     return ctr_metrics(data.label[samples], probs, users=data.user[samples])
 
 
-def train_crm(model, inputs: CrmInputs, config: CrmTrainConfig, log=print) -> dict:
-    """Trains in place and leaves the best epoch's weights (by valid AUC) in the model.
+def train_crm(model, inputs: CrmInputs, config: CrmTrainConfig, log=print, samples=None) -> dict:
+    """Trains in place on samples (default: the whole training split) and leaves the best epoch's
+    weights (by valid AUC) in the model.
 
     Returns {"epochs": [per-epoch metrics], "best_epoch", "valid", "test", "train_seconds"}.
     """
@@ -53,7 +54,7 @@ def train_crm(model, inputs: CrmInputs, config: CrmTrainConfig, log=print) -> di
     rng = np.random.default_rng(config.seed)
     model.to(config.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    train = inputs.dataset.split("train")
+    train = inputs.dataset.split("train") if samples is None else np.asarray(samples)
     history, best_auc, best_state, stale = [], -1.0, None, 0
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):

@@ -184,6 +184,13 @@ class TrainConfig:
         "sim", "the CRM feeding the gates (reclora); --method with a CRM's name evaluates it alone", CRMS
     )
     crm_search: str = _option("soft", "SIM's search: soft (embedding similarity) or hard (shared genre)", SEARCH_MODES)
+    crm_holdout: bool = _option(
+        False,
+        "stage 1 trains the CRM without the LLM's training subset (--train-size at --seed), so the LLM "
+        "learns from the CRM's outputs as they are on new data, not on data the CRM was fitted to "
+        "(docs/RESULTS.md, issue 16 part 5; not in the paper); a CRM method with it trains the CRM "
+        "such a run uses",
+    )
     crm_epochs: int = _option(3, "CRM training epochs at most (early stopping on validation AUC)", bound=AT_LEAST_1)
     crm_batch_size: int = _option(256, "CRM training batch", bound=AT_LEAST_1)
     crm_lr: float = _option(1e-3, "CRM AdamW learning rate", bound=POSITIVE)
@@ -285,6 +292,11 @@ class TrainConfig:
                     f"--crm-residual adds the CRM's logit to the Yes/No margin: --loss must be one of "
                     f"{list(MARGIN_LOSSES)}, got {self.loss!r}"
                 )
+        if self.crm_holdout and self.train_size == 0:
+            raise ConfigError(
+                "--crm-holdout leaves the LLM's training subset out of the CRM's training: with --train-size 0 "
+                "(the whole split) nothing would be left; give --train-size"
+            )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):

@@ -1,5 +1,9 @@
 """Stage 1 of Few2Many: the CRM trained on the whole training split, or the one trained before.
 
+With --crm-holdout the CRM trains without the LLM's training subset (held_out): on those samples
+the LLM then sees the CRM as it is on new data (SIM on ML-100K: AUC 0.835 on the 2,000 samples it
+was fitted to, 0.742 on the validation split; docs/RESULTS.md, issue 16 part 5).
+
 A trained CRM is kept in the run's crm/ directory and in the cache under a key of the whole
 dataset's content, the CRM's settings and CRM_FORMAT, so methods sharing data and settings
 train it once (rank 0 trains, the other ranks wait and load it). crm.json holds the weights'
@@ -13,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reclora.crm import build_crm, history_slots
@@ -42,7 +47,10 @@ WEIGHTS, INFO = "crm.pt", "crm.json"
 
 def crm_key(config: TrainConfig, dataset: RecDataset) -> str:
     """The cache key: everything the CRM's training reads (the whole dataset), its settings, the code's format."""
-    identity = json.dumps([CRM_FORMAT, dataset.fingerprint, config.fingerprint(*CRM_SETTINGS)], sort_keys=True)
+    settings = config.fingerprint(*CRM_SETTINGS)
+    if config.crm_holdout:  # the held-out subset is drawn by --seed (in CRM_SETTINGS) and --train-size
+        settings["held_out"] = config.fingerprint("train_size")
+    identity = json.dumps([CRM_FORMAT, dataset.fingerprint, settings], sort_keys=True)
     return f"{dataset.name}-{config.crm}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
@@ -63,14 +71,19 @@ def new_crm(config: TrainConfig, inputs: CrmInputs):
     )
 
 
-def prepare_crm(config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, processes: Processes, log=print):
-    """Returns (crm in eval mode on the device, its CrmInputs, info: key, cached, train_seconds, metrics)."""
+def prepare_crm(
+    config: TrainConfig, dataset: RecDataset, run_crm_dir: Path, processes: Processes, log=print, held_out=None
+):
+    """Returns (crm in eval mode on the device, its CrmInputs, info: key, cached, train_seconds, metrics).
+
+    held_out: training samples the CRM must not train on (--crm-holdout: the LLM's subset), or None.
+    """
     inputs = crm_inputs(config, dataset)
     key = crm_key(config, dataset)
     cache = cache_folder("crms", config.cache_dir) / key
     found = next((d for d in (run_crm_dir, cache) if _holds(d, key, log)), None)
     if found is None and processes.is_main:
-        _train_and_save(config, inputs, key, [run_crm_dir, cache], processes.device, log)
+        _train_and_save(config, inputs, key, [run_crm_dir, cache], processes.device, log, held_out)
     processes.barrier()  # the other ranks wait for rank 0's CRM
     source = found or run_crm_dir
     info = json.loads((source / INFO).read_text())
@@ -104,10 +117,14 @@ def _holds(directory: Path, key: str, log) -> bool:
     return intact
 
 
-def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directories: list, device, log) -> None:
-    log(
-        f"stage 1: training the CRM ({config.crm}) on the whole training split ({inputs.dataset.split_sizes['train']:,} samples)"
-    )
+def _train_and_save(
+    config: TrainConfig, inputs: CrmInputs, key: str, directories: list, device, log, held_out=None
+) -> None:
+    train = inputs.dataset.split("train")
+    if held_out is not None:
+        train = np.setdiff1d(train, held_out)
+    left_out = "" if held_out is None else f", without the LLM's {len(held_out):,}"
+    log(f"stage 1: training the CRM ({config.crm}) on the training split ({len(train):,} samples{left_out})")
     torch.manual_seed(config.seed)
     model = new_crm(config, inputs)
     train_config = CrmTrainConfig(
@@ -119,7 +136,7 @@ def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directorie
         progress=config.progress,
     )
     start = time.perf_counter()
-    result = train_crm(model, inputs, train_config, log=lambda line: log(f"  CRM {line}"))
+    result = train_crm(model, inputs, train_config, log=lambda line: log(f"  CRM {line}"), samples=train)
     info = {
         "key": key,
         "kind": config.crm,
@@ -129,7 +146,7 @@ def _train_and_save(config: TrainConfig, inputs: CrmInputs, key: str, directorie
         "valid": result["valid"],
         "test": result["test"],
         "train_seconds": time.perf_counter() - start,
-        "train_samples": inputs.dataset.split_sizes["train"],
+        "train_samples": len(train),
     }
     state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
     for directory in directories:

@@ -64,6 +64,15 @@ def subsets(config: TrainConfig, dataset) -> dict:
     return out
 
 
+def crm_held_out(config: TrainConfig, dataset):
+    """The training samples --crm-holdout keeps out of the CRM's training: the LLM's subset at
+    --train-size and --seed (drawn as subsets draws it, for a CRM method too); None without it."""
+    if not config.crm_holdout:
+        return None
+    as_llm_run = dataclasses.replace(config, method="reclora")
+    return subsets(as_llm_run, dataset)["train"]
+
+
 def run(config: TrainConfig, log=None) -> dict:
     """Runs the pipeline config describes (see reclora.train.config) and returns results.json's content."""
     config = dataclasses.replace(config).validate()
@@ -141,7 +150,7 @@ def _run_locked(config: TrainConfig, processes, run_dir: RunDirectory, log) -> d
     crm = inputs = crm_info = None
     stage = time.perf_counter()
     if config.needs_crm:
-        crm, inputs, crm_info = prepare_crm(config, dataset, run_dir.crm, processes, log)
+        crm, inputs, crm_info = prepare_crm(config, dataset, run_dir.crm, processes, log, crm_held_out(config, dataset))
     seconds["crm"] = time.perf_counter() - stage
 
     if config.is_llm_method:
@@ -289,7 +298,7 @@ def _run_facts(config, dataset, parts, processes, crm_info, seconds, total) -> d
 
     # what was trained on: a CRM alone, the whole split; an LLM, its subset, or nothing when untuned
     if not config.is_llm_method:
-        train_size = dataset.split_sizes["train"]
+        train_size = crm_info["train_samples"]
     else:
         train_size = len(parts["train"]) if config.method_row.tuned else 0
     return {

@@ -77,6 +77,8 @@ def test_crm_residual_loads_the_crm_and_needs_a_margin_loss():
         config_from_args(["--method", "reclora", "--crm-residual", "--loss", "answer-ce"])
     with pytest.raises(ConfigError, match="--crm-residual needs a tuned LLM method"):
         config_from_args(["--method", "zero-shot", "--crm-residual"])
+    with pytest.raises(ConfigError, match="--crm-holdout .*with --train-size 0"):
+        config_from_args(["--method", "reclora", "--crm-holdout", "--train-size", "0"])
 
 
 def test_what_each_method_is_made_of():

@@ -91,6 +91,14 @@ def test_the_key_covers_the_crm_settings_and_the_code_format(dataset, monkeypatc
     assert crm_key(config, dataset) != base
 
 
+def test_a_held_out_crm_is_keyed_by_the_subset_it_leaves_out(dataset):
+    config = dataclasses.replace(make_config({}), crm_holdout=True)
+    held = crm_key(config, dataset)
+    assert held != crm_key(dataclasses.replace(config, crm_holdout=False), dataset)
+    assert crm_key(dataclasses.replace(config, train_size=7), dataset) != held  # another subset left out
+    assert crm_key(dataclasses.replace(config, lr=0.5, method="sim"), dataset) == held  # shared by a CRM run
+
+
 def test_a_fresh_and_a_cached_dataset_have_one_fingerprint(tmp_path, dataset):
     options = tiny_settings(tmp_path)["dataset_options"]
     built = load_dataset("synthetic", cache_dir=tmp_path, progress=False, **options)

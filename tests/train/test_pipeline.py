@@ -107,6 +107,22 @@ def test_crm_residual_trains_lora_on_the_crms_residual(runs, tmp_path):
     assert not np.allclose(np.load(out / "predictions.npz")["prob"], plain)
 
 
+def test_crm_holdout_trains_the_crm_without_the_llm_subset(runs, tmp_path):
+    """The LLM run's CRM leaves its 24 training samples out; the CRM run with the same settings finds it."""
+    root, results = runs
+    held = dict(crm_residual=True, crm_holdout=True)
+    result = run(
+        make_config(tiny_settings(root, method="lora", out=str(tmp_path / "lora"), **held)), log=lambda line: None
+    )
+    assert result["crm"]["kind"] == "sim" and not result["crm"]["cached"]
+    assert result["crm"]["key"] != results["reclora"]["crm"]["key"]
+    info = json.loads((tmp_path / "lora" / "crm" / "crm.json").read_text())
+    assert info["train_samples"] == results["sim"]["train_size"] - result["train_size"]
+    alone = run(make_config(tiny_settings(root, method="sim", out=str(tmp_path / "sim"), crm_holdout=True)))
+    assert alone["crm"]["cached"] and alone["crm"]["key"] == result["crm"]["key"]
+    assert alone["train_size"] == info["train_samples"]
+
+
 def test_reclora_reuses_the_trained_crm(runs):
     root, results = runs
     assert results["reclora"]["crm"]["kind"] == "sim"
