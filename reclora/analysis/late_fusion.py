@@ -52,9 +52,10 @@ def late_fusion(crm_dir: Path, run_dirs, weights=WEIGHTS) -> dict:
         row = {"auc": auc(run["label"], run["prob"]), "fused": {}}
         for weight in weights:
             fused = fuse(crm, run, weight)
+            fused_auc = auc(fused["label"], fused["prob"])
             row["fused"][str(weight)] = {
-                "auc": auc(fused["label"], fused["prob"]),
-                "minus_crm": auc(fused["label"], fused["prob"]) - out["crm_auc"],
+                "auc": fused_auc,
+                "minus_crm": fused_auc - out["crm_auc"],
                 "interval": interval(paired_bootstrap(fused, crm)),
             }
         out["runs"][Path(run_dir).name] = row
