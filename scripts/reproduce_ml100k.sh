@@ -63,8 +63,12 @@ train residual-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --crm-residua
 # looks far better than on new data); sim-holdout-seed0 is that CRM alone, to pair with
 train sim-holdout-seed0 --method sim --crm-holdout --train-size "$TRAIN_SIZE" --seed 0
 train residual-reclora-holdout-seed0 --method reclora --crm-holdout --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
+train residual-lora-holdout-seed0 --method lora --crm-holdout --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
 # ... and with the strongest CRM, SASRec, as the gates' source and in the readout (paired with sasrec)
 train residual-reclora-sasrec-seed0 --method reclora --crm sasrec --train-size "$TRAIN_SIZE" --crm-residual "${RECIPE[@]}"
+# The recipe with twice the optimizer steps (batch 8: the same samples, the same compute), paired
+# with recipe-lora-seedS: lora's validation AUC was still rising when its one epoch of 125 steps ended
+train steps-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 "${RECIPE[@]}"
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
 train ablation-mix-output --method reclora --mix output --train-size "$TRAIN_SIZE"

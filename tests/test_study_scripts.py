@@ -122,12 +122,14 @@ def test_the_recipe_against_the_published_runs_and_the_crms(summarize_study, tmp
         write_run(tmp_path, f"recipe-lora-seed{seed}", "lora", 1.2, seed)
     write_run(tmp_path, "recipe-reclora-seed0", "reclora", 1.0)  # no published partner: the CRMs only
     write_run(tmp_path, "residual-reclora-seed0", "reclora", 1.8)  # paired with recipe-reclora-seed0
+    write_run(tmp_path, "steps-lora-seed0", "lora", 1.4)  # paired with recipe-lora-seed0
     write_run(tmp_path, "sim", "sim", 1.5, train_size=70000)
     assert summarize_study.main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     runs, versus = summary["runs"], summary["recipe_vs"]
-    assert sorted(versus) == ["recipe-lora", "recipe-reclora", "residual-reclora"]
+    assert sorted(versus) == ["recipe-lora", "recipe-reclora", "residual-reclora", "steps-lora"]
     assert sorted(versus["residual-reclora"]) == ["recipe-reclora", "sim"]
+    assert sorted(versus["steps-lora"]) == ["recipe-lora", "sim"]
     residual = versus["residual-reclora"]["recipe-reclora"]["auc_difference"]
     assert residual == pytest.approx(runs["residual-reclora-seed0"]["auc"] - runs["recipe-reclora-seed0"]["auc"])
     assert sorted(versus["recipe-lora"]) == ["lora", "sim"] and sorted(versus["recipe-reclora"]) == ["sim"]

@@ -41,8 +41,9 @@ VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
 CRMS = KINDS  # the CRMs alone: one deterministic run each, on the whole training split
 # A run family's prefix -> the prefix of the runs it is paired with, seed by seed (and with the CRMs):
 # recipe-METHOD-seedS is METHOD-seedS under issue 16's training recipe; residual-METHOD-seedS is
-# recipe-METHOD-seedS with --crm-residual.
-PAIRED_FAMILIES = {"recipe-": "", "residual-": "recipe-"}
+# recipe-METHOD-seedS with --crm-residual; steps-METHOD-seedS is recipe-METHOD-seedS at batch 8 (twice
+# the optimizer steps).
+PAIRED_FAMILIES = {"recipe-": "", "residual-": "recipe-", "steps-": "recipe-"}
 
 
 def load_runs(directory: Path) -> dict:
