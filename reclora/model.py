@@ -123,12 +123,20 @@ class RecLoRAModel(nn.Module):
             return {"user": torch.from_numpy(self.dataset.samples.user[samples]).to(self.device)}
         return {}
 
-    def gate_features(self, batch) -> torch.Tensor:
-        """What the gates read, (B, gate_input_dim): the frozen CRM's last hidden layer or the user
-        embedding; (B, 0) for the uniform gate, which reads only B; None for the methods without gates."""
+    def crm_hidden(self, batch):
+        """The frozen CRM's last hidden layer, (B, hidden), where the gates or the residual readout read
+        it; else None. Computed once a batch and shared by both."""
+        if not (self.row.gates_read_crm(self.gate_input) or self.crm_residual):
+            return None
+        with torch.no_grad():
+            return self.crm.represent(batch["crm"])
+
+    def gate_features(self, batch, crm_hidden=None) -> torch.Tensor:
+        """What the gates read, (B, gate_input_dim): the frozen CRM's last hidden layer (crm_hidden when
+        given) or the user embedding; (B, 0) for the uniform gate, which reads only B; None for the
+        methods without gates."""
         if self.row.gates_read_crm(self.gate_input):
-            with torch.no_grad():
-                return self.crm.represent(batch["crm"])
+            return self.crm_hidden(batch) if crm_hidden is None else crm_hidden
         if self.user_embedding is not None:
             users = batch["user"]
             known = users < self.user_embedding.num_embeddings
@@ -156,24 +164,27 @@ class RecLoRAModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         """Next-token logits at the answer position: (B, V)."""
-        if not self.row.tuned:
-            return last_token_logits(self.llm, batch["input_ids"], batch["attention_mask"])
-        return self.llm(batch["input_ids"], batch["attention_mask"], gate_features=self.gate_features(batch))
+        return self.answer(batch)[0]
 
-    def crm_logit(self, batch):
-        """The frozen CRM's logit per sample, (B,) float32, which the readout adds under crm_residual; else None."""
-        if not self.crm_residual:
-            return None
-        with torch.no_grad():
-            return self.crm(batch["crm"]).float()
+    def answer(self, batch) -> tuple:
+        """The answer position's logits (B, V) and the readout's offset: the frozen CRM's logit (B,)
+        float32 under crm_residual, else None."""
+        if not self.row.tuned:
+            return last_token_logits(self.llm, batch["input_ids"], batch["attention_mask"]), None
+        crm_hidden = self.crm_hidden(batch)
+        logits = self.llm(
+            batch["input_ids"], batch["attention_mask"], gate_features=self.gate_features(batch, crm_hidden)
+        )
+        return logits, self.crm.logit_from(crm_hidden).float() if self.crm_residual else None
 
     def yes_probability(self, batch) -> torch.Tensor:
         """P(Yes) per sample: (B,) float32."""
-        return self.readout.yes_probability(self(batch), self.crm_logit(batch))
+        return self.readout.yes_probability(*self.answer(batch))
 
     def loss(self, batch) -> torch.Tensor:
         """The training loss (self.loss_kind) of the answer logits against the labels."""
-        return self.readout.loss(self(batch), batch["label"], self.loss_kind, self.crm_logit(batch))
+        logits, offset = self.answer(batch)
+        return self.readout.loss(logits, batch["label"], self.loss_kind, offset)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

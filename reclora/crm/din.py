@@ -105,6 +105,10 @@ class DIN(nn.Module):
         valid = valid_positions(items.shape[0], items.shape[1], batch["history_lengths"], None, items.device)
         return self.represent_from(batch, items, batch["history_ratings"], valid)
 
+    def logit_from(self, hidden):
+        """Click logits (B,) from represent()'s output."""
+        return self.head(hidden).squeeze(-1)
+
     def forward(self, batch):
         """Click logits: (B,)."""
-        return self.head(self.represent(batch)).squeeze(-1)
+        return self.logit_from(self.represent(batch))

@@ -70,7 +70,11 @@ def test_crm_residual_adds_the_crms_logit_to_the_margin(parts, method):
         expected = torch.sigmoid(torch.logit(plain.yes_probability(batch).double()) + crm_logit.double())
     torch.testing.assert_close(residual.yes_probability(batch).double(), expected, rtol=1e-5, atol=1e-6)
     residual.train()
+    calls = []
+    represent = residual.crm.represent
+    residual.crm.represent = lambda crm_batch: calls.append(1) or represent(crm_batch)
     loss = residual.loss(batch)
+    assert len(calls) == 1  # the gates and the readout share one pass of the frozen CRM
     loss.backward()
     assert all(p.grad is None for p in residual.crm.parameters())  # the CRM stays frozen
     if method == "lora":
