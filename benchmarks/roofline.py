@@ -6,7 +6,7 @@ Work models (float32, leading terms; M = B T tokens, D = d_in + d_out, R = r for
 for mix=output):
   gated_lora forward:  2 M R D FLOPs (+ 2 B K r D to mix A_p, B_p); bytes x, y and the factors
   forward+backward:    3 times the forward's token FLOPs (forward, input gradient, factor gradients;
-                       the kernel's recompute of x A^T is not counted) + 3 times the mixing; bytes
+                       the backward reuses the forward's x A^T) + 3 times the mixing; bytes
                        also x again, grad_out (one row when it is broadcast), grad_x, factor gradients
   topk attention:      2 d FLOPs per valid history position, plus the pooling; bytes: the gathered
                        key rows, the ids, the query; backward adds the k selected rows, their

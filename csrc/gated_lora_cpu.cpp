@@ -9,7 +9,8 @@
 // in cache for three skinny SIMD kernels: row_dots (u = A_p x), row_combine (y += B_p u) and
 // rank_update (dA_p += h x^T). The gradients of A_p, B_p are kept per piece and reduced over pieces
 // with the gate at the end. Nothing per token of size r * d is ever formed, and results do not
-// depend on how threads pick up pieces.
+// depend on how threads pick up pieces. The forward returns u (M, r) for the backward, which then
+// runs four skinny passes a tile instead of five.
 // The output mix (rank K r) is compute-bound, and goes through the platform's GEMM instead (see
 // "Output mix" below).
 #include <ATen/ATen.h>
@@ -588,8 +589,8 @@ at::Tensor base_gemm(const at::Tensor& a, const at::Tensor& b, const c10::option
 // Its rank is K r (128 at the SmolLM2 shape): about 57 flops a byte, compute-bound, where fusing
 // saves little traffic and the vendor's GEMM, tuned for each CPU, wins. The tile pipeline's skinny
 // kernels, tuned on one AMD core, ran this backward 1.4x slower than these GEMMs on an Ice Lake Xeon
-// (benchmarks/README.md). U = x A_cat^T (M, K r) is recomputed in the backward, as the op keeps no
-// activations.
+// (benchmarks/README.md). The forward returns U = x A_cat^T (M, K r), ungated, which the backward
+// reuses instead of recomputing it (one GEMM of its five).
 
 // s g[b(t), k] for each token t, shaped (M, K, 1) to scale the K blocks of a token's U.
 at::Tensor token_gate(const at::Tensor& gate, const c10::optional<at::Tensor>& sample_index, int64_t M,
@@ -627,45 +628,47 @@ struct OutputMix {
   at::Tensor b_cat_t() const {  // (K r, d_out)
     return b32.transpose(1, 2).reshape({K * r, -1});
   }
-  // t's rank-K r activations with block k scaled by s g[b(t), k], in place.
-  void gate(at::Tensor& u) const {
+  // t's rank-K r activations with block k scaled by s g[b(t), k].
+  at::Tensor gated(const at::Tensor& u) const {
+    return (u.view({M, K, r}) * scale).view({M, K * r});
+  }
+  void gate_(at::Tensor& u) const {
     u.view({M, K, r}).mul_(scale);
   }
 };
 
-// y (+)= s sum_k g_k B_k A_k x. y holds the base projection when accumulate.
-void output_mix_forward(const OutputMix& mix, const at::Tensor& x, at::Tensor& y, bool accumulate) {
-  at::Tensor u = at::mm(x.to(at::kFloat), mix.at);
-  mix.gate(u);
+// y (+)= s sum_k g_k B_k A_k x. y holds the base projection when accumulate. Returns U = x A_cat^T.
+at::Tensor output_mix_forward(const OutputMix& mix, const at::Tensor& x, at::Tensor& y, bool accumulate) {
+  const at::Tensor u = at::mm(x.to(at::kFloat), mix.at);
+  const at::Tensor v = mix.gated(u);
   const at::Tensor bt = mix.b_cat_t();
   if (y.scalar_type() == at::kFloat) {
     if (accumulate) {
-      y.addmm_(u, bt);
+      y.addmm_(v, bt);
     } else {
-      at::mm_out(y, u, bt);
+      at::mm_out(y, v, bt);
     }
   } else {
-    const at::Tensor delta = at::mm(u, bt);  // rounded once, onto the base where there is one
+    const at::Tensor delta = at::mm(v, bt);  // rounded once, onto the base where there is one
     accumulate ? y.add_(delta) : y.copy_(delta);
   }
+  return u;
 }
 
 // Gradients of x (added to grad_x's base-projection gradient when accumulate), of the gate and of
-// A_k, B_k (float).
+// A_k, B_k (float). u: the forward's U = x A_cat^T.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> output_mix_backward(
-    const OutputMix& mix, const at::Tensor& grad_out, const at::Tensor& x, int64_t B,
+    const OutputMix& mix, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& u, int64_t B,
     const c10::optional<at::Tensor>& sample_index, double scaling, at::Tensor& grad_x, bool accumulate) {
   const int64_t M = mix.M, K = mix.K, r = mix.r;
   const at::Tensor x32 = x.to(at::kFloat), g32 = grad_out.to(at::kFloat);
-  at::Tensor u = at::mm(x32, mix.at);  // A_cat x
   at::Tensor h = at::mm(g32, mix.b_cat());  // B_cat^T G
   // dgate[b, k] = s sum over b's tokens of <A_k x, B_k^T G>.
   const at::Tensor token_dgate = (u * h).view({M, K, r}).sum(-1).mul_(scaling);
   at::Tensor grad_gate = sample_index.has_value()
                              ? at::zeros({B, K}, token_dgate.options()).index_add_(0, *sample_index, token_dgate)
                              : token_dgate.view({B, M / B, K}).sum(1);
-  mix.gate(h);
-  mix.gate(u);
+  mix.gate_(h);
   if (grad_x.scalar_type() == at::kFloat && accumulate) {
     grad_x.addmm_(h, mix.a);
   } else {
@@ -673,15 +676,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> output_mix_backward(
     accumulate ? grad_x.add_(dx) : grad_x.copy_(dx);
   }
   at::Tensor grad_a = at::mm(h.t(), x32).view({K, r, -1});
-  at::Tensor grad_b = at::mm(u.t(), g32).view({K, r, -1}).transpose(1, 2);  // (K, d_out, r)
+  at::Tensor grad_b = at::mm(mix.gated(u).t(), g32).view({K, r, -1}).transpose(1, 2);  // (K, d_out, r)
   return {grad_gate, grad_a, grad_b};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// u rows (r floats each) between a tile's scratch and the op's saved u (M, r), by token row.
+void save_u(const float* tile, const int64_t* rows, int64_t n, int64_t r, float* saved) {
+  for (int64_t t = 0; t < n; ++t) std::copy_n(tile + t * r, r, saved + rows[t] * r);
+}
+void load_u(const float* saved, const int64_t* rows, int64_t n, int64_t r, float* tile) {
+  for (int64_t t = 0; t < n; ++t) std::copy_n(saved + rows[t] * r, r, tile + t * r);
+}
+
+// y (+)= B_p A_p x s, and u = s A_p x into saved_u (M, r).
 template <typename scalar_t>
-void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t* y, bool accumulate) {
+void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t* y, bool accumulate, float* saved_u) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t stride = kTile * (pb.r + pb.d_in + pb.d_out);
   std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
@@ -700,6 +712,7 @@ void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t*
       tile_rows(pb.grouping, begin, n, rows);
       read_rows(x, pb.d_in, rows, n, x_buf, x_rows);
       row_dots(x_rows, n, a_p, pb.d_in, pb.r, pb.d_in, pb.scaling, u, pb.r, false);
+      save_u(u, rows, n, pb.r, saved_u);
       output_rows(y, pb.d_out, rows, n, y_buf, y_rows);
       row_combine(y_rows, n, u, pb.r, bt_p, pb.d_out, pb.r, pb.d_out, kFloat && accumulate);
       write_rows(y, pb.d_out, rows, n, y_buf, accumulate);
@@ -707,7 +720,12 @@ void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t*
   });
 }
 
-at::Tensor gated_lora_forward_cpu(
+// The activations the backward reuses: float32 (M, r) for the weight mix, (M, K r) for the output mix.
+int64_t saved_width(const at::Tensor& lora_a, bool output_mix) {
+  return output_mix ? lora_a.size(0) * lora_a.size(1) : lora_a.size(1);
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_lora_forward_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& gate, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const c10::optional<at::Tensor>& sample_index, double scaling, bool output_mix) {
@@ -723,16 +741,19 @@ at::Tensor gated_lora_forward_cpu(
     TORCH_CHECK(!bias.has_value(), "gated_lora (cpu): bias needs weight");
     y = at::empty({x.size(0), d_out}, x.options());
   }
-  if (x.size(0) == 0) return y;
+  if (x.size(0) == 0) return {y, at::empty({0, saved_width(lora_a, output_mix)}, gate.options())};
   if (output_mix) {
-    output_mix_forward(OutputMix(x, gate, lora_a, lora_b, sample_index, scaling), x, y, weight.has_value());
-    return y;
+    at::Tensor u = output_mix_forward(OutputMix(x, gate, lora_a, lora_b, sample_index, scaling), x, y,
+                                      weight.has_value());
+    return {y, u};
   }
   const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling);
+  at::Tensor u = at::empty({pb.M, pb.r}, gate.options());
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_forward_cpu", [&] {
-    forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value());
+    forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value(),
+                             u.data_ptr<float>());
   });
-  return y;
+  return {y, u};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -746,8 +767,8 @@ struct Accumulators {
 
 template <typename scalar_t>
 void backward_pieces(
-    const Problem& pb, const StridedRows<scalar_t>& grad_out, const StridedRows<scalar_t>& x, scalar_t* grad_x,
-    bool accumulate_x, Accumulators& acc) {
+    const Problem& pb, const StridedRows<scalar_t>& grad_out, const StridedRows<scalar_t>& x, const float* saved_u,
+    scalar_t* grad_x, bool accumulate_x, Accumulators& acc) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t r = pb.r, d_in = pb.d_in, d_out = pb.d_out;
   const int64_t stride = kTile * (2 * r + 2 * d_in + d_out);
@@ -773,8 +794,8 @@ void backward_pieces(
       tile_rows(pb.grouping, begin, n, rows);
       read_rows(x, d_in, rows, n, x_buf, x_rows);
       read_rows(grad_out, d_out, rows, n, g_buf, g_rows);
-      // u = s A_p x; h = s B_p^T G.
-      row_dots(x_rows, n, a_p, d_in, r, d_in, pb.scaling, u, r, false);
+      // u = s A_p x, from the forward; h = s B_p^T G.
+      load_u(saved_u, rows, n, r, u);
       row_dots(g_rows, n, bt_p, d_out, r, d_out, pb.scaling, h, r, false);
       output_rows(grad_x, d_in, rows, n, dx_buf, dx_rows);
       row_combine(dx_rows, n, h, r, a_p, d_in, r, d_in, kFloat && accumulate_x);
@@ -788,14 +809,19 @@ void backward_pieces(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& gate,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const c10::optional<at::Tensor>& sample_index, double scaling,
-    bool output_mix) {
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& gate, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const c10::optional<at::Tensor>& sample_index, double scaling, bool output_mix) {
   check_inputs(x, weight, gate, lora_a, lora_b, sample_index);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == lora_b.size(1) &&
                   grad_out.scalar_type() == x.scalar_type() && grad_out.device().is_cpu(),
               "gated_lora (cpu): grad_out must be (M, d_out) = (", x.size(0), ", ", lora_b.size(1),
               ") with x's dtype, got ", grad_out.sizes());
+  const int64_t width = saved_width(lora_a, output_mix);
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == width && u.scalar_type() == at::kFloat &&
+                  u.device().is_cpu() && u.is_contiguous(),
+              "gated_lora (cpu): u must be the forward's contiguous float32 (M, ", width, ") = (", x.size(0), ", ",
+              width, "), got ", u.scalar_type(), " ", u.sizes());
   const int64_t B = gate.size(0), K = gate.size(1);
   at::Tensor grad_x = weight.has_value() ? base_gemm(grad_out, *weight, c10::nullopt) : at::empty_like(x);
   at::Tensor grad_gate = at::zeros({B, K}, gate.options());
@@ -804,7 +830,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   const auto float_options = gate.options();
   if (output_mix) {
     auto [dgate, grad_a, grad_b] = output_mix_backward(OutputMix(x, gate, lora_a, lora_b, sample_index, scaling),
-                                                       grad_out, x, B, sample_index, scaling, grad_x,
+                                                       grad_out, x, u, B, sample_index, scaling, grad_x,
                                                        weight.has_value());
     return {grad_x, dgate, grad_a.to(lora_a.scalar_type()).contiguous(), grad_b.to(lora_b.scalar_type()).contiguous()};
   }
@@ -820,7 +846,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   acc.data = at::empty({P, ld}, float_options);
   acc.written.assign(P, 0);
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_backward_cpu", [&] {
-    backward_pieces<scalar_t>(pb, strided_rows<scalar_t>(grad_rows), strided_rows<scalar_t>(x),
+    backward_pieces<scalar_t>(pb, strided_rows<scalar_t>(grad_rows), strided_rows<scalar_t>(x), u.data_ptr<float>(),
                               grad_x.data_ptr<scalar_t>(), weight.has_value(), acc);
   });
 

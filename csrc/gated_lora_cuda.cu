@@ -299,7 +299,8 @@ at::Tensor sum_per_sample(const Problem& p, const at::Tensor& dgate_tokens, cons
   return partial.sum(1);
 }
 
-at::Tensor gated_lora_forward_cuda(
+// Returns y and U = x A_cat^T (M, K r) in x's dtype, which the backward reuses (one GEMM of its five).
+std::tuple<at::Tensor, at::Tensor> gated_lora_forward_cuda(
     const at::Tensor& x,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
@@ -312,22 +313,24 @@ at::Tensor gated_lora_forward_cuda(
   const Problem p = check_problem(x, weight, bias, gate, lora_a, lora_b, sample_index, nullptr);
   const c10::cuda::CUDAGuard guard(x.device());
   if (p.tokens == 0) {
-    return at::empty({0, p.d_out}, x.options());
+    return {at::empty({0, p.d_out}, x.options()), at::empty({0, p.loras * p.rank}, x.options())};
   }
   const auto [a_cat, b_cat] = concat_loras(p, lora_a, lora_b);
-  const at::Tensor v = gate_loras(p, at::mm(x, a_cat.t()), at::Tensor(), gate, scaling, output_mix).v;
+  at::Tensor u = at::mm(x, a_cat.t());
+  const at::Tensor v = gate_loras(p, u, at::Tensor(), gate, scaling, output_mix).v;
   // The memory-bound LoRA GEMM writes y; the compute-bound base GEMM then adds into it (beta = 1),
   // where reading y hides under its math.
   at::Tensor y = bias ? at::addmm(*bias, v, b_cat.t()) : at::mm(v, b_cat.t());
   if (weight) {
     y.addmm_(x, weight->t());
   }
-  return y;
+  return {y, u};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_cuda(
     const at::Tensor& grad_out,
     const at::Tensor& x,
+    const at::Tensor& u,
     const std::optional<at::Tensor>& weight,
     const at::Tensor& gate,
     const at::Tensor& lora_a,
@@ -336,14 +339,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
     double scaling,
     bool output_mix) {
   const Problem p = check_problem(x, weight, std::nullopt, gate, lora_a, lora_b, sample_index, &grad_out);
+  check_tensor(u, "u (the forward's x A_cat^T)", x, {p.tokens, p.loras * p.rank}, x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   if (p.tokens == 0) {
     return {at::empty_like(x), at::zeros_like(gate), at::zeros_like(lora_a), at::zeros_like(lora_b)};
   }
   const auto [a_cat, b_cat] = concat_loras(p, lora_a, lora_b);
-  // U and grad_lora_a both read x: back to back, the second read may partly hit L2.
   const at::Tensor h_all = at::mm(grad_out, b_cat);
-  const GatedFactors f = gate_loras(p, at::mm(x, a_cat.t()), h_all, gate, scaling, output_mix);
+  const GatedFactors f = gate_loras(p, u, h_all, gate, scaling, output_mix);
   at::Tensor grad_a = at::mm(f.z.t(), x).view(lora_a.sizes());
   at::Tensor grad_b = at::mm(grad_out.t(), f.v).view({p.d_out, p.loras, p.rank}).permute({1, 0, 2}).contiguous();
   at::Tensor grad_x = at::mm(f.z, a_cat);

@@ -47,14 +47,16 @@ TORCH_LIBRARY(reclora, m) {
   // Personalized LoRA. x: (M, d_in) tokens; gate: (B, K) float32; lora_a: (K, r, d_in);
   // lora_b: (K, d_out, r); sample_index: (M,) int64 row of gate per token, or None
   // when tokens are grouped by sample, M // B per sample. weight: (d_out, d_in) and
-  // bias: (d_out,) add the base projection x W^T + bias. Returns (M, d_out) in x's dtype.
+  // bias: (d_out,) add the base projection x W^T + bias. Returns y (M, d_out) in x's dtype, and
+  // u: the LoRA activations the backward reuses, (M, r) float32 on the CPU's weight mix, else
+  // x A_cat^T (M, K r) (float32 on the CPU, x's dtype on CUDA).
   m.def(
       "gated_lora_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor gate, Tensor lora_a, "
-      "Tensor lora_b, Tensor? sample_index, float scaling, bool output_mix) -> Tensor");
-  // Gradients of the LoRA path. grad_x also holds grad_out @ weight when weight is given.
-  // grad_gate is float32; grad_lora_a/b have lora_a/b's dtype.
+      "Tensor lora_b, Tensor? sample_index, float scaling, bool output_mix) -> (Tensor y, Tensor u)");
+  // Gradients of the LoRA path, given the forward's u. grad_x also holds grad_out @ weight when
+  // weight is given. grad_gate is float32; grad_lora_a/b have lora_a/b's dtype.
   m.def(
-      "gated_lora_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor gate, Tensor lora_a, "
+      "gated_lora_backward(Tensor grad_out, Tensor x, Tensor u, Tensor? weight, Tensor gate, Tensor lora_a, "
       "Tensor lora_b, Tensor? sample_index, float scaling, bool output_mix) "
       "-> (Tensor grad_x, Tensor grad_gate, Tensor grad_lora_a, Tensor grad_lora_b)");
 

@@ -124,8 +124,8 @@ def _run(*inputs):
     eager, _EagerGatedLoRA: the same kernels and backward without the custom op's Python dispatch
     layers (about 0.2 ms of a forward+backward, a tenth of the op at the SmolLM2 shape)."""
     if _needs_custom_op(inputs):
-        return _gated_lora_op(*inputs)
-    return _EagerGatedLoRA.apply(*inputs)
+        return _gated_lora_op(*inputs)[0]
+    return _EagerGatedLoRA.apply(*inputs)[0]
 
 
 def _needs_custom_op(inputs):
@@ -150,8 +150,8 @@ def _kernels(backend):
 
 
 def _forward_kernels(*inputs):
-    """The backend's forward on _gated_lora_op's arguments (the backend last)."""
-    return _kernels(inputs[-1]).gated_lora_forward(*inputs[:-1])
+    """The backend's forward on _gated_lora_op's arguments (the backend last): (y, u)."""
+    return tuple(_kernels(inputs[-1]).gated_lora_forward(*inputs[:-1]))
 
 
 def _backward_kernels(*inputs):
@@ -171,19 +171,37 @@ def _gated_lora_op(
     scaling: float,
     output_mix: bool,
     backend: str,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """(y, u): u, the LoRA activations the backward reuses, is an output only so that autograd can
+    keep it (the public functions return y)."""
     return _forward_kernels(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend)
 
 
 @_gated_lora_op.register_fake
 def _(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend):
-    return x.new_empty(x.shape[0], lora_b.shape[1])
+    return _forward_like(x, lora_a, lora_b, output_mix, backend)
+
+
+# The kernels each native backend runs. The CUDA emulation tests map "cpu" to "cuda": there the
+# native ops run the CUDA kernels' code on CPU tensors (tests/cuda_emulation/kernels.py).
+NATIVE_KERNELS = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def _forward_like(x, lora_a, lora_b, output_mix, backend):
+    """Empty (y, u) as the backend's forward returns them. u: (M, r) for the CPU's weight mix (s A_p x,
+    what its tile pipeline needs), else U = x A_cat^T (M, K r); float32, but x's dtype on CUDA."""
+    kernels = NATIVE_KERNELS.get(backend, backend)
+    num_loras, rank = lora_a.shape[:2]
+    width = rank if kernels == "cpu" and not output_mix else num_loras * rank
+    dtype = x.dtype if kernels == "cuda" else torch.float32
+    return x.new_empty(x.shape[0], lora_b.shape[1]), x.new_empty(x.shape[0], width, dtype=dtype)
 
 
 @torch.library.custom_op("reclora::gated_lora_grad", mutates_args=())
 def _gated_lora_grad_op(
     grad_out: Tensor,
     x: Tensor,
+    u: Tensor,
     weight: Optional[Tensor],
     gate: Tensor,
     lora_a: Tensor,
@@ -193,11 +211,11 @@ def _gated_lora_grad_op(
     output_mix: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_kernels(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend)
+    return _backward_kernels(grad_out, x, u, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend)
 
 
 @_gated_lora_grad_op.register_fake
-def _(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend):
+def _(grad_out, x, u, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend):
     return _grad_like(x, gate, lora_a, lora_b)
 
 
@@ -212,19 +230,23 @@ def _grad_like(x, gate, lora_a, lora_b):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix, backend = inputs
-    ctx.save_for_backward(x, weight, gate, lora_a, lora_b, sample_index)
+    u = output[1]
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, u, weight, gate, lora_a, lora_b, sample_index)
     ctx.scaling, ctx.output_mix, ctx.backend = scaling, output_mix, backend
 
 
-def _backward(ctx, grad_out, grad_op=None):
-    """grad_op: the backward kernels' entry (default: the reclora::gated_lora_grad custom op)."""
-    x, weight, gate, lora_a, lora_b, sample_index = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_u, grad_op=None):
+    """grad_u: always None or zeros (u is not differentiable). grad_op: the backward kernels' entry
+    (default: the reclora::gated_lora_grad custom op)."""
+    x, u, weight, gate, lora_a, lora_b, sample_index = ctx.saved_tensors
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     if ctx.backend != "cpu":  # the CPU kernels read any strides, a broadcast gradient included
         grad_out = grad_out.contiguous()
     grad_x, grad_gate, grad_a, grad_b = (grad_op or _gated_lora_grad_op)(
         grad_out,
         x,
+        u,
         weight if need_x else None,
         gate,
         lora_a,
@@ -252,8 +274,8 @@ class _EagerGatedLoRA(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_out):
-        return _backward(ctx, grad_out, grad_op=_backward_kernels)
+    def backward(ctx, grad_out, grad_u):
+        return _backward(ctx, grad_out, grad_u, grad_op=_backward_kernels)
 
 
 def _register_native_fakes():
@@ -261,10 +283,10 @@ def _register_native_fakes():
 
     @torch.library.register_fake("reclora::gated_lora_forward")
     def _(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix):
-        return x.new_empty(x.shape[0], lora_b.shape[1])
+        return _forward_like(x, lora_a, lora_b, output_mix, x.device.type)
 
     @torch.library.register_fake("reclora::gated_lora_backward")
-    def _(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
+    def _(grad_out, x, u, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
         return _grad_like(x, gate, lora_a, lora_b)
 
 

@@ -1,7 +1,8 @@
 """Triton kernels of the personalized LoRA (called by gated_lora.py; semantics in csrc/registration.cpp).
 
 The algebra and its notation (U, H, V, Z over the concatenated meta-LoRAs) are in
-gated_lora_reference.py. Here: U is kept in float32; the products are one GEMM kernel with a
+gated_lora_reference.py. Here: U is kept in float32, and the forward returns it for the backward
+(which then runs one GEMM fewer); the products are one GEMM kernel with a
 second accumulated product and bias in its epilogue (y = x W^T + bias + V B_cat^T,
 dx = G W + Z A_cat), a row-wise mixing kernel (V, Z from U, H) and a per-sample segment sum for
 dgate. Rows of one tile may belong to different samples (packed, unsorted tokens) at no extra
@@ -482,7 +483,7 @@ def _sum_per_sample(c, sample_index, num_samples):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check(x, weight, bias, gate, lora_a, lora_b, sample_index, grad_out=None):
+def _check(x, weight, bias, gate, lora_a, lora_b, sample_index, grad_out=None, u=None):
     """The kernels' own contract (cheap: shapes, dtypes, devices, layout; never syncs)."""
 
     def require(ok, msg):
@@ -510,6 +511,13 @@ def _check(x, weight, bias, gate, lora_a, lora_b, sample_index, grad_out=None):
     if grad_out is not None:
         require(grad_out.shape == (x.shape[0], d_out), f"grad_out must be (M, d_out), got {tuple(grad_out.shape)}")
         tensors["grad_out"] = grad_out
+    if u is not None:
+        width = num_loras * rank
+        require(
+            u.shape == (x.shape[0], width) and u.dtype == torch.float32,
+            f"u must be the forward's float32 (M, K r) = ({x.shape[0]}, {width}), got {u.dtype} {tuple(u.shape)}",
+        )
+        tensors["u"] = u
     if sample_index is None:
         require(
             x.shape[0] % max(num_samples, 1) == 0 and (num_samples > 0 or x.shape[0] == 0),
@@ -523,7 +531,7 @@ def _check(x, weight, bias, gate, lora_a, lora_b, sample_index, grad_out=None):
     for name, t in tensors.items():
         require(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
         require(t.is_contiguous(), f"{name} must be contiguous")
-        require(name in ("gate", "sample_index") or t.dtype == x.dtype, f"{name} must have x's dtype {x.dtype}")
+        require(name in ("gate", "sample_index", "u") or t.dtype == x.dtype, f"{name} must have x's dtype {x.dtype}")
 
 
 def _factors(lora_a, lora_b):
@@ -533,17 +541,19 @@ def _factors(lora_a, lora_b):
 
 
 def gated_lora_forward(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix):
-    """y = x W^T + bias + LoRA delta: (M, d_out) in x's dtype (see the module docstring)."""
+    """(y, u): y = x W^T + bias + LoRA delta, (M, d_out) in x's dtype (see the module docstring), and
+    u = U = x A_cat^T, (M, K r) float32, for the backward."""
     _check(x, weight, bias, gate, lora_a, lora_b, sample_index)
     with on_device(x):
         return _forward(x, weight, bias, gate, lora_a, lora_b, sample_index, float(scaling), output_mix)
 
 
-def gated_lora_backward(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
-    """(grad_x, grad_gate float32, grad_lora_a, grad_lora_b); grad_x includes grad_out @ W given weight."""
-    _check(x, weight, None, gate, lora_a, lora_b, sample_index, grad_out)
+def gated_lora_backward(grad_out, x, u, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
+    """(grad_x, grad_gate float32, grad_lora_a, grad_lora_b) given the forward's u; grad_x includes
+    grad_out @ W given weight."""
+    _check(x, weight, None, gate, lora_a, lora_b, sample_index, grad_out, u)
     with on_device(x):
-        return _backward(grad_out, x, weight, gate, lora_a, lora_b, sample_index, float(scaling), output_mix)
+        return _backward(grad_out, x, u, weight, gate, lora_a, lora_b, sample_index, float(scaling), output_mix)
 
 
 def _forward(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, output_mix):
@@ -552,16 +562,15 @@ def _forward(x, weight, bias, gate, lora_a, lora_b, sample_index, scaling, outpu
     u = _matmul(x, a_cat.t(), x.new_empty(x.shape[0], a_cat.shape[0], dtype=torch.float32))
     v, _, _ = _mix(u, None, gate, sample_index, lora_a.shape[1], scaling, output_mix, x.dtype)
     if weight is None:
-        return _matmul(v, b_t, y)
-    return _matmul(x, weight.t(), y, a2=v, b2=b_t, bias=bias)
+        return _matmul(v, b_t, y), u
+    return _matmul(x, weight.t(), y, a2=v, b2=b_t, bias=bias), u
 
 
-def _backward(grad_out, x, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
+def _backward(grad_out, x, u, weight, gate, lora_a, lora_b, sample_index, scaling, output_mix):
     num_loras, rank, d_in = lora_a.shape
     M, d_out = grad_out.shape
     a_cat, b_t = _factors(lora_a, lora_b)
     width = a_cat.shape[0]
-    u = _matmul(x, a_cat.t(), x.new_empty(M, width, dtype=torch.float32))
     h = _matmul(grad_out, b_t.t(), x.new_empty(M, width, dtype=torch.float32))
     v, z, c = _mix(u, h, gate, sample_index, rank, scaling, output_mix, x.dtype)
     grad_gate = _sum_per_sample(c, sample_index, gate.shape[0])

@@ -128,6 +128,7 @@ def benchmark_calls():
             w = meta(s["d_out"], s["d_in"], dtype=dtype)
             bias = meta(s["d_out"], dtype=dtype)
             grad = meta(tokens, s["d_out"], dtype=dtype)
+            u = meta(tokens, s["num_loras"] * s["rank"], dtype=torch.float32)  # the forward's x A_cat^T
             packed = torch.empty(tokens, device="meta", dtype=torch.int64)
             for output_mix in (False, True):
                 for weight, bias_ in ((None, None), (w, bias)):
@@ -149,8 +150,8 @@ def benchmark_calls():
                             (
                                 label + " backward",
                                 dname,
-                                lambda x=x, w=weight, g=gate, a=a, b=b, i=index, o=output_mix, gr=grad: (
-                                    lora.gated_lora_backward(gr, x, w, g, a, b, i, 2.0, o)
+                                lambda x=x, u=u, w=weight, g=gate, a=a, b=b, i=index, o=output_mix, gr=grad: (
+                                    lora.gated_lora_backward(gr, x, u, w, g, a, b, i, 2.0, o)
                                 ),
                             )
                         )

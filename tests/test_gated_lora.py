@@ -223,9 +223,33 @@ def test_opcheck(backend, device, mix):
         if backend in ("cpu", "cuda"):
             native_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             torch.library.opcheck(torch.ops.reclora.gated_lora_forward.default, native_args)
+            _, u = torch.ops.reclora.gated_lora_forward(*native_args)
             grad_out = torch.randn(6, 9, device=device)
-            backward_args = (grad_out,) + native_args[:2] + native_args[3:]
+            backward_args = (grad_out, native_args[0], u, native_args[1]) + native_args[3:]
             torch.library.opcheck(torch.ops.reclora.gated_lora_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))
+@pytest.mark.parametrize("mix", ["weight", "output"])
+def test_backward_reuses_the_forwards_u(backend, device, mix):
+    """The backward kernels take the forward's u instead of recomputing it: a u of the wrong shape is
+    refused with its name, and u's values are what the backward reads."""
+    module = importlib.import_module("reclora_kernels.gated_lora")
+    inputs = make_inputs((2, 3, 3, 4, 10, 9))
+    x, gate, a, b = (inputs[n].to(device=device, dtype=torch.float32) for n in ("x", "gate", "lora_a", "lora_b"))
+    args = (x.reshape(-1, 10), None, None, gate, a, b, None, 2.0, mix == "output")
+    kernels = module._kernels(backend)
+    _, u = kernels.gated_lora_forward(*args)
+    grad_out = torch.randn(6, 9, device=device)
+    backward_args = (None, gate, a, b, None, 2.0, mix == "output")
+    with pytest.raises((RuntimeError, ValueError), match="u"):
+        kernels.gated_lora_backward(grad_out, args[0], u[:, :-1].contiguous(), *backward_args)
+    _, _, grad_a, grad_b = kernels.gated_lora_backward(grad_out, args[0], u, *backward_args)
+    _, _, grad_a_zero_u, grad_b_zero_u = kernels.gated_lora_backward(
+        grad_out, args[0], torch.zeros_like(u), *backward_args
+    )
+    torch.testing.assert_close(grad_a_zero_u, grad_a)  # dA reads x and grad_out, not u
+    assert grad_b.abs().sum() > 0 and torch.count_nonzero(grad_b_zero_u) == 0  # dB = G^T (gated u)
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends("gated_lora"))

@@ -77,7 +77,7 @@ ISA_PROBE = (
     "x = torch.randn(2, 3, 20); gate = torch.softmax(torch.randn(2, 3), -1)\n"
     "a = torch.randn(3, 4, 20); b = torch.randn(3, 21, 4)\n"
     "for call in (lambda: cpu_features.active_isa(), lambda: rk.gated_lora(x, gate, a, b).shape,\n"
-    "             lambda: torch.ops.reclora.gated_lora_forward(x.view(6, 20), None, None, gate, a, b, None, 1.0, False).shape):\n"
+    "             lambda: torch.ops.reclora.gated_lora_forward(x.view(6, 20), None, None, gate, a, b, None, 1.0, False)[0].shape):\n"
     "    try:\n"
     "        print(call())\n"
     "    except Exception as e:\n"
