@@ -4,7 +4,8 @@ Few2Many trains the CRM on the whole training split, the LLM's training subset i
 those samples the CRM's outputs (the gates' input, and the readout's offset under --crm-residual)
 are those of a model fitted to them. This prints the run's CRM's AUC and LogLoss on the LLM's
 training subset, on the run's validation subset and on the whole validation split. A large gap
-means the LLM learns from a CRM better than the one it meets at test time (--crm-holdout removes it).
+means the LLM learns from a CRM better than the one it meets at test time (--crm-holdout narrows it;
+--crm-holdout-users, which keeps the subset's users out of the CRM's training, should close it).
 
   python -m reclora.analysis.crm_fit runs/ml100k/recipe-reclora-seed0 --json docs/results/ml100k-crm-fit.json
 """
@@ -32,7 +33,12 @@ def crm_fit(run_dir: Path, data_dir=None) -> dict:
     crm, inputs = run.load_crm(dataset, "cpu")
     parts = subsets(config, dataset)
     labels = dataset.samples.label
-    out = {"run": str(run_dir), "crm": config.crm, "crm_holdout": config.crm_holdout}
+    out = {
+        "run": str(run_dir),
+        "crm": config.crm,
+        "crm_holdout": config.crm_holdout,
+        "crm_holdout_users": config.crm_holdout_users,
+    }
     for name, samples in (
         ("llm_training_subset", parts["train"]),
         ("validation_subset", parts["valid"]),

@@ -191,6 +191,15 @@ class TrainConfig:
         "(docs/RESULTS.md, issue 16 part 5; not in the paper); a CRM method with it trains the CRM "
         "such a run uses",
     )
+    crm_holdout_users: bool = _option(
+        False,
+        "the LLM's training subset is drawn from users chosen at random (by --seed), and stage 1 trains "
+        "the CRM without any sample of those users: on the LLM's samples the CRM then meets users it "
+        "never trained on, as on most validation and test samples of a global time split (ML-100K: "
+        "84%% and 86%% of them; --crm-holdout alone still lets it train on the same users' other samples; "
+        "docs/RESULTS.md, issue 16 part 6; not in the paper); a CRM method with it trains the CRM such a "
+        "run uses",
+    )
     crm_epochs: int = _option(3, "CRM training epochs at most (early stopping on validation AUC)", bound=AT_LEAST_1)
     crm_batch_size: int = _option(256, "CRM training batch", bound=AT_LEAST_1)
     crm_lr: float = _option(1e-3, "CRM AdamW learning rate", bound=POSITIVE)
@@ -296,6 +305,11 @@ class TrainConfig:
             raise ConfigError(
                 "--crm-holdout leaves the LLM's training subset out of the CRM's training: with --train-size 0 "
                 "(the whole split) nothing would be left; give --train-size"
+            )
+        if self.crm_holdout_users and (self.crm_holdout or self.train_size == 0):
+            raise ConfigError(
+                "--crm-holdout-users leaves the users of the LLM's training subset out of the CRM's training: "
+                "it needs --train-size, and replaces --crm-holdout (give one of them)"
             )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")

@@ -1,8 +1,10 @@
 """Stage 1 of Few2Many: the CRM trained on the whole training split, or the one trained before.
 
 With --crm-holdout the CRM trains without the LLM's training subset (held_out): on those samples
-the LLM then sees the CRM as it is on new data (SIM on ML-100K: AUC 0.835 on the 2,000 samples it
-was fitted to, 0.742 on the validation split; docs/RESULTS.md, issue 16 part 5).
+the LLM then sees the CRM as it is on new samples of known users (SIM on ML-100K: AUC 0.835 on the
+2,000 samples it was fitted to, 0.806 held out, 0.742 on the validation split; docs/RESULTS.md,
+issue 16 parts 5 and 6). With --crm-holdout-users it trains without any sample of the users the
+LLM's subset is drawn from: those users are new to it, as most validation and test users are.
 
 A trained CRM is kept in the run's crm/ directory and in the cache under a key of the whole
 dataset's content, the CRM's settings and CRM_FORMAT, so methods sharing data and settings
@@ -50,6 +52,8 @@ def crm_key(config: TrainConfig, dataset: RecDataset) -> str:
     settings = config.fingerprint(*CRM_SETTINGS)
     if config.crm_holdout:  # the held-out subset is drawn by --seed (in CRM_SETTINGS) and --train-size
         settings["held_out"] = config.fingerprint("train_size")
+    if config.crm_holdout_users:  # likewise the held-out users
+        settings["held_out_users"] = config.fingerprint("train_size")
     identity = json.dumps([CRM_FORMAT, dataset.fingerprint, settings], sort_keys=True)
     return f"{dataset.name}-{config.crm}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 

@@ -79,6 +79,9 @@ def test_crm_residual_loads_the_crm_and_needs_a_margin_loss():
         config_from_args(["--method", "zero-shot", "--crm-residual"])
     with pytest.raises(ConfigError, match="--crm-holdout .*with --train-size 0"):
         config_from_args(["--method", "reclora", "--crm-holdout", "--train-size", "0"])
+    for options in (["--crm-holdout", "--train-size", "100"], ["--train-size", "0"]):
+        with pytest.raises(ConfigError, match="--crm-holdout-users .*needs --train-size, and replaces --crm-holdout"):
+            config_from_args(["--method", "reclora", "--crm-holdout-users", *options])
 
 
 def test_what_each_method_is_made_of():

