@@ -272,6 +272,26 @@ struct Transpose {
   using S = cpu::Simd<W>;
   using vec = typename S::vec;
 
+  // log2 N rounds over N vectors: unzip (pairs 2k, 2k + 1 into k, N/2 + k), or zip, its inverse.
+  template <int N, bool kUnzip>
+  static RECLORA_INLINE void permute_rounds(vec (&v)[N]) {
+#pragma GCC unroll 4
+    for (int round = 1; round < N; round *= 2) {
+      vec next[N];
+#pragma GCC unroll 8
+      for (int k = 0; k < N / 2; ++k) {
+        if constexpr (kUnzip) {
+          next[k] = S::unzip_even(v[2 * k], v[2 * k + 1]);
+          next[N / 2 + k] = S::unzip_odd(v[2 * k], v[2 * k + 1]);
+        } else {
+          next[2 * k] = S::zip_low(v[k], v[N / 2 + k]);
+          next[2 * k + 1] = S::zip_high(v[k], v[N / 2 + k]);
+        }
+      }
+      std::copy_n(next, N, v);
+    }
+  }
+
   // (rows, N) -> (N, rows)
   template <int N>
   static RECLORA_INLINE void few_cols(const float* in, float* out, int64_t rows) {
@@ -281,16 +301,7 @@ struct Transpose {
         vec v[N];
 #pragma GCC unroll 16
         for (int m = 0; m < N; ++m) v[m] = S::load(in + i0 * N + m * W);
-#pragma GCC unroll 4
-        for (int round = 1; round < N; round *= 2) {
-          vec next[N];
-#pragma GCC unroll 8
-          for (int k = 0; k < N / 2; ++k) {
-            next[k] = S::unzip_even(v[2 * k], v[2 * k + 1]);
-            next[N / 2 + k] = S::unzip_odd(v[2 * k], v[2 * k + 1]);
-          }
-          std::copy_n(next, N, v);
-        }
+        permute_rounds<N, true>(v);
 #pragma GCC unroll 16
         for (int j = 0; j < N; ++j) S::store(out + j * rows + i0, v[j]);
       }
@@ -309,16 +320,7 @@ struct Transpose {
         vec v[N];
 #pragma GCC unroll 16
         for (int m = 0; m < N; ++m) v[m] = S::load(in + m * cols + j0);
-#pragma GCC unroll 4
-        for (int round = 1; round < N; round *= 2) {
-          vec next[N];
-#pragma GCC unroll 8
-          for (int k = 0; k < N / 2; ++k) {
-            next[2 * k] = S::zip_low(v[k], v[N / 2 + k]);
-            next[2 * k + 1] = S::zip_high(v[k], v[N / 2 + k]);
-          }
-          std::copy_n(next, N, v);
-        }
+        permute_rounds<N, false>(v);
 #pragma GCC unroll 16
         for (int m = 0; m < N; ++m) S::store(out + j0 * N + m * W, v[m]);
       }
