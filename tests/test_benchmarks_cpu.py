@@ -74,3 +74,24 @@ def test_every_cpu_group_runs_and_has_a_roofline():
         assert "fused" in table and ("published" in table or "composition" in table), name
         line = roofline.roofline(table["fused"]["median_ms"], meta, peaks)
         assert line["bound"] in ("compute", "memory") and line["gflops"] > 0, name
+
+
+def test_table_of_a_committed_result():
+    """benchmarks.table renders a result of benchmarks.run: one row per group and path, ratios as stored."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import table
+
+    path = (
+        Path(__file__).parents[1]
+        / "benchmarks/results/cpu-intel-r-xeon-r-processor-2-80ghz-family-6-model-106-2026-12-03-1thread.json"
+    )
+    result = json.loads(path.read_text())
+    rows = table.table(result).splitlines()[2:]
+    groups = result["paths"]["avx512"]["groups"]
+    assert len(rows) == sum(len(p["groups"]) for p in result["paths"].values())
+    best = groups["gated_lora mix=weight forward+backward grad=dense"]["ratios"]["best PyTorch way / fused"]
+    dense = next(r for r in rows if r.startswith("| mix=weight forward+backward grad=dense | avx512 |"))
+    assert f"| {best:.2f} (" in dense and "memory (" in dense
+    assert any(r.startswith("| topk attention forward | avx2 |") and "| - | - |" in r for r in rows)
