@@ -67,7 +67,7 @@ def subsets(config: TrainConfig, dataset) -> dict:
 
 
 # --crm-holdout-users: the held-out users' training samples, as a multiple of --train-size (about
-# 1 in 10 of ML-100K's training split at 2,000, from about 80 of its 750 users).
+# 1 in 10 of ML-100K's training split at 2,000, 8,018 samples of 71 of its 750 users at seed 0).
 HELD_OUT_USERS_POOL = 4
 
 

@@ -22,6 +22,14 @@ LIBRARY_ENV = "RECLORA_CUDA_EMULATION_LIB"
 _state = {"loaded": None, "schemas": None}
 
 
+def under_sanitizer():
+    """True in a process run by tests.cuda_emulation.sanitized. There ASan's preloaded runtime cannot
+    intercept a C++ exception thrown from torch's libc10 (its CHECK on __cxa_throw fails and the
+    process dies), so a test expecting a kernel's TORCH_CHECK to throw skips that part; the plain
+    emulation build runs it."""
+    return any(name in os.environ.get("LD_PRELOAD", "") for name in ("libasan", "libtsan"))
+
+
 def library_path():
     from scripts.build_cuda_emulation import library_path as built
 
