@@ -75,6 +75,13 @@ train residual-reclora-sasrec-seed0 --method reclora --crm sasrec --train-size "
 # The recipe with twice the optimizer steps (batch 8: the same samples, the same compute), paired
 # with recipe-lora-seedS: lora's validation AUC was still rising when its one epoch of 125 steps ended
 train steps-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 "${RECIPE[@]}"
+# The CRM table under the recipe (issue 16, part 3 of the issue): reclora with each CRM as its gates'
+# source and with the uniform gate (every alpha 1/K: no personalization), each paired with
+# recipe-reclora-seed0 (SIM's gates) and with its CRM alone
+train recipe-reclora-uniform-seed0 --method reclora --gate-input uniform --train-size "$TRAIN_SIZE" "${RECIPE[@]}"
+for crm in sasrec gru4rec; do
+  train "recipe-reclora-$crm-seed0" --method reclora --crm "$crm" --train-size "$TRAIN_SIZE" "${RECIPE[@]}"
+done
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
 train ablation-mix-output --method reclora --mix output --train-size "$TRAIN_SIZE"
