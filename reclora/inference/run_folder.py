@@ -116,8 +116,7 @@ class RunFolder(RunDirectory):
         except Exception as error:  # torch raises many kinds for a damaged file
             raise RunFolderError(f"{self.checkpoint}: cannot be read ({type(error).__name__}: {error})") from None
         saved = (checkpoint.get("identity") or {}).get("settings", {})
-        now = json.loads(json.dumps(self.settings.run_fingerprint(), default=str))  # as the checkpoint stores it
-        changed = sorted(k for k, v in now.items() if saved.get(k) != v)
+        changed = sorted(self.settings.settings_changed_since(saved))
         if changed:
             raise RunFolderError(f"{self.checkpoint}: written with other settings than config.json ({changed})")
         state = checkpoint.get("state", {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -339,6 +340,19 @@ class TrainConfig:
     def run_fingerprint(self) -> dict:
         """Every setting that can change a run's results: all but the run-only ones."""
         return self.fingerprint(*(name for name, f in FIELDS.items() if not f.metadata["run_only"]))
+
+    def settings_changed_since(self, saved: dict) -> dict:
+        """{name: (saved, now)} for every setting of run_fingerprint that differs from saved, a
+        run_fingerprint as a checkpoint or results.json stores it. A setting added after the run was
+        written counts as its default then (every new setting's default keeps the old behaviour)."""
+        now = _as_stored(self.run_fingerprint())
+        then = {**_as_stored(TrainConfig().run_fingerprint()), **saved}
+        return {name: (then.get(name), value) for name, value in now.items() if then.get(name) != value}
+
+
+def _as_stored(settings: dict) -> dict:
+    """settings as they read back from JSON (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(settings, default=str))
 
 
 def _comma_list(text: str) -> list:

@@ -51,11 +51,7 @@ def settings_conflict(saved: dict, config: TrainConfig, source) -> None:
             f"{saved.get('format') if isinstance(saved, dict) else None}, expected {CHECKPOINT_FORMAT}); "
             "start afresh with --overwrite"
         )
-    now = json.loads(json.dumps(config.run_fingerprint(), default=str))
-    # A setting added after the run was written had its default then.
-    defaults = json.loads(json.dumps(TrainConfig().run_fingerprint(), default=str))
-    saved_settings = {**defaults, **saved["settings"]}
-    changed = {k: (saved_settings.get(k), v) for k, v in now.items() if saved_settings.get(k) != v}
+    changed = config.settings_changed_since(saved["settings"])
     if changed:
         raise ConfigError(
             f"--resume: {source} was written with other settings (saved, now): {changed}; resume "
