@@ -321,3 +321,38 @@ def test_late_fusion_tells_a_run_with_its_own_signal_from_a_copy_of_the_crm(tmp_
     with pytest.raises(SystemExit) as exit_info:
         late_fusion.main(["--crm", str(tmp_path / "sim"), str(tmp_path / "elsewhere")])
     assert exit_info.value.code == 2 and "other test samples" in capsys.readouterr().err
+
+
+def _write_valid_scores(path: Path, label, prob):
+    rows = ["sample,user,item,label,score"] + [f"{i},1,2,{y},{p}" for i, (y, p) in enumerate(zip(label, prob))]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_late_fusion_chooses_the_weight_on_validation(tmp_path, capsys):
+    from reclora.analysis import late_fusion
+
+    write_run(tmp_path, "sim", "sim", 1.0, train_size=70000)
+    write_run(tmp_path, "own", "lora", 1.0, seed=1)
+    write_run(tmp_path, "noise", "lora", 0.0, seed=2)  # knows nothing: the CRM alone is best
+    valid = tmp_path / "valid"
+    valid.mkdir()
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 2, 600)
+    signal = 2 * label - 1
+    crm_valid = 1 / (1 + np.exp(-(signal + rng.normal(size=600))))
+    _write_valid_scores(valid / "sim.csv", label, crm_valid)
+    _write_valid_scores(valid / "own.csv", label, 1 / (1 + np.exp(-(signal + rng.normal(size=600)))))
+    _write_valid_scores(valid / "noise.csv", label, 1 / (1 + np.exp(-rng.normal(size=600))))
+    args = ["--crm", str(tmp_path / "sim"), str(tmp_path / "own"), str(tmp_path / "noise"), "--valid", str(valid)]
+    out = tmp_path / "fusion.json"
+    assert late_fusion.main(args + ["--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    own, noise = runs["own"]["chosen_on_valid"], runs["noise"]["chosen_on_valid"]
+    assert 0.3 <= own["weight"] <= 0.7 and own["valid_auc"] > own["valid_crm_auc"]  # two equal, independent views
+    assert own["minus_crm"] > 0.02 and own["interval"][0] > 0
+    assert noise["weight"] < 0.2 and abs(noise["minus_crm"]) < 0.01
+    assert "weight chosen on validation" in capsys.readouterr().out
+    (valid / "noise.csv").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        late_fusion.main(args)
+    assert exit_info.value.code == 2 and "noise.csv is missing" in capsys.readouterr().err
