@@ -86,7 +86,9 @@ def _fused_row(crm: dict, crm_auc: float, run: dict, weight: float) -> dict:
 def late_fusion(crm_dir: Path, run_dirs, weights=WEIGHTS, valid_dir=None) -> dict:
     crm = load_predictions(crm_dir)
     out = {"crm": str(crm_dir), "crm_auc": auc(crm["label"], crm["prob"]), "weights": list(weights), "runs": {}}
-    crm_valid = load_valid_scores(valid_dir, Path(crm_dir).name) if valid_dir else None
+    if valid_dir:
+        crm_valid = load_valid_scores(valid_dir, Path(crm_dir).name)
+        crm_valid_auc = auc(crm_valid["label"], crm_valid["prob"])
     for run_dir in run_dirs:
         run = load_predictions(run_dir)
         if not np.array_equal(run["sample"], crm["sample"]):
@@ -99,7 +101,7 @@ def late_fusion(crm_dir: Path, run_dirs, weights=WEIGHTS, valid_dir=None) -> dic
             row["chosen_on_valid"] = {
                 "weight": weight,
                 "valid_auc": valid_auc,
-                "valid_crm_auc": auc(crm_valid["label"], crm_valid["prob"]),
+                "valid_crm_auc": crm_valid_auc,
                 **_fused_row(crm, out["crm_auc"], run, weight),
             }
         out["runs"][Path(run_dir).name] = row

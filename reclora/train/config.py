@@ -345,13 +345,13 @@ class TrainConfig:
         """{name: (saved, now)} for every setting of run_fingerprint that differs from saved, a
         run_fingerprint as a checkpoint or results.json stores it. A setting added after the run was
         written counts as its default then (every new setting's default keeps the old behaviour)."""
-        now = _as_stored(self.run_fingerprint())
-        then = {**_as_stored(TrainConfig().run_fingerprint()), **saved}
+        now = as_stored(self.run_fingerprint())
+        then = {**as_stored(TrainConfig().run_fingerprint()), **saved}
         return {name: (then.get(name), value) for name, value in now.items() if then.get(name) != value}
 
 
-def _as_stored(settings: dict) -> dict:
-    """settings as they read back from JSON (tuples as lists, paths as strings)."""
+def as_stored(settings: dict) -> dict:
+    """values as they read back from JSON, in results.json or a checkpoint (tuples as lists, paths as strings)."""
     return json.loads(json.dumps(settings, default=str))
 
 

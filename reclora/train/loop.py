@@ -15,7 +15,6 @@ on P or A (up to float rounding).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from reclora.files import save_torch
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.progress import progress_bar
-from reclora.train.config import ConfigError, TrainConfig
+from reclora.train.config import ConfigError, TrainConfig, as_stored
 from reclora.train.distributed import Processes
 from reclora.train.outputs import RunDirectory
 
@@ -40,7 +39,7 @@ CHECKPOINT_FORMAT = 2
 def run_identity(config: TrainConfig, dataset) -> dict:
     """What a checkpoint must share with the run resuming it: every setting but the run-only ones, and the data."""
     identity = {"format": CHECKPOINT_FORMAT, "settings": config.run_fingerprint(), "data": dataset.fingerprint}
-    return json.loads(json.dumps(identity, default=str))  # as it reads back from results.json
+    return as_stored(identity)
 
 
 def settings_conflict(saved: dict, config: TrainConfig, source) -> None:
