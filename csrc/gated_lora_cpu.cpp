@@ -122,7 +122,7 @@ struct RowCombine {
       for (int v = 0; v < NV; ++v) qv[v] = S::template load_n<kTail>(q + j * ldq + o + v * W, count);
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
-        const vec cv = S::splat(c[t * ldc + j]);
+        const vec cv = S::broadcast(c + t * ldc + j);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[t][v] += cv * qv[v];
       }
@@ -176,7 +176,7 @@ struct RankUpdate {
       const float* ct = c + t * c_ts;
 #pragma GCC unroll 8
       for (int j = 0; j < NJ; ++j) {
-        const vec cv = S::splat(ct[j * c_js]);
+        const vec cv = S::broadcast(ct + j * c_js);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[j][v] += cv * pv[v];
       }
