@@ -79,7 +79,7 @@ train steps-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 "
 # source and with the uniform gate (every alpha 1/K: no personalization), each paired with
 # recipe-reclora-seed0 (SIM's gates) and with its CRM alone
 train recipe-reclora-uniform-seed0 --method reclora --gate-input uniform --train-size "$TRAIN_SIZE" "${RECIPE[@]}"
-for crm in sasrec gru4rec; do
+for crm in sasrec gru4rec din; do
   train "recipe-reclora-$crm-seed0" --method reclora --crm "$crm" --train-size "$TRAIN_SIZE" "${RECIPE[@]}"
 done
 # Ablations of reclora (seed 0, the main budget)
