@@ -29,14 +29,21 @@ TRIAD_L3 = 1 << 20  # 3 x 4 MiB: about the working set of gated_lora at the Smol
 def interleaved(impls, rounds, warmup, back_to_back=False):
     """{name: stats}: round i of every implementation runs before round i + 1 of any. Wall time, and
     beside it the process's CPU time (all threads), which time slices lost to other processes on a
-    shared machine do not inflate.
+    shared machine do not inflate. The rounds take their orders from a Williams design
+    (balanced_orders), so within rounds every implementation comes right after each of the others
+    equally often: what runs just before an op moves its time (gated_lora took 2.4-2.6 ms after the
+    base linear's GEMMs, 2.1 ms after the published way, on an Ice Lake), and a fixed order would
+    charge that to one implementation.
 
     By default the other implementations run between two calls of one and evict its operands from
     the caches, as a model's other layers do between two calls of an op. back_to_back: each timed
     call comes right after an untimed identical one, so its operands are in cache (a loop's regime)."""
     wall, cpu = {name: [] for name in impls}, {name: [] for name in impls}
+    names = list(impls)
+    orders = balanced_orders(len(names))
     for i in range(warmup + rounds):
-        for name, fn in impls.items():
+        for name in (names[k] for k in orders[i % len(orders)]):
+            fn = impls[name]
             if back_to_back:
                 fn()
             start = time.process_time()
@@ -45,6 +52,14 @@ def interleaved(impls, rounds, warmup, back_to_back=False):
                 wall[name].append(ms)
                 cpu[name].append((time.process_time() - start) * 1e3)
     return {name: {**stats(wall[name]), "cpu_median_ms": statistics.median(cpu[name])} for name in impls}
+
+
+def balanced_orders(n):
+    """Williams' design: orders of range(n) (n of them, 2 n for odd n) in which each element comes right
+    after each other one equally often."""
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
+    orders = [[(k + shift) % n for k in first] for shift in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
 
 
 def machine_peaks(rounds, warmup=2):

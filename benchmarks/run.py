@@ -3,7 +3,9 @@
 CPU: at each ISA path of this CPU (RECLORA_CPU_ISA, one child process per path), the groups of
 bench_gated_lora.py and bench_retrieval.py (fused op and baselines) timed round-robin, medians over
 --rounds rounds, and the roofline (benchmarks/roofline.py): a large torch.mm and a STREAM triad
-measured in the same child, each fused op's GFLOP/s and GB/s as fractions of them. The AVX2 path
+measured in the same child, each fused op's GFLOP/s and GB/s as fractions of them. Each path is
+measured in --repeats children, the paths taking turns; a path's ratios, timings and peaks are the
+medians over its children (every child's own result is kept beside them). The AVX2 path
 also caps PyTorch's own libraries at AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS,
 ONEDNN_MAX_CPU_ISA), as on an AVX2-only CPU. Then the peak memory and the history-length scaling of
 top-k attention at the best path. Writes benchmarks/results/cpu-<cpu>-<date>[-<N>thread].json and
@@ -16,6 +18,7 @@ import functools
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +102,44 @@ def run_path(level, rounds, warmup):
             return json.load(f)
 
 
+def combine_children(children):
+    """One path's result from its repeated children: each ratio, each implementation's median (wall and
+    CPU time) and each machine peak as the median over the children, the roofline recomputed from the
+    combined fused median and peaks; every child's result under "children". Between two processes
+    running the same code the same kernel's time moved by up to 1.5x on a shared VM (the process's own
+    memory placement), so one child's ratio is one draw."""
+    median = statistics.median
+    peaks = {k: median(c["peaks"][k] for c in children) for k in ("mm_gflops", "triad_l3_gbs", "triad_dram_gbs")}
+    groups = {}
+    for name, first in children[0]["groups"].items():
+        measured = [c["groups"][name] for c in children]
+        group = {"meta": first["meta"], **combine_tables([(g["timings"], g["ratios"]) for g in measured])}
+        group["cpu_time_ratios"] = median_by_key([g["cpu_time_ratios"] for g in measured])
+        group["roofline"] = roofline.roofline(group["timings"]["fused"]["median_ms"], first["meta"], peaks)
+        group["loadavg"] = [g["loadavg"] for g in measured]
+        if "in_cache" in first:
+            group["in_cache"] = combine_tables([(g["in_cache"]["timings"], g["in_cache"]["ratios"]) for g in measured])
+        groups[name] = group
+    return {"environment": children[0]["environment"], "peaks": peaks, "groups": groups, "children": children}
+
+
+def combine_tables(tables):
+    """{"timings", "ratios"} from (timings, ratios) of several children: medians over them."""
+    timings = {
+        impl: {
+            "median_ms": statistics.median(t[impl]["median_ms"] for t, _ in tables),
+            "cpu_median_ms": statistics.median(t[impl]["cpu_median_ms"] for t, _ in tables),
+            "children_median_ms": [t[impl]["median_ms"] for t, _ in tables],
+        }
+        for impl in tables[0][0]
+    }
+    return {"timings": timings, "ratios": median_by_key([r for _, r in tables])}
+
+
+def median_by_key(dicts):
+    return {key: statistics.median(d[key] for d in dicts) for key in dicts[0]}
+
+
 def cpu_slug():
     return re.sub(r"[^a-z0-9]+", "-", cpu_features.cpu_model().lower()).strip("-")
 
@@ -165,6 +206,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per group (medians; at least 25)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="child processes per ISA path, the paths taking turns; results are medians over them",
+    )
     levels = cpu_features.isa_levels()
     parser.add_argument(
         "--isa",
@@ -186,6 +233,8 @@ def main():
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children's thread count
@@ -209,12 +258,18 @@ def main():
             "rounds": args.rounds,
             "warmup_rounds": args.warmup,
             "statistic": "median (with quartiles, min, max and every round's time)",
-            "isa_paths": "one child process per path; RECLORA_CPU_ISA plus the library caps in LIBRARY_CAPS",
+            "isa_paths": "child processes per path (RECLORA_CPU_ISA plus the library caps in LIBRARY_CAPS), "
+            "the paths taking turns; a path's figures are medians over its children (combine_children)",
+            "repeats": args.repeats,
             "work_model": roofline.__doc__,
         },
         "library_caps": {level: LIBRARY_CAPS[level] for level in args.isa},
-        "paths": {level: run_path(level, args.rounds, args.warmup) for level in args.isa},
     }
+    children = {level: [] for level in args.isa}
+    for _ in range(args.repeats):
+        for level in args.isa:
+            children[level].append(run_path(level, args.rounds, args.warmup))
+    result["paths"] = {level: combine_children(runs) for level, runs in children.items()}
     if not args.no_scaling:
         result["topk_target_attention_memory"] = retrieval_memory()
         rows = retrieval_scaling(args.scaling_batch, args.scaling_lengths)
