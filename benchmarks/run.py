@@ -105,9 +105,9 @@ def run_path(level, rounds, warmup):
 def combine_children(children):
     """One path's result from its repeated children: each ratio, each implementation's median (wall and
     CPU time) and each machine peak as the median over the children, the roofline recomputed from the
-    combined fused median and peaks; every child's result under "children". Between two processes
-    running the same code the same kernel's time moved by up to 1.5x on a shared VM (the process's own
-    memory placement), so one child's ratio is one draw."""
+    combined fused median and peaks; every child's result under "children". From one process to the
+    next, the same kernel in the same build took up to 1.5x longer on a shared VM, so one child's
+    ratio is one draw."""
     median = statistics.median
     peaks = {k: median(c["peaks"][k] for c in children) for k in ("mm_gflops", "triad_l3_gbs", "triad_dram_gbs")}
     groups = {}

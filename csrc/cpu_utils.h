@@ -74,8 +74,8 @@ struct Simd {
   // Every lane = *p: on AVX2 and AVX-512 one vbroadcastss from memory, a load that leaves the vector
   // ALU ports to the FMAs. Written as vector code, GCC adds 0 first (vec{} + *p: 0 + x is not x for
   // -0) and broadcasts from a register, or builds the vector lane by lane (other spellings): 2 to 16
-  // extra instructions where RankUpdate and RowCombine spend 2 FMAs (perf annotate, Ice Lake;
-  // the backward ran about 8% faster without them).
+  // extra instructions a broadcast, which feeds only 2 to 4 FMAs in RankUpdate and RowCombine (perf
+  // annotate, Ice Lake; the backward ran about 8% faster without them).
   static RECLORA_INLINE vec broadcast(const float* p) {
 #ifdef RECLORA_X86_DISPATCH
     if constexpr (W >= 8 && std::is_same_v<T, float>) {
