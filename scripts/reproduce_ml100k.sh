@@ -4,7 +4,7 @@
 # seed spread, the plot). Every run resumes where it stopped, and a finished run is skipped, so the
 # script can be interrupted and rerun. Budget by environment (defaults: the CPU study):
 #   DATA=../shared/data/ml-100k OUT=runs/ml100k TRAIN_SIZE=2000 EVAL_SIZE=3000 VALID_SIZE=500 \
-#   SEEDS="0 1 2" CURVE_SIZES="500 1000" DEVICE=cpu bash scripts/reproduce_ml100k.sh
+#   SEEDS="0 1 2" CURVE_SIZES="500 1000" RECIPE_CURVE_SIZES=8000 DEVICE=cpu bash scripts/reproduce_ml100k.sh
 # ONLY="reclora-seed1 ablation-k1" runs just those runs (in the script's order) and skips the summary.
 # BF16=1 runs the LLM under bf16 autocast (the loss of a SmolLM2 batch agrees with float32 to 1e-3),
 # BF16= float32. Unset, it is 1 on a GPU and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX:
@@ -81,6 +81,13 @@ train steps-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 "
 train recipe-reclora-uniform-seed0 --method reclora --gate-input uniform --train-size "$TRAIN_SIZE" "${RECIPE[@]}"
 for crm in sasrec gru4rec din; do
   train "recipe-reclora-$crm-seed0" --method reclora --crm "$crm" --train-size "$TRAIN_SIZE" "${RECIPE[@]}"
+done
+# The recipe's Few2Many curve beyond the main budget (issue 16: "a larger budget your CPU time
+# allows"): lora and reclora at seed 0, each continuing recipe-METHOD-seed0's point on the curve
+for size in ${RECIPE_CURVE_SIZES:-8000}; do
+  for method in lora reclora; do
+    train "recipe-curve-$method-$size" --method "$method" --train-size "$size" "${RECIPE[@]}"
+  done
 done
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"

@@ -124,10 +124,18 @@ def test_the_recipe_against_the_published_runs_and_the_crms(summarize_study, tmp
     write_run(tmp_path, "residual-reclora-seed0", "reclora", 1.8)  # paired with recipe-reclora-seed0
     write_run(tmp_path, "steps-lora-seed0", "lora", 1.4)  # paired with recipe-lora-seed0
     write_run(tmp_path, "sim", "sim", 1.5, train_size=70000)
+    write_run(tmp_path, "recipe-curve-lora-8000", "lora", 1.6, train_size=8000)  # the recipe's larger budget
     assert summarize_study.main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     runs, versus = summary["runs"], summary["recipe_vs"]
     assert sorted(versus) == ["recipe-lora", "recipe-reclora", "residual-reclora", "steps-lora"]
+    few2many = summary["few2many"]
+    assert few2many["seed0"]["recipe-lora"] == [
+        [2000, runs["recipe-lora-seed0"]["auc"]],
+        [8000, runs["recipe-curve-lora-8000"]["auc"]],
+    ]
+    assert few2many["seed0"]["lora"] == [[2000, runs["lora-seed0"]["auc"]]]
+    assert few2many["seed_mean"]["recipe-lora"][0] == 2000
     assert sorted(versus["residual-reclora"]) == ["recipe-reclora", "sim"]
     assert sorted(versus["steps-lora"]) == ["recipe-lora", "sim"]
     residual = versus["residual-reclora"]["recipe-reclora"]["auc_difference"]

@@ -204,13 +204,14 @@ def gates(directory: Path, names) -> dict:
 def curve(runs, over_seeds) -> dict:
     """The Few2Many curve. seed0: method -> [(training samples, AUC)] of the seed-0 runs (curve-* and
     METHOD-seed0: the curve at one seed); seed_mean: method -> (training samples, AUC mean, sd) of the
-    main runs, the seed spread at that size."""
+    main runs, the seed spread at that size. Issue 16's recipe has its own curves, "recipe-lora" and
+    "recipe-reclora" (recipe-curve-METHOD-SIZE and recipe-METHOD-seed0)."""
     points, means = defaultdict(list), {}
     for name, (results, _) in runs.items():
-        match = re.fullmatch(r"curve-(\w+)-(\d+)", name)
+        match = re.fullmatch(r"(recipe-)?curve-(\w+)-(\d+)", name)
         if match:
-            points[match.group(1)].append((int(match.group(2)), results["auc"]))
-    for method in ("lora", "reclora"):
+            points[(match.group(1) or "") + match.group(2)].append((int(match.group(3)), results["auc"]))
+    for method in ("lora", "reclora", "recipe-lora", "recipe-reclora"):
         if f"{method}-seed0" in runs:
             results = runs[f"{method}-seed0"][0]
             points[method].append((results["train_size"], results["auc"]))
