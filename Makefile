@@ -8,7 +8,7 @@ NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 # triton 3.6's interpreter breaks on numpy 2.4
 PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" ninja setuptools wheel ruff==0.17.6
 
-.PHONY: install lint test check-cuda cuda-emulation check-cuda-emulation check-gpu-compile bench train clean
+.PHONY: install lint test check-cuda cuda-emulation check-cuda-emulation check-gpu-compile bench bench-cpu-kernels train clean
 
 install: $(VENV)/.installed
 
@@ -82,6 +82,16 @@ bench: install
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.e2e --llm smollm2-135m --batch-size 8 --seq-len 128 --steps 5 --warmup 1
 	$(PY) -m benchmarks.scaling --llm smollm2-135m --batch-size 1 --steps 3 --warmup 1 --max-seconds 30
+
+# The CPU skinny kernels alone, in cache, at each ISA path this CPU runs (benchmarks/README.md).
+bench-cpu-kernels: install
+	mkdir -p build
+	$(CXX) -O3 -std=c++20 -fopenmp $$($(PY) -c "from torch.utils.cpp_extension import include_paths as i, library_paths as l; \
+		print(*['-I' + p for p in i()], *['-L' + p + ' -Wl,-rpath,' + p for p in l()])") \
+		benchmarks/cpu_kernels_in_cache.cpp -o build/cpu_kernels_in_cache -lc10 -ltorch_cpu
+	for isa in $$($(PY) -c "from reclora_kernels.cpu_features import isa_levels; print(*isa_levels())"); do \
+		RECLORA_CPU_ISA=$$isa OMP_NUM_THREADS=1 build/cpu_kernels_in_cache || exit 1; \
+	done
 
 # Few2Many on the synthetic default with SmolLM2-135M: the CRM, then reclora and lora on the same
 # budget; prints the comparison table. About 15 minutes on 2 CPU cores.
