@@ -75,6 +75,10 @@ train residual-reclora-sasrec-seed0 --method reclora --crm sasrec --train-size "
 # The recipe with twice the optimizer steps (batch 8: the same samples, the same compute), paired
 # with recipe-lora-seedS: lora's validation AUC was still rising when its one epoch of 125 steps ended
 train steps-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 "${RECIPE[@]}"
+# ... and more epochs at batch 16 (lr decayed over all of them, the best validated epoch kept),
+# paired with recipe-lora-seed0 and recipe-reclora-seed0
+train epochs3-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --epochs 3 "${RECIPE[@]}"
+train epochs3-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --epochs 3 "${RECIPE[@]}"
 # The CRM table under the recipe (issue 16, part 3 of the issue): reclora with each CRM as its gates'
 # source and with the uniform gate (every alpha 1/K: no personalization), each paired with
 # recipe-reclora-seed0 (SIM's gates) and with its CRM alone
