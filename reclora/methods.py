@@ -43,10 +43,10 @@ class Method:
     def gates_read_crm(self, gate_input: str) -> bool:
         return self.gated and gate_input == "crm"
 
-    def needs_crm(self, gate_input: str, crm_residual: bool = False) -> bool:
+    def needs_crm(self, gate_input: str, readout_reads_crm: bool = False) -> bool:
         """Whether stage 1 trains (or finds) a CRM: a CRM alone, gates that read one, or a tuned LLM
-        whose readout adds the CRM's logit (--crm-residual)."""
-        return not self.llm or self.gates_read_crm(gate_input) or (self.tuned and crm_residual)
+        whose readout reads the CRM's logit (--crm-residual, --crm-fusion)."""
+        return not self.llm or self.gates_read_crm(gate_input) or (self.tuned and readout_reads_crm)
 
 
 LLM_METHODS = {

@@ -10,7 +10,9 @@ Data flow for a batch of sample indices:
   prompt: user attributes, the K_short behaviours with ratings, the target, the question;
   PersonalizedLLM: gates alpha = softmax(gate(h) / T) mix each slot's K meta-LoRAs; the logits
     at the answer position give P(Yes) = softmax([No, Yes])[Yes], with crm_residual
-    sigmoid(logit_Yes - logit_No + the CRM's logit): the LLM then learns the CRM's residual.
+    sigmoid(logit_Yes - logit_No + the CRM's logit): the LLM then learns the CRM's residual; with
+    crm_fusion sigmoid(w (logit_Yes - logit_No) + (1 - w) the CRM's logit), w = fusion_weight set
+    after training (reclora.fusion): the LLM trains on its own margin.
 The baselines run through the same class: "lora" (one shared LoRA, the most recent K_short items
 in the prompt: TALLRec-style), "rella" (one shared LoRA, retrieved prompt), "zero-shot" (no tuning).
 """
@@ -24,6 +26,7 @@ from torch import nn
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm.features import CrmInputs
 from reclora.data import RecDataset
+from reclora.fusion import fused_logit
 from reclora.llm import last_token_logits
 from reclora.methods import GATE_INPUTS, LLM_METHODS, method
 from reclora.prompt import PromptBuilder, PromptInput, describe_user
@@ -47,6 +50,7 @@ class RecLoRAModel(nn.Module):
         loss=DEFAULT_LOSS,
         rating_format="stars",
         crm_residual=False,
+        crm_fusion=False,
     ):
         """crm / crm_inputs: the trained CRM and its batch builder (reclora with gate_input "crm").
 
@@ -58,21 +62,27 @@ class RecLoRAModel(nn.Module):
         loss: the training loss, one of reclora.readout.LOSSES.
         rating_format: how the prompt writes a rating, one of reclora.prompt.RATING_FORMATS.
         crm_residual: the readout adds the frozen CRM's logit to the Yes/No margin (any tuned method).
+        crm_fusion: the readout weighs the margin against the frozen CRM's logit by fusion_weight (any
+        tuned method; None until the trainer chooses it on validation, and the LLM alone until then).
         """
         super().__init__()
         row = _llm_method(method)
         if gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
-        if crm_residual and not row.tuned:
-            raise ValueError(f"crm_residual needs a tuned method; {row.name!r} tunes nothing")
-        uses_crm = row.needs_crm(gate_input, crm_residual)
+        for name, asked in (("crm_residual", crm_residual), ("crm_fusion", crm_fusion)):
+            if asked and not row.tuned:
+                raise ValueError(f"{name} needs a tuned method; {row.name!r} tunes nothing")
+        if crm_residual and crm_fusion:
+            raise ValueError("crm_residual and crm_fusion are two readouts of the CRM's logit: pick one")
+        uses_crm = row.needs_crm(gate_input, crm_residual or crm_fusion)
         if uses_crm and (crm is None or crm_inputs is None):
             raise ValueError(
                 f"method {row.name!r} needs a trained crm and its crm_inputs (or gate_input='user-embedding' "
-                "and no crm_residual)"
+                "and neither crm_residual nor crm_fusion)"
             )
         self.method, self.dataset, self.retriever, self.crm_inputs = row.name, dataset, retriever, crm_inputs
         self.row, self.gate_input, self.loss_kind, self.crm_residual = row, gate_input, loss, crm_residual
+        self.crm_fusion, self.fusion_weight = crm_fusion, None
         self.crm = crm.eval().requires_grad_(False) if uses_crm else None
         self.user_embedding = None
         if not row.tuned:
@@ -124,9 +134,9 @@ class RecLoRAModel(nn.Module):
         return {}
 
     def crm_hidden(self, batch):
-        """The frozen CRM's last hidden layer, (B, hidden), where the gates or the residual readout read
-        it; else None. Computed once a batch and shared by both."""
-        if not (self.row.gates_read_crm(self.gate_input) or self.crm_residual):
+        """The frozen CRM's last hidden layer, (B, hidden), where the gates or the readout (residual or
+        fused) read it; else None. Computed once a batch and shared by both."""
+        if not (self.row.gates_read_crm(self.gate_input) or self.crm_residual or self.crm_fusion):
             return None
         with torch.no_grad():
             return self.crm.represent(batch["crm"])
@@ -167,24 +177,37 @@ class RecLoRAModel(nn.Module):
         return self.answer(batch)[0]
 
     def answer(self, batch) -> tuple:
-        """The answer position's logits (B, V) and the readout's offset: the frozen CRM's logit (B,)
-        float32 under crm_residual, else None."""
+        """The answer position's logits (B, V) and the frozen CRM's logit (B,) float32 where the readout
+        reads it (crm_residual or crm_fusion), else None."""
         if not self.row.tuned:
             return last_token_logits(self.llm, batch["input_ids"], batch["attention_mask"]), None
         crm_hidden = self.crm_hidden(batch)
         logits = self.llm(
             batch["input_ids"], batch["attention_mask"], gate_features=self.gate_features(batch, crm_hidden)
         )
-        return logits, self.crm.logit_from(crm_hidden).float() if self.crm_residual else None
+        reads_crm = self.crm_residual or self.crm_fusion
+        return logits, self.crm.logit_from(crm_hidden).float() if reads_crm else None
+
+    def readout_logits(self, batch) -> tuple:
+        """(the LLM's margin, (B,) float32, with the CRM's logit added under crm_residual; the CRM's
+        logit (B,) under crm_fusion, else None): what yes_probability combines."""
+        logits, crm_logit = self.answer(batch)
+        if self.crm_residual:
+            return self.readout.margin(logits, crm_logit), None
+        return self.readout.margin(logits), crm_logit
 
     def yes_probability(self, batch) -> torch.Tensor:
         """P(Yes) per sample: (B,) float32."""
-        return self.readout.yes_probability(*self.answer(batch))
+        margin, crm_logit = self.readout_logits(batch)
+        if crm_logit is None or self.fusion_weight is None:
+            return torch.sigmoid(margin)
+        return torch.sigmoid(fused_logit(margin, crm_logit, self.fusion_weight))
 
     def loss(self, batch) -> torch.Tensor:
-        """The training loss (self.loss_kind) of the answer logits against the labels."""
-        logits, offset = self.answer(batch)
-        return self.readout.loss(logits, batch["label"], self.loss_kind, offset)
+        """The training loss (self.loss_kind) of the answer logits against the labels; under crm_fusion
+        the LLM's margin alone."""
+        logits, crm_logit = self.answer(batch)
+        return self.readout.loss(logits, batch["label"], self.loss_kind, crm_logit if self.crm_residual else None)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -18,6 +18,7 @@ import numpy as np
 
 from reclora.analysis.study import interval, load_runs, paired_bootstrap
 from reclora.files import write_json
+from reclora.metrics import auc
 from reclora.train.outputs import RunDirectory
 
 # Settings that name or place a run rather than change what it learns.
@@ -53,11 +54,23 @@ def summarize(directory: Path, base: str) -> dict:
             "curve": curve(directory / name),
         }
         if name != base:
-            draws = paired_bootstrap(predictions, base_predictions)
-            row["auc_difference"] = results["auc"] - base_results["auc"]
-            row["paired_bootstrap_95"] = None if draws is None else interval(np.array(draws, dtype=float))
+            row.update(_against_base(predictions, "prob", base_predictions))
+            if "llm_prob" in predictions:  # --crm-fusion: the LLM's margin alone, against the base too
+                row["llm_alone"] = _against_base(predictions, "llm_prob", base_predictions)
         out["runs"][name] = row
     return out
+
+
+def _against_base(predictions, score: str, base_predictions) -> dict:
+    """The AUC of predictions[score], its difference from the base's and the paired bootstrap interval."""
+    mine = {"sample": predictions["sample"], "label": predictions["label"], "prob": predictions[score]}
+    draws = paired_bootstrap(mine, base_predictions)
+    mine_auc, base_auc = auc(mine["label"], mine["prob"]), auc(base_predictions["label"], base_predictions["prob"])
+    return {
+        "auc_difference": mine_auc - base_auc,
+        "paired_bootstrap_95": None if draws is None else interval(np.array(draws, dtype=float)),
+        **({"auc": mine_auc} if score != "prob" else {}),
+    }
 
 
 def markdown(summary: dict) -> str:
@@ -75,6 +88,10 @@ def markdown(summary: dict) -> str:
         else:
             lo, hi = row["paired_bootstrap_95"]
             difference = f"{row['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        if row.get("llm_alone", {}).get("paired_bootstrap_95"):
+            alone = row["llm_alone"]
+            lo, hi = alone["paired_bootstrap_95"]
+            difference += f"; its LLM alone {alone['auc']:.4f}: {alone['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
         valid = " / ".join("-" if v is None else f"{v:.3f}" for _, _, v in row["curve"])
         loss = " / ".join("-" if v is None else f"{v:.3f}" for _, v, _ in row["curve"])
         lines.append(

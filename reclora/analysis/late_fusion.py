@@ -8,8 +8,8 @@ only relays the CRM (docs/RESULTS.md, issue 16 part 5).
 
   python -m reclora.analysis.late_fusion --crm runs/ml100k/sim runs/ml100k/recipe-*-seed* --json docs/results/ml100k-late-fusion.json
 
-With --valid DIR, each run's weight is also chosen on the validation split (the grid VALID_GRID, the
-best validation AUC, ties to the smaller weight) and applied to the test samples: a fusion a user can
+With --valid DIR, each run's weight is also chosen on the validation split (reclora.fusion's grid and
+choice, which `--crm-fusion` makes part of a training run) and applied to the test samples: a fusion a user can
 deploy, with nothing chosen on test. DIR holds each run's and the CRM's validation scores as NAME.csv,
 written by `python -m reclora.predict runs/ml100k/NAME --split valid --output DIR/NAME.csv`.
 """
@@ -23,10 +23,11 @@ import numpy as np
 
 from reclora.analysis.study import interval, paired_bootstrap
 from reclora.files import write_json
+from reclora.fusion import WEIGHT_GRID, fused_logit
+from reclora.fusion import choose_weight as choose_logit_weight
 from reclora.metrics import auc
 
 WEIGHTS = (0.25, 0.5)
-VALID_GRID = tuple(np.round(np.linspace(0, 1, 21), 2))
 EPS = 1e-6
 
 
@@ -45,7 +46,7 @@ def load_predictions(run_dir: Path) -> dict:
 
 def fuse(crm: dict, run: dict, weight: float) -> dict:
     """The run's predictions with P = sigmoid((1 - weight) logit(p_crm) + weight logit(p_run))."""
-    mixed = (1 - weight) * logit(crm["prob"]) + weight * logit(run["prob"])
+    mixed = fused_logit(logit(run["prob"]), logit(crm["prob"]), weight)
     return dict(run, prob=1 / (1 + np.exp(-mixed)))
 
 
@@ -67,14 +68,13 @@ def load_valid_scores(valid_dir: Path, name: str) -> dict:
     }
 
 
-def choose_weight(crm: dict, run: dict, grid=VALID_GRID) -> tuple:
+def choose_weight(crm: dict, run: dict, grid=WEIGHT_GRID) -> tuple:
     """(weight, AUC) of the grid's weight whose fusion has the best AUC on these (validation) samples;
     ties go to the smaller weight, the one closer to the CRM alone."""
     if not np.array_equal(run["sample"], crm["sample"]):
         raise ValueError("the run and the CRM were scored on other validation samples: nothing to pair")
-    scored = [(auc(run["label"], fuse(crm, run, w)["prob"]), -w) for w in grid]
-    best_auc, minus_weight = max(scored)
-    return -minus_weight, best_auc
+    choice = choose_logit_weight(run["label"], logit(run["prob"]), logit(crm["prob"]), grid)
+    return choice["weight"], choice["auc"]
 
 
 def _fused_row(crm: dict, crm_auc: float, run: dict, weight: float) -> dict:

@@ -95,6 +95,8 @@ class Recommender:
             model = build_model(config, dataset, crm, inputs, torch.device(device))
             if config.method_row.tuned:
                 load_trainable_state(model, run.best_adapters())
+            if config.crm_fusion:  # the weight the trainer chose on validation
+                model.fusion_weight = run.results_json["crm_fusion"]["weight"]
             model.eval().requires_grad_(False)
         # Last: the CRM's id vocabulary and the model's tables were sized on the run's users.
         table = ServingTable(dataset)

@@ -134,6 +134,12 @@ class TrainConfig:
         "CRM gets wrong (docs/RESULTS.md, issue 16 part 5; not in the paper); trains --crm in stage 1 "
         "for any tuned method; needs --loss yes-no or yes-no-centered",
     )
+    crm_fusion: bool = _option(
+        False,
+        "the LLM trains on its own Yes/No margin m; then the readout becomes sigmoid(w m + (1 - w) c), c the "
+        "frozen CRM's logit, w in 0, 0.05 ... 1 chosen by the validation AUC (reclora.fusion; docs/RESULTS.md, "
+        "issue 16 part 8; not in the paper); trains --crm in stage 1 for any tuned method",
+    )
     # adapters
     num_loras: int = _option(16, "K, the meta-LoRAs per adapted projection (reclora)", bound=AT_LEAST_1)
     rank: int = _option(8, "LoRA rank r", bound=AT_LEAST_1)
@@ -262,7 +268,7 @@ class TrainConfig:
     @property
     def needs_crm(self) -> bool:
         """Whether the run trains (or finds) a CRM in stage 1."""
-        return self.method_row.needs_crm(self.gate_input, self.crm_residual)
+        return self.method_row.needs_crm(self.gate_input, self.crm_residual or self.crm_fusion)
 
     @property
     def output_dir(self) -> str:
@@ -301,6 +307,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"--crm-residual adds the CRM's logit to the Yes/No margin: --loss must be one of "
                     f"{list(MARGIN_LOSSES)}, got {self.loss!r}"
+                )
+        if self.crm_fusion and self.is_llm_method:
+            if not self.method_row.tuned:
+                raise ConfigError(f"--crm-fusion needs a tuned LLM method; --method {self.method} tunes nothing")
+            if self.crm_residual:
+                raise ConfigError(
+                    "--crm-fusion and --crm-residual are two readouts of the CRM's logit (weighed after "
+                    "training, or added during it): give one of them"
                 )
         if self.crm_holdout and self.train_size == 0:
             raise ConfigError(

@@ -123,18 +123,26 @@ def autocast(config: TrainConfig, device: torch.device):
 
 @torch.no_grad()
 def predict(
-    model: RecLoRAModel, samples: np.ndarray, config: TrainConfig, processes: Processes, desc: str
+    model: RecLoRAModel,
+    samples: np.ndarray,
+    config: TrainConfig,
+    processes: Processes,
+    desc: str,
+    score=None,
+    columns: int = 0,
 ) -> np.ndarray:
-    """P(Yes) for samples, in order (each process scores its shard; every process gets all)."""
+    """P(Yes) for samples, in order (each process scores its shard; every process gets all); or what
+    score(batch) gives instead of model.yes_probability, (B, columns) when columns."""
+    score = score or model.yes_probability
     was_training = model.training
     model.eval()
     mine = processes.shard(samples)
-    out = [np.zeros(0)]
+    out = [np.zeros((0, columns) if columns else 0)]  # the shape of a process's empty shard
     batches = range(0, len(mine), config.eval_batch_size)
     for first in progress_bar(batches, desc=desc, disable=not (config.progress and processes.is_main), leave=False):
         batch = model.prepare(mine[first : first + config.eval_batch_size])
         with autocast(config, processes.device):
-            out.append(model.yes_probability(batch).double().cpu().numpy())
+            out.append(score(batch).double().cpu().numpy())
     model.train(was_training)
     return processes.gather(np.concatenate(out))
 

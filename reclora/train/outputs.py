@@ -158,9 +158,11 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
-    def write_predictions(self, dataset, samples, probs) -> None:
+    def write_predictions(self, dataset, samples, prob, **parts) -> None:
+        """prob: the run's P(Yes); parts: more scores per sample (--crm-fusion: llm_prob and crm_prob, each
+        logit of the fused readout alone)."""
         arrays = dict(
-            sample=samples, user=dataset.samples.user[samples], label=dataset.samples.label[samples], prob=probs
+            sample=samples, user=dataset.samples.user[samples], label=dataset.samples.label[samples], prob=prob, **parts
         )
         atomic_write(self.predictions, lambda f: np.savez(f, **arrays), mode="wb")
 

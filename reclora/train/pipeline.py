@@ -17,6 +17,7 @@ from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.data import load_dataset
 from reclora.files import cache_folder, write_json
+from reclora.fusion import choose_weight, fused_logit
 from reclora.item_embeddings import item_embeddings
 from reclora.llm import TINY_LLAMA, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
@@ -25,7 +26,7 @@ from reclora.retriever import LongShortRetriever
 from reclora.train import distributed
 from reclora.train.config import ConfigError, TrainConfig
 from reclora.train.crm_stage import prepare_crm
-from reclora.train.loop import Trainer, data_conflict, evaluate, run_identity, settings_conflict
+from reclora.train.loop import Trainer, data_conflict, evaluate, predict, run_identity, settings_conflict
 from reclora.train.outputs import RunDirectory, RunInUse
 from reclora_kernels.cpu_features import cpu_model
 
@@ -231,12 +232,53 @@ def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, sec
         )
         if processes.is_main:
             run_dir.plot_curve(state.history, f"{config.method} on {config.dataset} ({config.llm})")
-    metrics, probs = evaluate(model, parts["test"], config, processes, "test")
+    if config.crm_fusion:
+        results["crm_fusion"] = choose_fusion(model, parts["valid"], config, processes)
+        log(
+            f"--crm-fusion: weight {model.fusion_weight} on the LLM's margin, chosen on validation (AUC "
+            f"{results['crm_fusion']['auc']:.4f}; the LLM alone {results['crm_fusion']['grid_auc'][-1]:.4f}, "
+            f"the CRM alone {results['crm_fusion']['grid_auc'][0]:.4f})"
+        )
+        metrics, probs = evaluate_fused(model, parts["test"], config, processes)
+        labels, users = dataset.samples.label[parts["test"]], dataset.samples.user[parts["test"]]
+        results["crm_fusion"]["test_alone"] = {
+            part: ctr_metrics(labels, probs[f"{part}_prob"], users=users) for part in ("llm", "crm")
+        }
+    else:
+        metrics, probs = evaluate(model, parts["test"], config, processes, "test")
+        probs = {"prob": probs}
     seconds["eval"] = metrics.pop("seconds")
     results.update(metrics, eval_samples_per_second=len(parts["test"]) / max(seconds["eval"], 1e-9))
     if processes.is_main:
-        run_dir.write_predictions(dataset, parts["test"], probs)
+        run_dir.write_predictions(dataset, parts["test"], **probs)
     return results
+
+
+def _readout_logits(model: RecLoRAModel):
+    return lambda batch: torch.stack(model.readout_logits(batch), dim=1)  # (B, 2): the LLM's margin, the CRM's logit
+
+
+def choose_fusion(model: RecLoRAModel, valid: np.ndarray, config: TrainConfig, processes) -> dict:
+    """--crm-fusion: the weight of the LLM's margin against the CRM's logit with the best validation AUC
+    (reclora.fusion.choose_weight), left in the model; {weight, auc, grid, grid_auc}."""
+    logits = predict(model, valid, config, processes, "fusion (valid)", score=_readout_logits(model), columns=2)
+    choice = choose_weight(model.dataset.samples.label[valid], logits[:, 0], logits[:, 1])
+    model.fusion_weight = choice["weight"]
+    return choice
+
+
+def evaluate_fused(model: RecLoRAModel, samples: np.ndarray, config: TrainConfig, processes) -> tuple:
+    """(the fused readout's metrics with the seconds taken, {prob: its P(Yes), llm_prob and crm_prob:
+    each logit's alone}) from one pass over samples."""
+    data, start = model.dataset.samples, time.perf_counter()
+    llm, crm = predict(model, samples, config, processes, "test", score=_readout_logits(model), columns=2).T
+    seconds = time.perf_counter() - start
+    probs = {
+        name: 1 / (1 + np.exp(-logit))
+        for name, logit in (("prob", fused_logit(llm, crm, model.fusion_weight)), ("llm_prob", llm), ("crm_prob", crm))
+    }
+    metrics = ctr_metrics(data.label[samples], probs["prob"], users=data.user[samples])
+    return dict(metrics, seconds=seconds, samples=len(samples)), probs
 
 
 def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAModel:
@@ -290,6 +332,7 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
         loss=config.loss,
         rating_format=config.rating_format,
         crm_residual=config.crm_residual,
+        crm_fusion=config.crm_fusion,
     ).to(device)
 
 

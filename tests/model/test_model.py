@@ -27,7 +27,7 @@ def parts(tmp_path_factory):
     return dataset, inputs, crm, embeddings
 
 
-def build(parts, method, strategy="semantic", seed=0, gate_input="crm", crm_residual=False):
+def build(parts, method, strategy="semantic", seed=0, gate_input="crm", crm_residual=False, crm_fusion=False):
     dataset, inputs, crm, embeddings = parts
     llm, tokenizer = load_llm("tiny-llama", seed=seed)
     retriever = LongShortRetriever(dataset, embeddings, k_long=6, k_short=3, strategy=strategy)
@@ -44,6 +44,7 @@ def build(parts, method, strategy="semantic", seed=0, gate_input="crm", crm_resi
         max_prompt_length=512,
         gate_input=gate_input,
         crm_residual=crm_residual,
+        crm_fusion=crm_fusion,
     )
 
 
@@ -84,6 +85,30 @@ def test_crm_residual_adds_the_crms_logit_to_the_margin(parts, method):
 def test_crm_residual_needs_a_tuned_method(parts):
     with pytest.raises(ValueError, match="crm_residual needs a tuned method"):
         build(parts, "zero-shot", crm_residual=True)
+    with pytest.raises(ValueError, match="crm_fusion needs a tuned method"):
+        build(parts, "zero-shot", crm_fusion=True)
+    with pytest.raises(ValueError, match="pick one"):
+        build(parts, "lora", "recent", crm_residual=True, crm_fusion=True)
+
+
+@pytest.mark.parametrize("method", ["reclora", "lora"])
+def test_crm_fusion_weighs_the_margin_against_the_crms_logit(parts, method):
+    """Under crm_fusion the LLM trains and scores on its own margin until a weight is set; then the
+    score's logit is w m + (1 - w) c: the CRM alone at w = 0, the LLM alone at w = 1."""
+    strategy = "recent" if method == "lora" else "semantic"
+    plain = build(parts, method, strategy).eval()
+    fused = build(parts, method, strategy, crm_fusion=True).eval()
+    batch = fused.prepare(parts[0].split("test")[:5])
+    with torch.no_grad():
+        margin = torch.logit(plain.yes_probability(batch).double())
+        crm_logit = parts[2].eval()(batch["crm"]).double()
+        torch.testing.assert_close(fused.yes_probability(batch).double(), torch.sigmoid(margin))
+        for weight in (0.0, 0.3, 1.0):
+            fused.fusion_weight = weight
+            expected = torch.sigmoid(weight * margin + (1 - weight) * crm_logit)
+            torch.testing.assert_close(fused.yes_probability(batch).double(), expected, rtol=1e-5, atol=1e-6)
+    fused.train()
+    torch.testing.assert_close(fused.loss(batch), plain.train().loss(batch))  # the LLM's margin alone
 
 
 def test_reclora_starts_as_the_base_model(parts):

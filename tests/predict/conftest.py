@@ -17,6 +17,7 @@ RUNS = {
     "reclora-user-embedding": {"method": "reclora", "gate_input": "user-embedding"},
     "reclora-uniform": {"method": "reclora", "gate_input": "uniform"},
     "lora-crm-residual": {"method": "lora", "crm_residual": True},  # the CRM in the readout, no gates
+    "lora-crm-fusion": {"method": "lora", "crm_fusion": True},  # the CRM weighed into the readout after training
 }
 METHODS = tuple(RUNS)
 

@@ -204,7 +204,7 @@ def test_a_run_written_before_a_setting_existed_loads(copy_run, loaded):
     """An older version's run lacks the settings added since: they read as their defaults, which
     keep the old behaviour (what the trainer's --resume does too)."""
     folder = copy_run("lora")
-    added_later = ("crm_holdout", "crm_holdout_users", "crm_residual")
+    added_later = ("crm_holdout", "crm_holdout_users", "crm_residual", "crm_fusion")
     for name in ("config.json", "results.json"):
         _edit_json(folder / name, lambda c: [c.get("config", c).pop(key) for key in added_later])
     checkpoint = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)

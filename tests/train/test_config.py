@@ -77,6 +77,18 @@ def test_crm_residual_loads_the_crm_and_needs_a_margin_loss():
         config_from_args(["--method", "reclora", "--crm-residual", "--loss", "answer-ce"])
     with pytest.raises(ConfigError, match="--crm-residual needs a tuned LLM method"):
         config_from_args(["--method", "zero-shot", "--crm-residual"])
+
+
+def test_crm_fusion_loads_the_crm_for_a_tuned_method():
+    from reclora.train.config import config_from_args
+
+    assert not config_from_args(["--method", "lora"]).needs_crm
+    assert config_from_args(["--method", "lora", "--crm-fusion"]).needs_crm
+    assert config_from_args(["--method", "rella", "--crm-fusion", "--loss", "answer-ce"]).needs_crm
+    with pytest.raises(ConfigError, match="--crm-fusion needs a tuned LLM method"):
+        config_from_args(["--method", "zero-shot", "--crm-fusion"])
+    with pytest.raises(ConfigError, match="--crm-fusion and --crm-residual .* give one of them"):
+        config_from_args(["--method", "lora", "--crm-fusion", "--crm-residual"])
     with pytest.raises(ConfigError, match="--crm-holdout .*with --train-size 0"):
         config_from_args(["--method", "reclora", "--crm-holdout", "--train-size", "0"])
     for options in (["--crm-holdout", "--train-size", "100"], ["--train-size", "0"]):

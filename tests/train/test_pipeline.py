@@ -109,6 +109,27 @@ def test_crm_residual_trains_lora_on_the_crms_residual(runs, tmp_path):
     assert not np.allclose(np.load(out / "predictions.npz")["prob"], plain)
 
 
+def test_crm_fusion_chooses_the_weight_on_validation(runs, tmp_path):
+    """lora with --crm-fusion trains as plain lora (the same adapters), then weighs its margin against
+    the CRM's logit by the validation AUC; the test metrics are the fused readout's, beside each alone."""
+    root, results = runs
+    out = tmp_path / "lora-fusion"
+    result = run(make_config(tiny_settings(root, method="lora", crm_fusion=True, out=str(out))), log=lambda line: None)
+    fusion = result["crm_fusion"]
+    assert result["crm"]["kind"] == "sim" and result["crm"]["cached"]
+    assert fusion["weight"] in fusion["grid"] and fusion["auc"] == max(fusion["grid_auc"])
+    assert fusion["weight"] == min(w for w, a in zip(fusion["grid"], fusion["grid_auc"]) if a == fusion["auc"])
+    assert fusion["test_alone"]["llm"]["auc"] == pytest.approx(results["lora"]["auc"], abs=1e-6)
+    assert fusion["test_alone"]["crm"]["auc"] == pytest.approx(results["sim"]["auc"], abs=1e-3)
+    saved = np.load(out / "predictions.npz")
+    llm, crm = np.load(root / "lora" / "predictions.npz")["prob"], np.load(root / "sim" / "predictions.npz")["prob"]
+    np.testing.assert_allclose(saved["llm_prob"], llm, atol=1e-6)
+    np.testing.assert_allclose(saved["crm_prob"], crm, atol=1e-4)
+    w = fusion["weight"]
+    expected = 1 / (1 + np.exp(-(w * np.log(llm / (1 - llm)) + (1 - w) * np.log(crm / (1 - crm)))))
+    np.testing.assert_allclose(saved["prob"], expected, atol=2e-4)
+
+
 def test_crm_holdout_trains_the_crm_without_the_llm_subset(runs, tmp_path):
     """The LLM run's CRM leaves its 24 training samples out; the CRM run with the same settings finds it."""
     root, results = runs
