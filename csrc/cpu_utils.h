@@ -202,11 +202,12 @@ struct Simd<2, T> {
 };
 
 // Calls f(std::integral_constant<int, w>{}, start) over [begin, end) in blocks of w = N while
-// they fit, then N / 2, ..., 1 (N a power of two): kernels get compile-time block sizes.
+// they fit, then smaller ones (N - 1 down to a power of two, then halving to 1): kernels get
+// compile-time block sizes.
 template <int N, class F>
 RECLORA_INLINE void for_blocks(int64_t begin, int64_t end, F&& f) {
   for (; begin + N <= end; begin += N) f(std::integral_constant<int, N>{}, begin);
-  if constexpr (N > 1) for_blocks<N / 2>(begin, end, f);
+  if constexpr (N > 1) for_blocks<(N & (N - 1)) ? N - 1 : N / 2>(begin, end, f);
 }
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
