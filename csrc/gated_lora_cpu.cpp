@@ -587,6 +587,13 @@ at::Tensor base_gemm(const at::Tensor& a, const at::Tensor& b, const c10::option
   return out.to(at::kHalf);
 }
 
+// Whether the weight mix's pieces write the LoRA term (and the bias) first and the base GEMM then
+// adds onto it (beta 1): the GEMM reads its output tiles anyway, which saves the pieces a pass over
+// the output. float16 keeps the base first: its GEMM runs on float32 copies (base_gemm).
+bool base_after_delta(const at::Tensor& x, const c10::optional<at::Tensor>& weight, bool output_mix) {
+  return weight.has_value() && !output_mix && x.scalar_type() != at::kHalf;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Output mix: the composition, in float32 on the platform's GEMM
 //
@@ -695,9 +702,10 @@ void load_u(const float* saved, const int64_t* rows, int64_t n, int64_t r, float
   for (int64_t t = 0; t < n; ++t) std::copy_n(saved + rows[t] * r, r, tile + t * r);
 }
 
-// y (+)= B_p A_p x s, and u = s A_p x into saved_u (M, r).
+// y (+)= B_p A_p x s (+ bias, when given), and u = s A_p x into saved_u (M, r).
 template <typename scalar_t>
-void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t* y, bool accumulate, float* saved_u) {
+void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t* y, bool accumulate, float* saved_u,
+                    const float* bias = nullptr) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t stride = kTile * (pb.r + pb.d_in + pb.d_out);
   std::unique_ptr<float[]> scratch(new float[pb.workers * stride]);
@@ -719,6 +727,11 @@ void forward_pieces(const Problem& pb, const StridedRows<scalar_t>& x, scalar_t*
       save_u(u, rows, n, pb.r, saved_u);
       output_rows(y, pb.d_out, rows, n, y_buf, y_rows);
       row_combine(y_rows, n, u, pb.r, bt_p, pb.d_out, pb.r, pb.d_out, kFloat && accumulate);
+      if (bias != nullptr) {
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t o = 0; o < pb.d_out; ++o) y_rows[t][o] += bias[o];
+        }
+      }
       write_rows(y, pb.d_out, rows, n, y_buf, accumulate);
     }
   });
@@ -736,11 +749,12 @@ std::tuple<at::Tensor, at::Tensor> gated_lora_forward_cpu(
   check_inputs(x, weight, gate, lora_a, lora_b, sample_index);
   const int64_t d_out = lora_b.size(1);
   at::Tensor y;
+  const bool delta_first = base_after_delta(x, weight, output_mix);
   if (weight.has_value()) {
     TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == d_out &&
                                       bias->scalar_type() == x.scalar_type() && bias->device().is_cpu()),
                 "gated_lora (cpu): bias must be (d_out,) = (", d_out, ",) with x's dtype, got ", bias->sizes());
-    y = base_gemm(x, weight->t(), bias);
+    y = delta_first ? at::empty({x.size(0), d_out}, x.options()) : base_gemm(x, weight->t(), bias);
   } else {
     TORCH_CHECK(!bias.has_value(), "gated_lora (cpu): bias needs weight");
     y = at::empty({x.size(0), d_out}, x.options());
@@ -753,10 +767,12 @@ std::tuple<at::Tensor, at::Tensor> gated_lora_forward_cpu(
   }
   const Problem pb = make_problem(x, gate, lora_a, lora_b, sample_index, scaling);
   at::Tensor u = at::empty({pb.M, pb.r}, gate.options());
+  const at::Tensor bias32 = delta_first && bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_forward_cpu", [&] {
-    forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value(),
-                             u.data_ptr<float>());
+    forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value() && !delta_first,
+                             u.data_ptr<float>(), bias32.defined() ? bias32.data_ptr<float>() : nullptr);
   });
+  if (delta_first) y.addmm_(x, weight->t());
   return {y, u};
 }
 
@@ -827,7 +843,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
               "gated_lora (cpu): u must be the forward's contiguous float32 (M, ", width, ") = (", x.size(0), ", ",
               width, "), got ", u.scalar_type(), " ", u.sizes());
   const int64_t B = gate.size(0), K = gate.size(1);
-  at::Tensor grad_x = weight.has_value() ? base_gemm(grad_out, *weight, c10::nullopt) : at::empty_like(x);
+  const bool delta_first = base_after_delta(x, weight, output_mix);
+  at::Tensor grad_x =
+      weight.has_value() && !delta_first ? base_gemm(grad_out, *weight, c10::nullopt) : at::empty_like(x);
   at::Tensor grad_gate = at::zeros({B, K}, gate.options());
   if (x.size(0) == 0) return {grad_x, grad_gate, at::zeros_like(lora_a), at::zeros_like(lora_b)};
 
@@ -851,8 +869,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   acc.written.assign(P, 0);
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_backward_cpu", [&] {
     backward_pieces<scalar_t>(pb, strided_rows<scalar_t>(grad_rows), strided_rows<scalar_t>(x), u.data_ptr<float>(),
-                              grad_x.data_ptr<scalar_t>(), weight.has_value(), acc);
+                              grad_x.data_ptr<scalar_t>(), weight.has_value() && !delta_first, acc);
   });
+  if (delta_first) grad_x.addmm_(grad_out, *weight);
 
   // dA_k = sum_p g[b(p), k] dA_p, likewise dB_k; dgate[b(p), k] += <dA_p, A_k> + <dB_p, B_k>.
   std::vector<float> piece_gate(P * K);
