@@ -79,9 +79,11 @@ train steps-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 "
 # paired with recipe-reclora-seed0; lora's three epochs are fusion-epochs3-lora-seed0 below
 train epochs3-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --epochs 3 "${RECIPE[@]}"
 # The CRM weighed into the readout after training (--crm-fusion, RESULTS.md "Issue 16, part 8"): the
-# LLM trains alone (fusion-METHOD-seed0's is recipe-METHOD-seed0's), then w in sigmoid(w m + (1 - w) c) is
+# LLM trains alone (fusion-METHOD-seedS's is recipe-METHOD-seedS's), then w in sigmoid(w m + (1 - w) c) is
 # chosen on validation; predictions.npz keeps the LLM alone (llm_prob) beside the fusion
-train fusion-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --crm-fusion "${RECIPE[@]}"
+for seed in $SEEDS; do
+  train "fusion-lora-seed$seed" --method lora --train-size "$TRAIN_SIZE" --seed "$seed" --crm-fusion "${RECIPE[@]}"
+done
 train fusion-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --crm-fusion "${RECIPE[@]}"
 train fusion-epochs3-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --epochs 3 --crm-fusion "${RECIPE[@]}"
 # The CRM table under the recipe (issue 16, part 3 of the issue): reclora with each CRM as its gates'

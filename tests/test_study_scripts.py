@@ -242,7 +242,8 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
     # a --crm-fusion run keeps its LLM alone beside the fusion: here the base's own scores
     with np.load(tmp_path / "faster" / "predictions.npz") as saved:
-        arrays = dict(saved, llm_prob=np.load(tmp_path / "base" / "predictions.npz")["prob"])
+        base_prob = np.load(tmp_path / "base" / "predictions.npz")["prob"]
+        arrays = dict(saved, llm_prob=base_prob, crm_prob=base_prob)
     np.savez(tmp_path / "faster" / "predictions.npz", **arrays)
     plot = tmp_path / "curves.png"
     assert (
@@ -252,13 +253,17 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     faster = summary["runs"]["faster"]
     assert faster["llm_alone"]["auc_difference"] == 0 and faster["llm_alone"]["paired_bootstrap_95"] == [0, 0]
     assert "llm_alone" not in summary["runs"]["elsewhere"]
+    # ... and the CRM inside its readout (here the base's scores again): paired within the run
+    assert faster["against_own_crm"]["auc_difference"] == pytest.approx(faster["auc_difference"])
+    assert "against_own_crm" not in summary["runs"]["base"]
     assert faster["changed"] == {"lr": 3e-3}  # the output folder is not a setting
     lo, hi = faster["paired_bootstrap_95"]
     assert 0 < lo < faster["auc_difference"] < hi
     assert faster["curve"] == [[5, 0.9, 0.5], [10, 0.6, 0.7]]
     assert summary["runs"]["elsewhere"]["paired_bootstrap_95"] is None  # other test samples: no pairing
     out = capsys.readouterr().out
-    assert "(test samples differ)" in out and "its LLM alone" in out and plot.stat().st_size > 0
+    assert "(test samples differ)" in out and "its LLM alone" in out and "minus its own CRM" in out
+    assert plot.stat().st_size > 0
     assert attempts.main([str(tmp_path), "--base", "missing"]) == 2
 
 

@@ -57,6 +57,9 @@ def summarize(directory: Path, base: str) -> dict:
             row.update(_against_base(predictions, "prob", base_predictions))
             if "llm_prob" in predictions:  # --crm-fusion: the LLM's margin alone, against the base too
                 row["llm_alone"] = _against_base(predictions, "llm_prob", base_predictions)
+        if "crm_prob" in predictions:  # --crm-fusion: the readout against the CRM inside it, paired in-run
+            own_crm = {**predictions, "prob": predictions["crm_prob"]}
+            row["against_own_crm"] = _against_base(predictions, "prob", own_crm)
         out["runs"][name] = row
     return out
 
@@ -92,6 +95,10 @@ def markdown(summary: dict) -> str:
             alone = row["llm_alone"]
             lo, hi = alone["paired_bootstrap_95"]
             difference += f"; its LLM alone {alone['auc']:.4f}: {alone['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        if row.get("against_own_crm", {}).get("paired_bootstrap_95"):
+            own = row["against_own_crm"]
+            lo, hi = own["paired_bootstrap_95"]
+            difference += f"; minus its own CRM {own['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
         valid = " / ".join("-" if v is None else f"{v:.3f}" for _, _, v in row["curve"])
         loss = " / ".join("-" if v is None else f"{v:.3f}" for _, v, _ in row["curve"])
         lines.append(
