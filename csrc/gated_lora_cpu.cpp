@@ -750,11 +750,12 @@ std::tuple<at::Tensor, at::Tensor> gated_lora_forward_cpu(
   const int64_t d_out = lora_b.size(1);
   at::Tensor y;
   const bool delta_first = base_after_delta(x, weight, output_mix);
+  const bool base_first = weight.has_value() && !delta_first;  // y holds x W^T + bias before the pieces
   if (weight.has_value()) {
     TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == d_out &&
                                       bias->scalar_type() == x.scalar_type() && bias->device().is_cpu()),
                 "gated_lora (cpu): bias must be (d_out,) = (", d_out, ",) with x's dtype, got ", bias->sizes());
-    y = delta_first ? at::empty({x.size(0), d_out}, x.options()) : base_gemm(x, weight->t(), bias);
+    y = base_first ? base_gemm(x, weight->t(), bias) : at::empty({x.size(0), d_out}, x.options());
   } else {
     TORCH_CHECK(!bias.has_value(), "gated_lora (cpu): bias needs weight");
     y = at::empty({x.size(0), d_out}, x.options());
@@ -769,8 +770,8 @@ std::tuple<at::Tensor, at::Tensor> gated_lora_forward_cpu(
   at::Tensor u = at::empty({pb.M, pb.r}, gate.options());
   const at::Tensor bias32 = delta_first && bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_forward_cpu", [&] {
-    forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), weight.has_value() && !delta_first,
-                             u.data_ptr<float>(), bias32.defined() ? bias32.data_ptr<float>() : nullptr);
+    forward_pieces<scalar_t>(pb, strided_rows<scalar_t>(x), y.data_ptr<scalar_t>(), base_first, u.data_ptr<float>(),
+                             bias32.defined() ? bias32.data_ptr<float>() : nullptr);
   });
   if (delta_first) y.addmm_(x, weight->t());
   return {y, u};
@@ -844,8 +845,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
               width, "), got ", u.scalar_type(), " ", u.sizes());
   const int64_t B = gate.size(0), K = gate.size(1);
   const bool delta_first = base_after_delta(x, weight, output_mix);
-  at::Tensor grad_x =
-      weight.has_value() && !delta_first ? base_gemm(grad_out, *weight, c10::nullopt) : at::empty_like(x);
+  const bool base_first = weight.has_value() && !delta_first;  // grad_x holds grad_out W before the pieces
+  at::Tensor grad_x = base_first ? base_gemm(grad_out, *weight, c10::nullopt) : at::empty_like(x);
   at::Tensor grad_gate = at::zeros({B, K}, gate.options());
   if (x.size(0) == 0) return {grad_x, grad_gate, at::zeros_like(lora_a), at::zeros_like(lora_b)};
 
@@ -869,7 +870,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lora_backward_c
   acc.written.assign(P, 0);
   RECLORA_DISPATCH(x.scalar_type(), "gated_lora_backward_cpu", [&] {
     backward_pieces<scalar_t>(pb, strided_rows<scalar_t>(grad_rows), strided_rows<scalar_t>(x), u.data_ptr<float>(),
-                              grad_x.data_ptr<scalar_t>(), weight.has_value() && !delta_first, acc);
+                              grad_x.data_ptr<scalar_t>(), base_first, acc);
   });
   if (delta_first) grad_x.addmm_(grad_out, *weight);
 

@@ -76,6 +76,12 @@ def _against_base(predictions, score: str, base_predictions) -> dict:
     }
 
 
+def _paired(entry: dict) -> str:
+    """An AUC difference and its paired interval: +0.0031 [+0.0016, +0.0048]."""
+    lo, hi = entry["paired_bootstrap_95"]
+    return f"{entry['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def markdown(summary: dict) -> str:
     lines = [
         f"| run | changed from {summary['base']} | test AUC | minus base [paired 95%] | LogLoss | "
@@ -89,16 +95,11 @@ def markdown(summary: dict) -> str:
         elif row["paired_bootstrap_95"] is None:
             difference = f"{row['auc_difference']:+.4f} (test samples differ)"
         else:
-            lo, hi = row["paired_bootstrap_95"]
-            difference = f"{row['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            difference = _paired(row)
         if row.get("llm_alone", {}).get("paired_bootstrap_95"):
-            alone = row["llm_alone"]
-            lo, hi = alone["paired_bootstrap_95"]
-            difference += f"; its LLM alone {alone['auc']:.4f}: {alone['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            difference += f"; its LLM alone {row['llm_alone']['auc']:.4f}: {_paired(row['llm_alone'])}"
         if row.get("against_own_crm", {}).get("paired_bootstrap_95"):
-            own = row["against_own_crm"]
-            lo, hi = own["paired_bootstrap_95"]
-            difference += f"; minus its own CRM {own['auc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            difference += f"; minus its own CRM {_paired(row['against_own_crm'])}"
         valid = " / ".join("-" if v is None else f"{v:.3f}" for _, _, v in row["curve"])
         loss = " / ".join("-" if v is None else f"{v:.3f}" for _, v, _ in row["curve"])
         lines.append(
