@@ -75,9 +75,6 @@ train residual-reclora-sasrec-seed0 --method reclora --crm sasrec --train-size "
 # The recipe with twice the optimizer steps (batch 8: the same samples, the same compute), paired
 # with recipe-lora-seedS: lora's validation AUC was still rising when its one epoch of 125 steps ended
 train steps-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 "${RECIPE[@]}"
-# ... and more epochs at batch 16 (lr decayed over all of them, the best validated epoch kept),
-# paired with recipe-reclora-seed0; lora's three epochs are fusion-epochs3-lora-seed0 below
-train epochs3-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --epochs 3 "${RECIPE[@]}"
 # The CRM weighed into the readout after training (--crm-fusion, RESULTS.md "Issue 16, part 8"): the
 # LLM trains alone (fusion-METHOD-seedS's is recipe-METHOD-seedS's), then w in sigmoid(w m + (1 - w) c) is
 # chosen on validation; predictions.npz keeps the LLM alone (llm_prob) beside the fusion
@@ -85,7 +82,11 @@ for seed in $SEEDS; do
   train "fusion-lora-seed$seed" --method lora --train-size "$TRAIN_SIZE" --seed "$seed" --crm-fusion "${RECIPE[@]}"
 done
 train fusion-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --crm-fusion "${RECIPE[@]}"
-train fusion-epochs3-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --epochs 3 --crm-fusion "${RECIPE[@]}"
+# ... and more epochs at batch 16 (lr decayed over all of them, the best validated epoch kept), each
+# paired with its one-epoch row above: lora's validation AUC was still rising when one epoch ended
+for method in lora reclora; do
+  train "fusion-epochs3-$method-seed0" --method "$method" --train-size "$TRAIN_SIZE" --epochs 3 --crm-fusion "${RECIPE[@]}"
+done
 # The CRM table under the recipe (issue 16, part 3 of the issue): reclora with each CRM as its gates'
 # source and with the uniform gate (every alpha 1/K: no personalization), each paired with
 # recipe-reclora-seed0 (SIM's gates) and with its CRM alone
