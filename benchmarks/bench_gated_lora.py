@@ -18,21 +18,37 @@ TRAINABLE = ("x", "gate", "lora_a", "lora_b")  # the base weight stays frozen, a
 
 
 def implementations(mix):
-    fused = lambda t: rk.gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix=mix, backend="cpu")
-    composed = lambda t: baselines.composed_gated_lora(
-        t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix == "output"
-    )
-    # No torch.compile'd composition here: its Inductor kernel aborts the process (index out of bounds)
-    # under ATEN_CPU_CAPABILITY=avx2 with torch 2.13; it was never faster than the eager one on CPU.
-    impls = {"fused": fused, "composition": composed}
+    """The op alone: the fused kernel against the PyTorch ways of computing the LoRA term."""
+    impls = {
+        "fused": lambda t: rk.gated_lora(t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix=mix, backend="cpu"),
+        # No torch.compile'd composition here: its Inductor kernel aborts the process (index out of
+        # bounds) under ATEN_CPU_CAPABILITY=avx2 with torch 2.13; it was never faster than eager on CPU.
+        "composition": lambda t: baselines.composed_gated_lora(
+            t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING, mix == "output"
+        ),
+    }
     if mix == "weight":
         impls["published"] = lambda t: baselines.published_gated_lora(
             t["x"], t["gate"], t["lora_a"], t["lora_b"], SCALING
         )
-    impls["fused_linear"] = lambda t: rk.gated_lora_linear(
-        t["x"], t["weight"], None, t["gate"], t["lora_a"], t["lora_b"], SCALING, mix=mix, backend="cpu"
-    )
-    impls["base_linear"] = lambda t: baselines.base_linear(t["x"], t["weight"])
+    return impls
+
+
+def linear_implementations(mix):
+    """The adapted projection, base GEMM included, as a model runs it (benchmarks/gpu.py's group):
+    gated_lora_linear against the base linear alone and against each PyTorch way added to it. A group
+    of its own, so that the op alone is timed after other LoRA implementations, and the projections
+    after other projections (a model's regimes), not one after the other."""
+    base = lambda t: baselines.base_linear(t["x"], t["weight"])
+    impls = {
+        "fused": lambda t: rk.gated_lora_linear(
+            t["x"], t["weight"], None, t["gate"], t["lora_a"], t["lora_b"], SCALING, mix=mix, backend="cpu"
+        ),
+        "base_linear": base,
+    }
+    for name, delta in implementations(mix).items():
+        if name != "fused":
+            impls[f"{name}+linear"] = lambda t, delta=delta: base(t) + delta(t)
     return impls
 
 
@@ -57,15 +73,15 @@ def prepare(shape, gradient="dense"):
 def groups(shape=LORA_SMOLLM2):
     """[(name, {impl: zero-argument step}, meta)]: each group's impls are timed round-robin."""
     out = []
-    for mix in ("weight", "output"):
-        for passes in PASSES:
-            for gradient in GRADIENTS if passes != "forward" else [None]:
-                tensors = prepare(shape, gradient or "dense")
-                impls = {
-                    name: (lambda fn=fn, t=tensors, p=passes: step(fn, t, p))
-                    for name, fn in implementations(mix).items()
-                }
-                name = f"gated_lora mix={mix} {passes}" + (f" grad={gradient}" if gradient else "")
-                meta = dict(op="gated_lora", shape=shape, dtype="float32", mix=mix, passes=passes, gradient=gradient)
-                out.append((name, impls, meta))
+    for op, impls_of in (("gated_lora", implementations), ("gated_lora_linear", linear_implementations)):
+        for mix in ("weight", "output"):
+            for passes in PASSES:
+                for gradient in GRADIENTS if passes != "forward" else [None]:
+                    tensors = prepare(shape, gradient or "dense")
+                    impls = {
+                        name: (lambda fn=fn, t=tensors, p=passes: step(fn, t, p)) for name, fn in impls_of(mix).items()
+                    }
+                    name = f"{op} mix={mix} {passes}" + (f" grad={gradient}" if gradient else "")
+                    meta = dict(op=op, shape=shape, dtype="float32", mix=mix, passes=passes, gradient=gradient)
+                    out.append((name, impls, meta))
     return out

@@ -8,6 +8,8 @@ for mix=output):
   forward+backward:    3 times the forward's token FLOPs (forward, input gradient, factor gradients;
                        the backward reuses the forward's x A^T) + 3 times the mixing; bytes
                        also x again, grad_out (one row when it is broadcast), grad_x, factor gradients
+  gated_lora_linear:   gated_lora's, plus 2 M d_in d_out FLOPs and the weight's bytes per base GEMM
+                       (one forward, one more backward: grad_out W; the weight is frozen)
   topk attention:      2 d FLOPs per valid history position, plus the pooling; bytes: the gathered
                        key rows, the ids, the query; backward adds the k selected rows, their
                        gradients and the dense (N, d) table gradient it must write
@@ -114,7 +116,20 @@ def topk_attention_work(meta):
     return flops + 4 * batch * k * dim, forward_bytes + FLOAT * (2 * batch * k * dim + s["table_rows"] * dim)
 
 
-WORK = {"gated_lora": gated_lora_work, "topk_target_attention": topk_attention_work}
+def gated_lora_linear_work(meta):
+    """gated_lora's work plus the base GEMMs: x W^T forward, grad_out W backward (W is frozen)."""
+    flops, nbytes = gated_lora_work(meta)
+    s = meta["shape"]
+    gemms = 1 if meta["passes"] == "forward" else 2
+    weight = s["d_in"] * s["d_out"]
+    return flops + gemms * 2 * s["batch"] * s["tokens"] * weight, nbytes + gemms * FLOAT * weight
+
+
+WORK = {
+    "gated_lora": gated_lora_work,
+    "gated_lora_linear": gated_lora_linear_work,
+    "topk_target_attention": topk_attention_work,
+}
 
 
 def roofline(fused_ms, meta, peaks):

@@ -6,7 +6,7 @@ import json
 import sys
 
 HEADER = (
-    "| group | path | fused ms (CPU ms) | best PyTorch way / fused: wall (CPU time) | fused_linear / base_linear: "
+    "| group | path | fused ms (CPU ms) | best PyTorch way (+ linear) / fused: wall (CPU time) | fused_linear / base_linear: "
     "wall (CPU) | in cache: fused ms, best PyTorch way / fused, fused_linear / base_linear | bound | GFLOP/s, "
     "fraction of torch.mm | GB/s, fraction of L3 triad |\n|---|---|---|---|---|---|---|---|---|"
 )

@@ -52,19 +52,14 @@ def test_back_to_back_times_the_second_of_two_calls():
 
 
 def test_ratios():
-    table = {
-        name: {"median_ms": ms}
-        for name, ms in {
-            "fused": 1.0,
-            "published": 3.0,
-            "composition": 2.0,
-            "fused_linear": 11.0,
-            "base_linear": 10.0,
-        }.items()
-    }
-    out = run.ratios(table)
+    times = lambda **ms: {name: {"median_ms": m} for name, m in ms.items()}
+    out = run.ratios(times(fused=1.0, published=3.0, composition=2.0))
     assert out["best PyTorch way / fused"] == 2.0 and out["published / fused"] == 3.0
-    assert out["fused_linear / base_linear"] == pytest.approx(1.1)
+    assert "fused_linear / base_linear" not in out
+    # a gated_lora_linear group: its "fused" is the fused linear, its ways carry the base linear
+    linear = run.ratios(times(fused=11.0, base_linear=10.0, **{"published+linear": 16.5, "composition+linear": 22.0}))
+    assert linear["fused_linear / base_linear"] == pytest.approx(1.1)
+    assert linear["best PyTorch way / fused"] == pytest.approx(1.5)
 
 
 def test_gated_lora_work_model():
@@ -75,16 +70,20 @@ def test_gated_lora_work_model():
     flops, nbytes = roofline.gated_lora_work(output)
     assert flops == 3 * 2 * tokens * 6 * d
     assert nbytes == 4 * (tokens * d + factors) + 4 * (2 * tokens * 5 + 1 * 7 + factors)
+    linear = dict(meta, op="gated_lora_linear", passes="forward+backward", gradient="dense")
+    lora_flops, lora_bytes = roofline.gated_lora_work(linear)
+    assert roofline.gated_lora_linear_work(linear) == (lora_flops + 2 * 2 * tokens * 5 * 7, lora_bytes + 2 * 4 * 5 * 7)
 
 
 @pytest.mark.skipif(cpu_features.active_isa() is None, reason="needs the CPU kernels")
 def test_every_cpu_group_runs_and_has_a_roofline():
     peaks = {"mm_gflops": 100.0, "triad_l3_gbs": 50.0, "triad_dram_gbs": 20.0}
     groups = bench_gated_lora.groups(TINY_LORA) + bench_retrieval.groups(TINY_RETRIEVAL)
-    assert len(groups) == 2 * 3 + 2
+    assert len(groups) == 2 * 2 * 3 + 2
     for name, impls, meta in groups:
         table = roofline.interleaved(impls, rounds=1, warmup=1)
-        assert "fused" in table and ("published" in table or "composition" in table), name
+        assert "fused" in table and any(way in table for way in run.PYTORCH_WAYS), name
+        assert ("base_linear" in table) == (meta["op"] == "gated_lora_linear"), name
         line = roofline.roofline(table["fused"]["median_ms"], meta, peaks)
         assert line["bound"] in ("compute", "memory") and line["gflops"] > 0, name
 
