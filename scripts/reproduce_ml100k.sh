@@ -87,6 +87,14 @@ train fusion-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --crm-fus
 for method in lora reclora; do
   train "fusion-epochs3-$method-seed0" --method "$method" --train-size "$TRAIN_SIZE" --epochs 3 --crm-fusion "${RECIPE[@]}"
 done
+# The issue's other hypotheses, each one change from fusion-METHOD-seed0 and paired with it (the LLM
+# alone and the fused readout): all seven projections adapted, rank 16 (the same scaling, alpha / r =
+# 2), the stars written "rated 4 of 5", and the gates' own learning rate (3x the LoRAs')
+ALL_PROJECTIONS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+train fusion-allproj-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
+train fusion-rank16-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --rank 16 --lora-alpha 32 --crm-fusion "${RECIPE[@]}"
+train fusion-outof5-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --rating-format out-of-5 --crm-fusion "${RECIPE[@]}"
+train fusion-gatelr3x-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --gate-lr 3e-3 --crm-fusion "${RECIPE[@]}"
 # The CRM table under the recipe (issue 16, part 3 of the issue): reclora with each CRM as its gates'
 # source and with the uniform gate (every alpha 1/K: no personalization), each paired with
 # recipe-reclora-seed0 (SIM's gates) and with its CRM alone
