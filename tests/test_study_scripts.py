@@ -253,6 +253,7 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     faster = summary["runs"]["faster"]
     assert faster["llm_alone"]["auc_difference"] == 0 and faster["llm_alone"]["paired_bootstrap_95"] == [0, 0]
     assert "llm_alone" not in summary["runs"]["elsewhere"]
+    assert "llm_against_base_llm" not in faster  # the base keeps no LLM alone
     # ... and the CRM inside its readout (here the base's scores again): paired within the run
     assert faster["against_own_crm"]["auc_difference"] == pytest.approx(faster["auc_difference"])
     assert "against_own_crm" not in summary["runs"]["base"]
@@ -265,6 +266,12 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     assert "(test samples differ)" in out and "its LLM alone" in out and "minus its own CRM" in out
     assert plot.stat().st_size > 0
     assert attempts.main([str(tmp_path), "--base", "missing"]) == 2
+    # two fused runs: their LLMs alone are paired with each other as well
+    with np.load(tmp_path / "base" / "predictions.npz") as saved:
+        arrays = dict(saved, llm_prob=1 - saved["prob"], crm_prob=saved["prob"])
+    np.savez(tmp_path / "base" / "predictions.npz", **arrays)
+    both = attempts.summarize(tmp_path, "base")["runs"]["faster"]["llm_against_base_llm"]
+    assert both["auc_difference"] > 0 and both["paired_bootstrap_95"][0] > 0
 
 
 def test_probe_fits_on_train_chooses_on_valid(tmp_path):

@@ -57,6 +57,9 @@ def summarize(directory: Path, base: str) -> dict:
             row.update(_against_base(predictions, "prob", base_predictions))
             if "llm_prob" in predictions:  # --crm-fusion: the LLM's margin alone, against the base too
                 row["llm_alone"] = _against_base(predictions, "llm_prob", base_predictions)
+                if "llm_prob" in base_predictions:  # both fused: their LLMs alone, paired
+                    base_llm = {**base_predictions, "prob": base_predictions["llm_prob"]}
+                    row["llm_against_base_llm"] = _against_base(predictions, "llm_prob", base_llm)
         if "crm_prob" in predictions:  # --crm-fusion: the readout against the CRM inside it, paired in-run
             own_crm = {**predictions, "prob": predictions["crm_prob"]}
             row["against_own_crm"] = _against_base(predictions, "prob", own_crm)
@@ -98,6 +101,8 @@ def markdown(summary: dict) -> str:
             difference = _paired(row)
         if row.get("llm_alone", {}).get("paired_bootstrap_95"):
             difference += f"; its LLM alone {row['llm_alone']['auc']:.4f}: {_paired(row['llm_alone'])}"
+        if row.get("llm_against_base_llm", {}).get("paired_bootstrap_95"):
+            difference += f" ({_paired(row['llm_against_base_llm'])} against the base's LLM alone)"
         if row.get("against_own_crm", {}).get("paired_bootstrap_95"):
             difference += f"; minus its own CRM {_paired(row['against_own_crm'])}"
         valid = " / ".join("-" if v is None else f"{v:.3f}" for _, _, v in row["curve"])
