@@ -58,20 +58,24 @@ def summarize(directory: Path, base: str) -> dict:
             if "llm_prob" in predictions:  # --crm-fusion: the LLM's margin alone, against the base too
                 row["llm_alone"] = _against_base(predictions, "llm_prob", base_predictions)
                 if "llm_prob" in base_predictions:  # both fused: their LLMs alone, paired
-                    base_llm = {**base_predictions, "prob": base_predictions["llm_prob"]}
-                    row["llm_against_base_llm"] = _against_base(predictions, "llm_prob", base_llm)
+                    row["llm_against_base_llm"] = _against_base(predictions, "llm_prob", base_predictions, "llm_prob")
         if "crm_prob" in predictions:  # --crm-fusion: the readout against the CRM inside it, paired in-run
-            own_crm = {**predictions, "prob": predictions["crm_prob"]}
-            row["against_own_crm"] = _against_base(predictions, "prob", own_crm)
+            row["against_own_crm"] = _against_base(predictions, "prob", predictions, "crm_prob")
         out["runs"][name] = row
     return out
 
 
-def _against_base(predictions, score: str, base_predictions) -> dict:
-    """The AUC of predictions[score], its difference from the base's and the paired bootstrap interval."""
-    mine = {"sample": predictions["sample"], "label": predictions["label"], "prob": predictions[score]}
-    draws = paired_bootstrap(mine, base_predictions)
-    mine_auc, base_auc = auc(mine["label"], mine["prob"]), auc(base_predictions["label"], base_predictions["prob"])
+def _scored(predictions, score: str) -> dict:
+    """predictions with predictions[score] as the "prob" that metrics and the bootstrap read."""
+    return {"sample": predictions["sample"], "label": predictions["label"], "prob": predictions[score]}
+
+
+def _against_base(predictions, score: str, base_predictions, base_score: str = "prob") -> dict:
+    """The AUC of predictions[score], its difference from base_predictions[base_score]'s and the paired
+    bootstrap interval."""
+    mine, base = _scored(predictions, score), _scored(base_predictions, base_score)
+    draws = paired_bootstrap(mine, base)
+    mine_auc, base_auc = auc(mine["label"], mine["prob"]), auc(base["label"], base["prob"])
     return {
         "auc_difference": mine_auc - base_auc,
         "paired_bootstrap_95": None if draws is None else interval(np.array(draws, dtype=float)),
