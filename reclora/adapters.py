@@ -32,6 +32,8 @@ from reclora.files import atomic_directory
 from reclora.llm import last_token_logits
 from reclora_kernels.gated_lora import MIX_MODES
 
+# What each gate does to the CRM representation first: a LayerNorm (the published gate) or nothing.
+GATE_INPUT_NORMS = ("layer", "none")
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 _FORMAT_VERSION = 1
@@ -56,6 +58,7 @@ class AdapterConfig:
     gate_input_dim: int = 256  # the CRM representation's size
     gate_hidden_dim: int = 60
     gate_dropout: float = 0.1
+    gate_input_norm: str = "layer"  # one of GATE_INPUT_NORMS
     temperature: float = 5.0
     share_gate: bool = False  # one gate for every slot instead of one per slot
     uniform_gate: bool = False  # every alpha = 1/K, no gate network: the meta-LoRAs averaged (an ablation)
@@ -75,6 +78,8 @@ class AdapterConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if self.gate_input_norm not in GATE_INPUT_NORMS:
+            raise ValueError(f"gate_input_norm must be one of {GATE_INPUT_NORMS}, got {self.gate_input_norm!r}")
         if self.backend is not None and self.backend not in reclora_kernels.BACKENDS:
             raise ValueError(f"backend must be None or one of {reclora_kernels.BACKENDS}, got {self.backend!r}")
 
@@ -113,6 +118,7 @@ class GateBank(nn.Module):
     shared), in nn.Linear's (out, in) layout: norm_weight, norm_bias (G, h); hidden_weight
     (G, H, h), hidden_bias (G, H); out_weight (G, K, H), out_bias (G, K). Every gate reads the
     same h, so the whole bank is one GEMM for the first layer and one batched GEMM for the second.
+    input_norm="none" drops the LayerNorm (and its parameters): the gates read h as the CRM gives it.
     """
 
     def __init__(
@@ -125,12 +131,17 @@ class GateBank(nn.Module):
         temperature: float = 5.0,
         shared: bool = False,
         eps: float = 1e-5,
+        input_norm: str = "layer",
     ):
         super().__init__()
+        if input_norm not in GATE_INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {GATE_INPUT_NORMS}, got {input_norm!r}")
         self.num_slots, self.temperature, self.eps = num_slots, temperature, eps
         gates = 1 if shared else num_slots
-        self.norm_weight = nn.Parameter(torch.ones(gates, input_dim))
-        self.norm_bias = nn.Parameter(torch.zeros(gates, input_dim))
+        self.normalized = input_norm == "layer"
+        if self.normalized:
+            self.norm_weight = nn.Parameter(torch.ones(gates, input_dim))
+            self.norm_bias = nn.Parameter(torch.zeros(gates, input_dim))
         self.hidden_weight = nn.Parameter(torch.empty(gates, hidden_dim, input_dim))
         self.hidden_bias = nn.Parameter(torch.empty(gates, hidden_dim))
         self.out_weight = nn.Parameter(torch.empty(gates, num_loras, hidden_dim))
@@ -144,12 +155,14 @@ class GateBank(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: (B, h) -> alpha: (S, B, K), rows summing to 1 (a broadcast view when shared)."""
         features = features.to(self.hidden_weight.dtype)
-        normalized = F.layer_norm(features, features.shape[-1:], eps=self.eps)  # the same for every gate
-        # Each gate's LayerNorm affine folded into its first Linear:
-        # W (gamma * n + beta) + b = (W diag gamma) n + (W beta + b).
-        hidden_weight = self.hidden_weight * self.norm_weight[:, None, :]
-        hidden_bias = self.hidden_bias + torch.einsum("ghi,gi->gh", self.hidden_weight, self.norm_bias)
-        hidden = torch.einsum("bi,ghi->gbh", normalized, hidden_weight) + hidden_bias[:, None, :]
+        hidden_weight, hidden_bias = self.hidden_weight, self.hidden_bias
+        if self.normalized:
+            features = F.layer_norm(features, features.shape[-1:], eps=self.eps)  # the same for every gate
+            # Each gate's LayerNorm affine folded into its first Linear:
+            # W (gamma * n + beta) + b = (W diag gamma) n + (W beta + b).
+            hidden_weight = self.hidden_weight * self.norm_weight[:, None, :]
+            hidden_bias = self.hidden_bias + torch.einsum("ghi,gi->gh", self.hidden_weight, self.norm_bias)
+        hidden = torch.einsum("bi,ghi->gbh", features, hidden_weight) + hidden_bias[:, None, :]
         hidden = self.dropout(F.relu(hidden))
         logits = torch.baddbmm(self.out_bias[:, None, :], hidden, self.out_weight.transpose(1, 2))
         alpha = torch.softmax(logits / self.temperature, dim=-1)
@@ -262,6 +275,7 @@ class PersonalizedLLM(nn.Module):
                 config.gate_dropout,
                 config.temperature,
                 config.share_gate,
+                input_norm=config.gate_input_norm,
             ).to(llm.device)
 
     def forward(

@@ -91,7 +91,8 @@ done
 # alone and the fused readout): all seven projections adapted, rank 16 (the same scaling, alpha / r =
 # 2), the stars written "rated 4 of 5", a shorter prompt (5 history items instead of 10: about half
 # the tokens and the time of a step; also at seeds 1 and 2, paired with fusion-lora-seedS), batch 8
-# (twice the optimizer steps for the same samples) and the gates' own learning rate (3x the LoRAs')
+# (twice the optimizer steps for the same samples), the gates' own learning rate (3x the LoRAs') and
+# the gates without their input LayerNorm (they read the CRM's representation as it is)
 ALL_PROJECTIONS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 train fusion-allproj-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
 train fusion-rank16-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --rank 16 --lora-alpha 32 --crm-fusion "${RECIPE[@]}"
@@ -101,6 +102,7 @@ for seed in $SEEDS; do
 done
 train fusion-batch8-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 --crm-fusion "${RECIPE[@]}"
 train fusion-gatelr3x-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --gate-lr 3e-3 --crm-fusion "${RECIPE[@]}"
+train fusion-gatenone-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --gate-input-norm none --crm-fusion "${RECIPE[@]}"
 # The CRM table under the recipe (issue 16, part 3 of the issue): reclora with each CRM as its gates'
 # source and with the uniform gate (every alpha 1/K: no personalization), each paired with
 # recipe-reclora-seed0 (SIM's gates) and with its CRM alone

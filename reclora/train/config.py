@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from reclora.adapters import GATE_INPUT_NORMS
 from reclora.crm import KINDS as CRMS
 from reclora.crm.sim import SEARCH_MODES
 from reclora.data import SOURCES, data_directory
@@ -149,6 +150,12 @@ class TrainConfig:
     mix: str = _option("weight", "weight: mix the factors A, B (published); output: mix the K LoRA outputs", MIX_MODES)
     gate_hidden: int = _option(60, "hidden width of each gate", bound=AT_LEAST_1)
     gate_dropout: float = _option(0.1, "dropout inside the gates", bound=PROBABILITY)
+    gate_input_norm: str = _option(
+        "layer",
+        "what each gate does to the CRM representation before its first layer: layer, a LayerNorm "
+        "(published); none, nothing (issue 16's input-normalization hypothesis)",
+        GATE_INPUT_NORMS,
+    )
     gate_input: str = _option(
         "crm",
         "what feeds the gates: the frozen CRM's representation, a trainable user "

@@ -314,6 +314,7 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
         gate_input_dim=config.crm_hidden,
         gate_hidden_dim=config.gate_hidden,
         gate_dropout=config.gate_dropout,
+        gate_input_norm=config.gate_input_norm,
         temperature=config.temperature,
         backend=config.backend,
     )

@@ -100,24 +100,28 @@ def test_config_validation():
         AdapterConfig(mix="sum")
     with pytest.raises(ValueError, match="backend"):
         AdapterConfig(backend="tpu")
+    with pytest.raises(ValueError, match="gate_input_norm"):
+        AdapterConfig(gate_input_norm="batch")
     assert AdapterConfig().scaling == 2.0 and VANILLA.scaling == 2.0
 
 
 def independent_gates(bank: GateBank):
     """The bank as the paper builds it: one nn.Sequential per slot, with the bank's weights."""
     gates = []
-    for slot in range(bank.norm_weight.shape[0]):
-        hidden, num_loras = bank.hidden_weight.shape[1], bank.out_weight.shape[1]
+    for slot in range(bank.hidden_weight.shape[0]):
+        hidden, input_dim = bank.hidden_weight.shape[1:]
+        num_loras = bank.out_weight.shape[1]
         gate = nn.Sequential(
-            nn.LayerNorm(bank.norm_weight.shape[1]),
-            nn.Linear(bank.norm_weight.shape[1], hidden),
+            nn.LayerNorm(input_dim) if bank.normalized else nn.Identity(),
+            nn.Linear(input_dim, hidden),
             nn.ReLU(),
             nn.Dropout(0.1),
             nn.Linear(hidden, num_loras),
         )
         with torch.no_grad():
-            gate[0].weight.copy_(bank.norm_weight[slot])
-            gate[0].bias.copy_(bank.norm_bias[slot])
+            if bank.normalized:
+                gate[0].weight.copy_(bank.norm_weight[slot])
+                gate[0].bias.copy_(bank.norm_bias[slot])
             gate[1].weight.copy_(bank.hidden_weight[slot])
             gate[1].bias.copy_(bank.hidden_bias[slot])
             gate[4].weight.copy_(bank.out_weight[slot])
@@ -126,14 +130,19 @@ def independent_gates(bank: GateBank):
     return gates
 
 
+@pytest.mark.parametrize("input_norm", ["layer", "none"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-slot", "shared"])
-def test_gate_bank_equals_independent_gates(shared):
+def test_gate_bank_equals_independent_gates(shared, input_norm):
     torch.manual_seed(0)
     slots, input_dim, num_loras, temperature = 5, 16, 6, 5.0
-    bank = GateBank(slots, input_dim, num_loras, hidden_dim=9, temperature=temperature, shared=shared).eval()
-    with torch.no_grad():  # LayerNorm affine away from its (1, 0) init, so the folding is exercised
-        bank.norm_weight.uniform_(0.5, 1.5)
-        bank.norm_bias.uniform_(-0.5, 0.5)
+    bank = GateBank(
+        slots, input_dim, num_loras, hidden_dim=9, temperature=temperature, shared=shared, input_norm=input_norm
+    ).eval()
+    assert hasattr(bank, "norm_weight") == (input_norm == "layer")
+    if bank.normalized:
+        with torch.no_grad():  # LayerNorm affine away from its (1, 0) init, so the folding is exercised
+            bank.norm_weight.uniform_(0.5, 1.5)
+            bank.norm_bias.uniform_(-0.5, 0.5)
     gates = independent_gates(bank)
     features = torch.randn(4, input_dim, requires_grad=True)
     features_loop = features.detach().clone().requires_grad_(True)
@@ -150,13 +159,14 @@ def test_gate_bank_equals_independent_gates(shared):
     (expected * weights).sum().backward()
     torch.testing.assert_close(features.grad, features_loop.grad)
     loop_grads = {
-        "norm_weight": [g[0].weight.grad for g in gates],
-        "norm_bias": [g[0].bias.grad for g in gates],
         "hidden_weight": [g[1].weight.grad for g in gates],
         "hidden_bias": [g[1].bias.grad for g in gates],
         "out_weight": [g[4].weight.grad for g in gates],
         "out_bias": [g[4].bias.grad for g in gates],
     }
+    if bank.normalized:
+        loop_grads["norm_weight"] = [g[0].weight.grad for g in gates]
+        loop_grads["norm_bias"] = [g[0].bias.grad for g in gates]
     for name, grads in loop_grads.items():
         torch.testing.assert_close(getattr(bank, name).grad, torch.stack(grads), msg=name)
 
@@ -276,7 +286,11 @@ def test_vanilla_lora_equals_peft(llm, tokenizer, mix):
 SHARED = dataclasses.replace(GATED, share_gate=True)
 
 
-@pytest.mark.parametrize("config", [GATED, SHARED, VANILLA], ids=["gated", "shared", "vanilla"])
+@pytest.mark.parametrize(
+    "config",
+    [GATED, SHARED, dataclasses.replace(GATED, gate_input_norm="none"), VANILLA],
+    ids=["gated", "shared", "gate-input-norm-none", "vanilla"],
+)
 def test_save_and_load_round_trip(llm, tokenizer, tmp_path, config):
     model = PersonalizedLLM(llm, config).eval()
     randomize_adapters(model)

