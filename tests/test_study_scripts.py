@@ -237,6 +237,8 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     for name, quality, lr in (("base", 0.2, 1e-3), ("faster", 1.5, 3e-3), ("elsewhere", 1.5, 1e-3)):
         results = write_run(tmp_path, name, "lora", quality, samples=np.arange(N) + (name == "elsewhere"))
         results["config"] = {"lr": lr, "seed": 1, "out": f"runs/{name}"}
+        if name == "elsewhere":  # written after a setting was added, at its default: not a change
+            results["config"]["gate_input_norm"] = "layer"
         (tmp_path / name / "results.json").write_text(json.dumps(results))
         metrics = [{"step": 5, "train_loss": 0.9, "valid_auc": 0.5}, {"step": 10, "train_loss": 0.6, "valid_auc": 0.7}]
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
@@ -258,6 +260,7 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     assert faster["against_own_crm"]["auc_difference"] == pytest.approx(faster["auc_difference"])
     assert "against_own_crm" not in summary["runs"]["base"]
     assert faster["changed"] == {"lr": 3e-3}  # the output folder is not a setting
+    assert summary["runs"]["elsewhere"]["changed"] == {}
     lo, hi = faster["paired_bootstrap_95"]
     assert 0 < lo < faster["auc_difference"] < hi
     assert faster["curve"] == [[5, 0.9, 0.5], [10, 0.6, 0.7]]
