@@ -110,10 +110,12 @@ class RecLoRAModel(nn.Module):
     def device(self):
         return next(self.llm.parameters()).device
 
-    def prepare(self, samples) -> dict:
-        """Tensors for a batch of sample indices: prompts, CRM inputs, labels (on the model's device)."""
+    def prepare(self, samples, token_ids=None) -> dict:
+        """Tensors for a batch of sample indices: prompts, CRM inputs, labels (on the model's device).
+        token_ids: the samples' prompt tokens when already made (prompt_token_ids)."""
         samples = np.asarray(samples, dtype=np.int64)
-        batch = {name: t.to(self.device) for name, t in self.prompts.pad(self.prompt_token_ids(samples)).items()}
+        token_ids = self.prompt_token_ids(samples) if token_ids is None else token_ids
+        batch = {name: t.to(self.device) for name, t in self.prompts.pad(token_ids).items()}
         batch["label"] = torch.from_numpy(self.dataset.samples.label[samples].astype(np.float32)).to(self.device)
         batch.update(self.gate_batch(samples))
         return batch

@@ -18,9 +18,10 @@ lose their oldest history items, never the question.
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Optional
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -38,6 +39,7 @@ MOVIES = ItemDomain("movie", "movies", "watched")
 BOOKS = ItemDomain("book", "books", "read")
 RATING_FORMATS = ("stars", "out-of-5")
 OVERFLOWS = ("raise", "cut")
+TOKENIZE_BLOCK = 2048  # prompts tokenized and length-sorted together (bounds the memory of token lists)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,3 +172,19 @@ class PromptBuilder:
         if self.rating_format == "stars":
             return f"{number}. {title} ({rating:g} stars)"
         return f"{number}. {title}: rated {rating:g} of 5"
+
+
+def length_sorted_batches(
+    n: int, token_ids_of: Callable[[np.ndarray], list], batch_size: int, block: int = TOKENIZE_BLOCK
+) -> Iterator[tuple[np.ndarray, list]]:
+    """(rows, their prompts' token ids) for rows 0..n-1 in batches of at most batch_size: tokenized a
+    block at a time by token_ids_of(rows) and sorted by length within it, so a left-padded batch
+    carries little padding (ML-100K's prompts vary from 198 to 353 tokens: in sample order, batches
+    of 32 hold 7-11% padding; sorted, under 2%). Scoring only: training batches keep their order."""
+    for first in range(0, n, block):
+        rows = np.arange(first, min(n, first + block))
+        token_ids = token_ids_of(rows)
+        order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+        for start in range(0, len(order), batch_size):
+            picked = order[start : start + batch_size]
+            yield rows[picked], [token_ids[i] for i in picked]

@@ -28,10 +28,9 @@ from reclora.crm.train import CrmTrainConfig
 from reclora.crm.train import predict as crm_predict
 from reclora.inference.requests import ServingTable
 from reclora.inference.run_folder import RunFolder, RunFolderError
+from reclora.prompt import length_sorted_batches
 from reclora.train.loop import autocast, load_trainable_state
 from reclora.train.pipeline import build_model, load_run_dataset, subsets
-
-TOKENIZE_BLOCK = 2048  # requests tokenized and length-sorted together (bounds the memory of token lists)
 
 
 class Recommender:
@@ -165,14 +164,9 @@ class Recommender:
     def _llm_scores(self, n: int) -> np.ndarray:
         scores = np.empty(n, dtype=np.float32)
         with tqdm(total=n, desc="scoring", unit="request", disable=not self.progress) as bar, torch.inference_mode():
-            for first in range(0, n, TOKENIZE_BLOCK):
-                block = np.arange(first, min(n, first + TOKENIZE_BLOCK))
-                token_ids = self.model.prompt_token_ids(block)
-                order = np.argsort([len(ids) for ids in token_ids], kind="stable")
-                for start in range(0, len(order), self.batch_size):
-                    rows = order[start : start + self.batch_size]
-                    scores[block[rows]] = self._batch_scores(block[rows], [token_ids[r] for r in rows])
-                    bar.update(len(rows))
+            for rows, token_ids in length_sorted_batches(n, self.model.prompt_token_ids, self.batch_size):
+                scores[rows] = self._batch_scores(rows, token_ids)
+                bar.update(len(rows))
         return scores
 
     def _batch_scores(self, samples: np.ndarray, token_ids: list) -> np.ndarray:

