@@ -98,6 +98,8 @@ for seed in $SEEDS; do  # seed 0 lifted lora's LLM alone by +0.054 (RESULTS.md p
   train "fusion-allproj-lora-seed$seed" --method lora --train-size "$TRAIN_SIZE" --seed "$seed" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
 done
 train fusion-allproj-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
+# ... and rella (paired with recipe-rella-seed0: rella has no fused rows)
+train recipe-allproj-rella-seed0 --method rella --train-size "$TRAIN_SIZE" --target-modules "$ALL_PROJECTIONS" "${RECIPE[@]}"
 train fusion-rank16-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --rank 16 --lora-alpha 32 --crm-fusion "${RECIPE[@]}"
 train fusion-outof5-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --rating-format out-of-5 --crm-fusion "${RECIPE[@]}"
 for seed in $SEEDS; do
