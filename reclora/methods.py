@@ -17,19 +17,25 @@ from reclora.crm import KINDS as CRMS
 # embedding (the ablation without the CRM), or nothing, every alpha 1/K (the ablation without
 # personalization).
 GATE_INPUTS = ("crm", "user-embedding", "uniform")
+# The LLM projections a tuned method adapts by default: the paper's q and v, or every linear
+# projection of a LLaMA-family layer (docs/RESULTS.md, issue 16's capacity hypothesis).
+PUBLISHED_PROJECTIONS = ("q_proj", "v_proj")
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class Method:
     """llm: False for a CRM alone. adapters: "gated" (K meta-LoRAs mixed per sample by the gates),
     "shared" (one LoRA for every sample) or None (nothing tuned). prompt_history: the prompt's items
-    when --prompt-history is auto ("semantic": retrieved; "recent": the last K_short)."""
+    when --prompt-history is auto ("semantic": retrieved; "recent": the last K_short).
+    target_modules: the projections adapted when --target-modules is not given."""
 
     name: str
     description: str
     llm: bool = True
     adapters: Optional[str] = None
     prompt_history: Optional[str] = None
+    target_modules: tuple[str, ...] = PUBLISHED_PROJECTIONS
 
     @property
     def tuned(self) -> bool:

@@ -21,7 +21,15 @@ from reclora.crm.sim import SEARCH_MODES
 from reclora.data import SOURCES, data_directory
 from reclora.item_embeddings import EMBEDDERS
 from reclora.llm import SMOLLM2, TINY_LLAMA
-from reclora.methods import CRM_METHODS, GATE_INPUTS, METHODS, Method, describe_methods, method
+from reclora.methods import (
+    CRM_METHODS,
+    GATE_INPUTS,
+    METHODS,
+    PUBLISHED_PROJECTIONS,
+    Method,
+    describe_methods,
+    method,
+)
 from reclora.prompt import RATING_FORMATS
 from reclora.readout import DEFAULT_LOSS, LOSSES, MARGIN_LOSSES
 from reclora.retriever import STRATEGIES
@@ -259,7 +267,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.dataset_options = dict(self.dataset_options or {})
-        self.target_modules = list(self.target_modules or ("q_proj", "v_proj"))
+        if not self.target_modules:  # the method's own default (an unknown method is refused by validate)
+            row = METHODS.get(self.method)
+            self.target_modules = list(row.target_modules if row else PUBLISHED_PROJECTIONS)
         if self.method in CRM_METHODS:  # a CRM alone: stage 1 trains that CRM, whatever --crm says
             self.crm = self.method
 
