@@ -24,10 +24,11 @@ if [[ -z "${BF16+set}" ]]; then
   BF16=$("$PY" -c "import torch; from reclora_kernels.cpu_features import native_bf16
 print(1 if (torch.cuda.is_available() and '${DEVICE:-}' != 'cpu') or native_bf16() else '')")
 fi
-# The tables' rows are the published recipe: its loss is pinned, since the trainer's default became
-# --loss yes-no-centered (RESULTS.md, issue 16 part 3); a run's own options (and EXTRA) come later and win.
-PUBLISHED_LOSS=(--loss answer-ce)
-COMMON=("${PUBLISHED_LOSS[@]}" --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size "$EVAL_SIZE"
+# The tables' rows are the published recipe: its loss and adapted projections are pinned, since the
+# trainer's defaults became --loss yes-no-centered (RESULTS.md, issue 16 part 3) and, for lora, all seven
+# projections (part 11); a run's own options (and EXTRA) come later and win.
+PUBLISHED=(--loss answer-ce --target-modules q_proj,v_proj)
+COMMON=("${PUBLISHED[@]}" --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size "$EVAL_SIZE"
         --valid-size "$VALID_SIZE" ${DEVICE:+--device "$DEVICE"} ${BF16:+--bf16} ${EXTRA:-})
 
 train() {  # train NAME OPTIONS...: one run into $OUT/NAME, skipped when it has finished
@@ -93,7 +94,7 @@ done
 # the tokens and the time of a step; also at seeds 1 and 2, paired with fusion-lora-seedS), batch 8
 # (twice the optimizer steps for the same samples), the gates' own learning rate (3x the LoRAs') and
 # the gates without their input LayerNorm (they read the CRM's representation as it is)
-ALL_PROJECTIONS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+ALL_PROJECTIONS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj  # lora's default since part 11
 for seed in $SEEDS; do  # seed 0 lifted lora's LLM alone by +0.054 (RESULTS.md part 10): every seed, and reclora
   train "fusion-allproj-lora-seed$seed" --method lora --train-size "$TRAIN_SIZE" --seed "$seed" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
 done
@@ -116,11 +117,12 @@ for crm in sasrec gru4rec din; do
   train "recipe-reclora-$crm-seed0" --method reclora --crm "$crm" --train-size "$TRAIN_SIZE" "${RECIPE[@]}"
 done
 # The recipe's Few2Many curve beyond the main budget (issue 16: "a larger budget your CPU time
-# allows"): lora and reclora at seed 0, each continuing recipe-METHOD-seed0's point on the curve
+# allows"): lora (all seven projections, its default since part 11) and reclora at seed 0, fused
+# like the rows they continue (fusion-allproj-lora-seed0 and fusion-reclora-seed0 at 2,000), so
+# each gives the LLM alone and its fusion with the CRM
 for size in ${RECIPE_CURVE_SIZES:-8000}; do
-  for method in lora reclora; do
-    train "recipe-curve-$method-$size" --method "$method" --train-size "$size" "${RECIPE[@]}"
-  done
+  train "recipe-curve-lora-$size" --method lora --train-size "$size" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
+  train "recipe-curve-reclora-$size" --method reclora --train-size "$size" --crm-fusion "${RECIPE[@]}"
 done
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
@@ -150,7 +152,7 @@ screen() {  # screen NAME OPTIONS...
   if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
   if [[ -f "$SCREEN_OUT/$name/results.json" ]]; then echo "== $name: done"; return; fi
   echo "== $name"
-  "$PY" -m reclora.train "${PUBLISHED_LOSS[@]}" --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size 1000 \
+  "$PY" -m reclora.train "${PUBLISHED[@]}" --dataset ml-100k --data-dir "$DATA" --llm smollm2-135m --eval-size 1000 \
     --valid-size "$VALID_SIZE" --evals-per-epoch 2 --patience 2 --seed 1 ${DEVICE:+--device "$DEVICE"} \
     ${BF16:+--bf16} --out "$SCREEN_OUT/$name" --resume "$@"
 }

@@ -7,7 +7,7 @@ import pytest
 
 from reclora.crm import KINDS as CRMS
 from reclora.data import SOURCES
-from reclora.methods import CRM_METHODS, GATE_INPUTS, LLM_METHODS, METHODS
+from reclora.methods import ALL_PROJECTIONS, CRM_METHODS, GATE_INPUTS, LLM_METHODS, METHODS, PUBLISHED_PROJECTIONS
 from reclora.train import ConfigError, make_config
 from reclora.train.config import FIELDS, Bound
 
@@ -53,6 +53,18 @@ def test_the_default_loss_is_the_centered_one_and_published_keeps_its_own():
     assert DEFAULT_LOSS == "yes-no-centered" and FIELDS["loss"].default == DEFAULT_LOSS
     assert FIELDS["loss"].metadata["choices"] == LOSSES
     assert config_from_args(["--config", "configs/published.yaml"]).loss == "answer-ce"
+
+
+def test_each_method_adapts_its_own_default_projections():
+    """lora adapts every projection of a layer (issue 16 part 11), rella and reclora the paper's q and v;
+    an explicit --target-modules wins, and the stored config holds the list the run used."""
+    assert make_config({"method": "lora"}).target_modules == list(ALL_PROJECTIONS)
+    for name in ("rella", "reclora", "zero-shot"):
+        assert make_config({"method": name}).target_modules == list(PUBLISHED_PROJECTIONS)
+    chosen = make_config({"method": "lora", "target_modules": ["q_proj", "v_proj"]})
+    assert chosen.target_modules == ["q_proj", "v_proj"] == chosen.to_dict()["target_modules"]
+    with pytest.raises(ConfigError, match="--method"):
+        make_config({"method": "no-such-method"})
 
 
 def test_the_centered_loss_refuses_micro_batches_of_one():
