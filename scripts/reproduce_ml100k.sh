@@ -95,7 +95,7 @@ done
 # (twice the optimizer steps for the same samples), the gates' own learning rate (3x the LoRAs') and
 # the gates without their input LayerNorm (they read the CRM's representation as it is)
 ALL_PROJECTIONS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj  # lora's default since part 11
-for seed in $SEEDS; do  # seed 0 lifted lora's LLM alone by +0.054 (RESULTS.md part 10): every seed, and reclora
+for seed in $SEEDS; do  # +0.026 for lora's LLM alone over these seeds (RESULTS.md parts 10, 11): its default now
   train "fusion-allproj-lora-seed$seed" --method lora --train-size "$TRAIN_SIZE" --seed "$seed" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
 done
 train fusion-allproj-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
