@@ -206,9 +206,13 @@ def test_prompt_baseline_pairs_runs_with_the_mean_rating(tmp_path):
     mean_rating = ratings.ratings.numpy().sum(1) / np.maximum(ratings.lengths.numpy(), 1)
     RunDirectory(tmp_path / "same").write_predictions(dataset, test, mean_rating)  # the baseline itself
     RunDirectory(tmp_path / "better").write_predictions(dataset, test, dataset.samples.label[test] + 0.0)
-    result = prompt_baseline.prompt_baseline(config, against=[tmp_path / "same", tmp_path / "better"])
-    same, better = (result["recent"]["runs"][str(tmp_path / name)] for name in ("same", "better"))
-    assert same["difference"] == 0 and same["interval"] == [0, 0]
+    # a --crm-fusion run: its LLM alone is paired with the mean rating too
+    labels = dataset.samples.label[test] + 0.0
+    RunDirectory(tmp_path / "fused").write_predictions(dataset, test, labels, llm_prob=mean_rating, crm_prob=labels)
+    result = prompt_baseline.prompt_baseline(config, against=[tmp_path / name for name in ("same", "better", "fused")])
+    same, better, fused = (result["recent"]["runs"][str(tmp_path / name)] for name in ("same", "better", "fused"))
+    assert same["difference"] == 0 and same["interval"] == [0, 0] and "llm_alone" not in same
+    assert fused["auc"] == 1 and fused["llm_alone"]["difference"] == 0 and fused["llm_alone"]["interval"] == [0, 0]
     assert better["auc"] == 1 and better["difference"] == pytest.approx(
         1 - result["recent"]["mean_rating_auc"], abs=0.02
     )
@@ -258,6 +262,10 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     assert "llm_against_base_llm" not in faster  # the base keeps no LLM alone
     # ... and the CRM inside its readout (here the base's scores again): paired within the run
     assert faster["against_own_crm"]["auc_difference"] == pytest.approx(faster["auc_difference"])
+    # how alike the LLM ranks: with the CRM inside its readout, and with the base (its P(Yes) here)
+    assert faster["llm_rank_correlation_with_crm"] == pytest.approx(1)
+    assert faster["llm_rank_correlation_with_base"] == pytest.approx(1)
+    assert "llm_rank_correlation_with_base" not in summary["runs"]["elsewhere"]  # other test samples
     assert "against_own_crm" not in summary["runs"]["base"]
     assert faster["changed"] == {"lr": 3e-3}  # the output folder is not a setting
     assert summary["runs"]["elsewhere"]["changed"] == {}
@@ -273,8 +281,12 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     with np.load(tmp_path / "base" / "predictions.npz") as saved:
         arrays = dict(saved, llm_prob=1 - saved["prob"], crm_prob=saved["prob"])
     np.savez(tmp_path / "base" / "predictions.npz", **arrays)
-    both = attempts.summarize(tmp_path, "base")["runs"]["faster"]["llm_against_base_llm"]
-    assert both["auc_difference"] > 0 and both["paired_bootstrap_95"][0] > 0
+    both = attempts.summarize(tmp_path, "base")["runs"]["faster"]
+    assert (
+        both["llm_against_base_llm"]["auc_difference"] > 0
+        and both["llm_against_base_llm"]["paired_bootstrap_95"][0] > 0
+    )
+    assert both["llm_rank_correlation_with_base"] == pytest.approx(-1)  # the base's LLM alone is 1 - its prob
 
 
 def test_probe_fits_on_train_chooses_on_valid(tmp_path):

@@ -3,8 +3,10 @@
 For each finished run of a directory (each a reclora.train --out): the settings in which its
 config.json differs from the base run's, its test AUC with the paired bootstrap interval of its
 difference from the base (the runs must share their test samples), and its validation AUC and
-training loss at each validation (metrics.jsonl). The plot overlays the curves, so a reader sees
-whether an attempt was still learning when it stopped.
+training loss at each validation (metrics.jsonl). For --crm-fusion runs also the LLM alone (against
+the base, and the base's LLM alone when it is fused too), the readout against the CRM inside it, and
+how alike the LLM ranks the test samples with that CRM and with the base's LLM (Spearman). The plot
+overlays the curves, so a reader sees whether an attempt was still learning when it stopped.
 
   python -m reclora.analysis.attempts runs/screen --base lora-s1-base --json docs/results/screen.json \\
       --plot docs/results/screen-curves.png
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reclora.analysis.study import interval, load_runs, paired_bootstrap
+from reclora.analysis.study import interval, load_runs, paired_bootstrap, rank_correlation
 from reclora.files import write_json
 from reclora.metrics import auc
 from reclora.train.config import TrainConfig, as_stored
@@ -63,10 +65,20 @@ def summarize(directory: Path, base: str) -> dict:
                 row["llm_alone"] = _against_base(predictions, "llm_prob", base_predictions)
                 if "llm_prob" in base_predictions:  # both fused: their LLMs alone, paired
                     row["llm_against_base_llm"] = _against_base(predictions, "llm_prob", base_predictions, "llm_prob")
+            if np.array_equal(predictions["sample"], base_predictions["sample"]):  # do the two LLMs rank alike?
+                row["llm_rank_correlation_with_base"] = rank_correlation(
+                    _llm_score(predictions), _llm_score(base_predictions)
+                )
         if "crm_prob" in predictions:  # --crm-fusion: the readout against the CRM inside it, paired in-run
             row["against_own_crm"] = _against_base(predictions, "prob", predictions, "crm_prob")
+            row["llm_rank_correlation_with_crm"] = rank_correlation(predictions["llm_prob"], predictions["crm_prob"])
         out["runs"][name] = row
     return out
+
+
+def _llm_score(predictions) -> np.ndarray:
+    """The LLM's own score: its margin alone in a --crm-fusion run, else the run's P(Yes)."""
+    return predictions["llm_prob"] if "llm_prob" in predictions else predictions["prob"]
 
 
 def _scored(predictions, score: str) -> dict:
@@ -113,6 +125,10 @@ def markdown(summary: dict) -> str:
             difference += f" ({_paired(row['llm_against_base_llm'])} against the base's LLM alone)"
         if row.get("against_own_crm", {}).get("paired_bootstrap_95"):
             difference += f"; minus its own CRM {_paired(row['against_own_crm'])}"
+        if "llm_rank_correlation_with_crm" in row:
+            difference += f"; its LLM's rank correlation with the CRM {row['llm_rank_correlation_with_crm']:.2f}"
+        if "llm_rank_correlation_with_base" in row:
+            difference += f", with the base's LLM {row['llm_rank_correlation_with_base']:.2f}"
         valid = " / ".join("-" if v is None else f"{v:.3f}" for _, _, v in row["curve"])
         loss = " / ".join("-" if v is None else f"{v:.3f}" for _, v, _ in row["curve"])
         lines.append(

@@ -9,7 +9,7 @@ reading the prompt should clear. Both prompt histories are scored: "recent" (lor
 
 --against RUN_DIR (repeatable) also gives each finished run's test AUC minus the mean rating's, with
 a paired bootstrap interval over the shared test samples (the run's --eval-size and --eval-seed
-must be these).
+must be these); for a --crm-fusion run, its LLM alone's too.
 """
 
 import argparse
@@ -61,16 +61,21 @@ def prompt_baseline(config, against=()) -> dict:
 
 
 def run_minus_mean_rating(run_dir: Path, reference: dict) -> dict:
-    """A finished run's test AUC minus the mean rating's, paired over the same test samples."""
+    """A finished run's test AUC minus the mean rating's, paired over the same test samples; for a
+    --crm-fusion run also its LLM alone's (llm_alone): does the LLM read its prompt?"""
     predictions = RunDirectory(run_dir).read_predictions()
-    draws = paired_bootstrap(predictions, reference)
-    if draws is None:
+    if not np.array_equal(predictions["sample"], reference["sample"]):
         raise ValueError(f"{run_dir} was tested on other samples than these (its --eval-size, --eval-seed)")
-    return {
-        "auc": auc(predictions["label"], predictions["prob"]),
-        "difference": float(np.mean(draws)),
-        "interval": interval(draws),
-    }
+    out = _minus_reference(predictions, "prob", reference)
+    if "llm_prob" in predictions:
+        out["llm_alone"] = _minus_reference(predictions, "llm_prob", reference)
+    return out
+
+
+def _minus_reference(predictions, score: str, reference: dict) -> dict:
+    mine = {"sample": predictions["sample"], "label": predictions["label"], "prob": predictions[score]}
+    draws = paired_bootstrap(mine, reference)
+    return {"auc": auc(mine["label"], mine["prob"]), "difference": float(np.mean(draws)), "interval": interval(draws)}
 
 
 def main(argv=None) -> int:
@@ -117,6 +122,12 @@ def main(argv=None) -> int:
                 f"{'':>10}{run}: AUC {paired['auc']:.4f}, minus the mean rating {paired['difference']:+.4f} "
                 f"[{low:+.4f}, {high:+.4f}]"
             )
+            if "llm_alone" in paired:
+                alone = paired["llm_alone"]
+                print(
+                    f"{'':>12}its LLM alone: AUC {alone['auc']:.4f}, minus the mean rating {alone['difference']:+.4f} "
+                    f"[{alone['interval'][0]:+.4f}, {alone['interval'][1]:+.4f}]"
+                )
     if args.json:
         write_json(args.json, result)
     return 0

@@ -167,10 +167,14 @@ class RunDirectory:
         atomic_write(self.predictions, lambda f: np.savez(f, **arrays), mode="wb")
 
     def read_predictions(self) -> dict:
-        """write_predictions's arrays of a finished run (UnreadableFile when missing or damaged)."""
+        """write_predictions's arrays of a finished run, its parts included (UnreadableFile when missing or
+        damaged)."""
         try:
             with np.load(self.predictions) as arrays:
-                return {name: arrays[name] for name in ("sample", "user", "label", "prob")}
+                missing = {"sample", "user", "label", "prob"} - set(arrays.files)
+                if missing:
+                    raise KeyError(f"no {', '.join(sorted(missing))}")
+                return {name: arrays[name] for name in arrays.files}
         except (OSError, ValueError, KeyError) as error:
             raise self._unreadable(self.predictions, f"{type(error).__name__}: {error}") from None
 
