@@ -262,6 +262,7 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     assert "llm_against_base_llm" not in faster  # the base keeps no LLM alone
     # ... and the CRM inside its readout (here the base's scores again): paired within the run
     assert faster["against_own_crm"]["auc_difference"] == pytest.approx(faster["auc_difference"])
+    assert faster["llm_against_own_crm"]["auc_difference"] == 0  # its LLM alone is the CRM's scores here
     # how alike the LLM ranks: with the CRM inside its readout, and with the base (its P(Yes) here)
     assert faster["llm_rank_correlation_with_crm"] == pytest.approx(1)
     assert faster["llm_rank_correlation_with_base"] == pytest.approx(1)

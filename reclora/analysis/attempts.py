@@ -4,7 +4,7 @@ For each finished run of a directory (each a reclora.train --out): the settings 
 config.json differs from the base run's, its test AUC with the paired bootstrap interval of its
 difference from the base (the runs must share their test samples), and its validation AUC and
 training loss at each validation (metrics.jsonl). For --crm-fusion runs also the LLM alone (against
-the base, and the base's LLM alone when it is fused too), the readout against the CRM inside it, and
+the base, and the base's LLM alone when it is fused too), the readout and the LLM alone against the CRM inside it, and
 how alike the LLM ranks the test samples with that CRM and with the base's LLM (Spearman). The plot
 overlays the curves, so a reader sees whether an attempt was still learning when it stopped.
 
@@ -71,6 +71,7 @@ def summarize(directory: Path, base: str) -> dict:
                 )
         if "crm_prob" in predictions:  # --crm-fusion: the readout against the CRM inside it, paired in-run
             row["against_own_crm"] = _against_base(predictions, "prob", predictions, "crm_prob")
+            row["llm_against_own_crm"] = _against_base(predictions, "llm_prob", predictions, "crm_prob")
             row["llm_rank_correlation_with_crm"] = rank_correlation(predictions["llm_prob"], predictions["crm_prob"])
         out["runs"][name] = row
     return out
@@ -125,6 +126,7 @@ def markdown(summary: dict) -> str:
             difference += f" ({_paired(row['llm_against_base_llm'])} against the base's LLM alone)"
         if row.get("against_own_crm", {}).get("paired_bootstrap_95"):
             difference += f"; minus its own CRM {_paired(row['against_own_crm'])}"
+            difference += f" (its LLM alone {_paired(row['llm_against_own_crm'])})"
         if "llm_rank_correlation_with_crm" in row:
             difference += f"; its LLM's rank correlation with the CRM {row['llm_rank_correlation_with_crm']:.2f}"
         if "llm_rank_correlation_with_base" in row:
