@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reclora.analysis.study import interval, load_runs, paired_bootstrap, rank_correlation
+from reclora.analysis.study import interval, load_runs, paired_bootstrap, rank_correlation, scored
 from reclora.files import write_json
 from reclora.metrics import auc
 from reclora.train.config import TrainConfig, as_stored
@@ -83,15 +83,10 @@ def _llm_score(predictions) -> np.ndarray:
     return predictions["llm_prob"] if "llm_prob" in predictions else predictions["prob"]
 
 
-def _scored(predictions, score: str) -> dict:
-    """predictions with predictions[score] as the "prob" that metrics and the bootstrap read."""
-    return {"sample": predictions["sample"], "label": predictions["label"], "prob": predictions[score]}
-
-
 def _against_base(predictions, score: str, base_predictions, base_score: str = "prob") -> dict:
     """The AUC of predictions[score], its difference from base_predictions[base_score]'s and the paired
     bootstrap interval."""
-    mine, base = _scored(predictions, score), _scored(base_predictions, base_score)
+    mine, base = scored(predictions, score), scored(base_predictions, base_score)
     draws = paired_bootstrap(mine, base)
     mine_auc, base_auc = auc(mine["label"], mine["prob"]), auc(base["label"], base["prob"])
     return {

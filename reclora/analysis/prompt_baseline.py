@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reclora.analysis.study import interval, paired_bootstrap
+from reclora.analysis.study import interval, paired_bootstrap, scored
 from reclora.files import cache_folder, write_json
 from reclora.item_embeddings import item_embeddings
 from reclora.llm import load_llm
@@ -73,9 +73,14 @@ def run_minus_mean_rating(run_dir: Path, reference: dict) -> dict:
 
 
 def _minus_reference(predictions, score: str, reference: dict) -> dict:
-    mine = {"sample": predictions["sample"], "label": predictions["label"], "prob": predictions[score]}
+    mine = scored(predictions, score)
     draws = paired_bootstrap(mine, reference)
     return {"auc": auc(mine["label"], mine["prob"]), "difference": float(np.mean(draws)), "interval": interval(draws)}
+
+
+def _minus_line(paired: dict) -> str:
+    low, high = paired["interval"]
+    return f"AUC {paired['auc']:.4f}, minus the mean rating {paired['difference']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def main(argv=None) -> int:
@@ -117,17 +122,9 @@ def main(argv=None) -> int:
             f"of the share rated >= 4 {result[strategy]['positive_share_auc']:.4f} ({result['test_size']:,} test samples)"
         )
         for run, paired in result[strategy].get("runs", {}).items():
-            low, high = paired["interval"]
-            print(
-                f"{'':>10}{run}: AUC {paired['auc']:.4f}, minus the mean rating {paired['difference']:+.4f} "
-                f"[{low:+.4f}, {high:+.4f}]"
-            )
+            print(f"{'':>10}{run}: {_minus_line(paired)}")
             if "llm_alone" in paired:
-                alone = paired["llm_alone"]
-                print(
-                    f"{'':>12}its LLM alone: AUC {alone['auc']:.4f}, minus the mean rating {alone['difference']:+.4f} "
-                    f"[{alone['interval'][0]:+.4f}, {alone['interval'][1]:+.4f}]"
-                )
+                print(f"{'':>12}its LLM alone: {_minus_line(paired['llm_alone'])}")
     if args.json:
         write_json(args.json, result)
     return 0

@@ -159,6 +159,12 @@ def compare(runs, seeds, over_seeds, method="reclora", others=None) -> dict:
     return out
 
 
+def scored(predictions, score: str) -> dict:
+    """predictions with predictions[score] (llm_prob, crm_prob of a --crm-fusion run) as the "prob" that
+    metrics and paired_bootstrap read."""
+    return {"sample": predictions["sample"], "label": predictions["label"], "prob": predictions[score]}
+
+
 def paired_bootstrap(mine, theirs, seed=0):
     """Bootstrap draws of AUC(mine) - AUC(theirs) resampling the shared test samples; None if not shared."""
     if not np.array_equal(mine["sample"], theirs["sample"]):
