@@ -193,10 +193,12 @@ class GateContext:
     def __init__(self):
         self.alpha: Optional[torch.Tensor] = None
 
-    def slot(self, index: int) -> torch.Tensor:
+    def slot(self, index: torch.Tensor) -> torch.Tensor:
+        """The (B, K) gates of slot index, a one-element long tensor: a tensor, not an int, so that
+        torch.compile traces every layer alike (an int attribute would specialize a graph per layer)."""
         if self.alpha is None:
             raise RuntimeError("a gated LoRA layer ran without gates: call the PersonalizedLLM, not the LLM inside it")
-        return self.alpha[index]
+        return self.alpha.index_select(0, index).squeeze(0)
 
 
 class GatedLoRALinear(nn.Module):
@@ -220,12 +222,13 @@ class GatedLoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(config.dropout)
         self.scaling, self.mix, self.backend = config.scaling, config.mix, config.backend
         self.gate_context, self.slot = gate_context, slot
+        self.register_buffer("slot_index", torch.tensor([slot], device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_context is None:
             gate = x.new_ones(x.shape[0], 1)
         else:
-            gate = self.gate_context.slot(self.slot)
+            gate = self.gate_context.slot(self.slot_index)
         weight, bias = self.weight, self.bias
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):

@@ -295,3 +295,22 @@ def _match_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         if config is not None:
             config.pad_token_id = tokenizer.pad_token_id
             config.eos_token_id = tokenizer.eos_token_id
+
+
+def compile_decoder_layers(llm) -> int:
+    """torch.compile each decoder layer of llm in place; returns how many.
+
+    Regional compilation: the layers share one code path, so a graph compiled for the first serves
+    them all (a minute or two on a CPU, once per process), where compiling the whole model would
+    compile its depth. The compiled layers fuse the elementwise work between the GEMMs (norms,
+    rotary embeddings, SiLU, residual adds, bf16 casts) that eager PyTorch runs op by op. Parameter
+    names, and so state dicts and checkpoints, are unchanged. A new prompt length recompiles once,
+    with dynamic shapes from then on.
+    """
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"compile: {type(llm).__name__}'s decoder has no `layers` list to compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)

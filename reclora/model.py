@@ -107,6 +107,11 @@ class RecLoRAModel(nn.Module):
         return self
 
     @property
+    def backbone(self) -> nn.Module:
+        """The causal LM itself (inside its adapters when the method tunes it)."""
+        return self.llm.llm if isinstance(self.llm, PersonalizedLLM) else self.llm
+
+    @property
     def device(self):
         return next(self.llm.parameters()).device
 

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16 autocast for the LLM (default: as the run was trained)",
     )
     parser.add_argument("--data-dir", help="where the run's data lies now, if it moved since training")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the LLM's decoder layers: faster batches after the first ones wait for the compiler",
+    )
     return parser
 
 
@@ -79,6 +84,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             data_dir=args.data_dir,
             progress=sys.stderr.isatty(),
+            compile=args.compile,
         )
         start = time.perf_counter()
         if requests is None:

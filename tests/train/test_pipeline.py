@@ -246,19 +246,24 @@ def test_train_size_larger_than_the_split(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_gradient_checkpointing_and_accumulation_keep_the_result(tmp_path):
-    """grad_accum splits each batch, checkpointing recomputes: neither changes what is learned.
+def test_gradient_checkpointing_accumulation_and_compile_keep_the_result(tmp_path):
+    """grad_accum splits each batch, checkpointing recomputes, --compile fuses the decoder layers
+    (all three at once: one compile): none changes what is learned.
 
     With a loss that is a mean over samples: yes-no-centered centres each micro-batch, so grad_accum
     changes its update slightly (documented in reclora.readout)."""
     base = dict(method="reclora", gate_dropout=0.0, epochs=1, evals_per_epoch=1, loss="yes-no")
     plain = run(make_config(tiny_settings(tmp_path, **base, out=str(tmp_path / "plain"))), log=lambda line: None)
+    lines = []
     other = run(
         make_config(
-            tiny_settings(tmp_path, **base, grad_accum=2, grad_checkpointing=True, out=str(tmp_path / "other"))
+            tiny_settings(
+                tmp_path, **base, grad_accum=2, grad_checkpointing=True, compile=True, out=str(tmp_path / "other")
+            )
         ),
-        log=lambda line: None,
+        log=lines.append,
     )
+    assert any(line.startswith("--compile: 2 decoder layers") for line in lines)
     for key in ("auc", "logloss", "valid_auc"):
         assert other[key] == pytest.approx(plain[key], abs=1e-5), key
 

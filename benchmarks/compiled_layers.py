@@ -1,0 +1,127 @@
+"""`python -m benchmarks.compiled_layers`: what the trainer's --compile buys on this machine. SmolLM2-135M
+with RecLoRA (K = 16, r = 8, q and v, weight mix, frozen DIN) or with `lora`'s default (one LoRA of
+rank 8 on all seven projections), one training step and one inference batch, the eager model against
+a copy whose decoder layers are compiled (reclora.llm.compile_decoder_layers).
+
+The batches rotate over three prompt lengths (--seq-len and 16 tokens either side), as the
+trainer's length-sorted batches do, so the compiled model runs with the dynamic shapes it has in
+training. The compile itself (the first calls, until every length has run once) is timed apart.
+Then eager and compiled steps alternate round-robin; medians of --rounds steps, with quartiles,
+the CPU model, its ISA levels, the thread count and the load average. Writes
+benchmarks/results/cpu-compile-<cpu>-<date>.json (atomically).
+"""
+
+import argparse
+import contextlib
+import copy
+import itertools
+import os
+import time
+
+import torch
+
+from benchmarks.environment import RESULTS, describe
+from benchmarks.roofline import interleaved
+from benchmarks.run import cpu_slug
+from benchmarks.workload import DTYPES, LORA, Variant, build_configs, build_crm_for, build_llm, make_batch
+from reclora.adapters import AdapterConfig, PersonalizedLLM
+from reclora.data import load_dataset
+from reclora.files import write_json
+from reclora.llm import SMOLLM2, compile_decoder_layers
+from reclora.methods import ALL_PROJECTIONS
+from reclora.readout import YesNoReadout
+
+LENGTH_OFFSETS = (0, -16, 16)
+METHODS = ("reclora", "lora")
+
+
+def variant(method, llm, tokenizer, crm, batch, seed):
+    if method == "reclora":
+        return build_configs(llm, tokenizer, crm, batch, ("reclora",), seed=seed)["reclora"]
+    torch.manual_seed(seed)
+    model = PersonalizedLLM(copy.deepcopy(llm), AdapterConfig.vanilla(**LORA, target_modules=ALL_PROJECTIONS))
+    params = [p for _, p in model.named_adapter_parameters()]
+    forward = lambda b: model(b["input_ids"], b["attention_mask"])
+    return Variant("lora", model, forward, params, YesNoReadout.from_tokenizer(tokenizer), batch)
+
+
+def run(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = load_dataset("synthetic", progress=False)
+    llm, tokenizer = build_llm(args.llm, DTYPES["float32"], "cpu", args.seed)
+    crm, crm_inputs = build_crm_for(dataset, "din", "cpu", args.seed)
+    batches = [
+        make_batch(dataset, tokenizer, crm_inputs, args.batch_size, args.seq_len + offset, "cpu", args.seed + i)
+        for i, offset in enumerate(LENGTH_OFFSETS)
+    ]
+    variants = {
+        name: variant(args.method, llm, tokenizer, crm, batches[0], args.seed) for name in ("eager", "compiled")
+    }
+    compile_decoder_layers(variants["compiled"].model.llm)
+    autocast = args.precision == "bf16_autocast"
+    result = {
+        "benchmark": "compiled_layers",
+        "environment": describe(),
+        "llm": args.llm,
+        "method": args.method,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "seq_lens": [args.seq_len + offset for offset in LENGTH_OFFSETS],
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "timing": "round-robin over eager and compiled decoder layers, time.perf_counter per step, medians",
+    }
+
+    def step(name, kind):
+        variant, lengths = variants[name], itertools.cycle(batches)
+
+        def call():
+            variant.batch = next(lengths)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                variant.train_step() if kind == "train" else variant.infer_step()
+
+        return call
+
+    for kind in ("train", "inference"):
+        steps = {name: step(name, kind) for name in variants}
+        start = time.perf_counter()
+        for _ in batches:  # the compiles: a graph for the first length, a dynamic one for the next
+            steps["compiled"]()
+        result[f"{kind}_compile_s"] = time.perf_counter() - start
+        table = interleaved(steps, args.rounds, args.warmup)
+        result[kind] = table
+        ratio = table["eager"]["median_ms"] / table["compiled"]["median_ms"]
+        result[f"{kind}_eager_over_compiled"] = ratio
+        print(
+            f"{kind}: eager {table['eager']['median_ms']:.0f} ms, compiled {table['compiled']['median_ms']:.0f} ms "
+            f"(eager / compiled = {ratio:.2f}); compiling took {result[f'{kind}_compile_s']:.0f} s",
+            flush=True,
+        )
+    result["loadavg_after"] = os.getloadavg()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llm", default=SMOLLM2)
+    parser.add_argument("--method", choices=METHODS, default="reclora")
+    parser.add_argument("--precision", choices=("bf16_autocast", "float32"), default="bf16_autocast")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = run(args)
+    path = args.json or os.path.join(
+        RESULTS, f"cpu-compile-{args.method}-{cpu_slug()}-{result['environment']['date']}.json"
+    )
+    write_json(path, result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
