@@ -23,8 +23,10 @@ TORCHRUN = (
 
 
 def test_two_processes_match_one(tmp_path):
-    # No dropout: the processes draw their own masks, so only dropout-free runs can match exactly.
-    settings = tiny_settings(tmp_path, method="reclora", gate_dropout=0.0, epochs=1, eval_size=15)
+    # No dropout: the processes draw their own masks, so only dropout-free runs can match exactly. And
+    # --loss yes-no: the default centres each process's micro-batch, which changes the update by design
+    # (reclora.readout), by more than float noise once reclora adapts all seven projections.
+    settings = tiny_settings(tmp_path, method="reclora", gate_dropout=0.0, epochs=1, eval_size=15, loss="yes-no")
     config = write_yaml(tmp_path / "tiny.yaml", settings)
     single = run_cli("--config", config, "--out", tmp_path / "runs" / "single")
     assert single.returncode == 0, single.stderr

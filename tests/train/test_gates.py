@@ -58,7 +58,7 @@ def test_gates_of_a_trained_run(tmp_path, gate_input, gate_input_norm, capsys):
     for when in ("initial", "trained"):
         stats = report[when]
         assert 0 <= stats["entropy"] <= 1 and 0.25 <= stats["top"] <= 1 and 0 <= stats["spread"] <= 0.75
-        assert len(stats["per_slot"]["spread"]) == 2 * 2  # q_proj and v_proj of tiny-llama's 2 layers
+        assert len(stats["per_slot"]["spread"]) == 7 * 2  # the seven projections of tiny-llama's 2 layers
     assert report["trained"]["per_slot"] != report["initial"]["per_slot"]  # training moved the gates
     assert analyze(out, max_samples=5)["samples"] == 5
 
