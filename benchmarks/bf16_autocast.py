@@ -14,13 +14,9 @@ import os
 
 import torch
 
-from benchmarks.environment import RESULTS, describe
+from benchmarks.environment import describe, write_cpu_result
 from benchmarks.roofline import interleaved
-from benchmarks.run import cpu_slug
-from benchmarks.workload import DTYPES, build_configs, build_crm_for, build_llm, make_batch
-from reclora.data import load_dataset
-from reclora.files import write_json
-from reclora.llm import SMOLLM2
+from benchmarks.workload import add_step_arguments, build_configs, make_batch, step_workload
 
 PRECISIONS = ("float32", "bf16_autocast")
 
@@ -30,11 +26,7 @@ def precision(name):
 
 
 def run(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dataset = load_dataset("synthetic", progress=False)
-    llm, tokenizer = build_llm(args.llm, DTYPES["float32"], "cpu", args.seed)
-    crm, crm_inputs = build_crm_for(dataset, "din", "cpu", args.seed)
+    dataset, llm, tokenizer, crm, crm_inputs = step_workload(args)
     batch = make_batch(dataset, tokenizer, crm_inputs, args.batch_size, args.seq_len, "cpu", args.seed)
     config = build_configs(llm, tokenizer, crm, batch, ("reclora",), seed=args.seed)["reclora"]
     result = {
@@ -70,19 +62,9 @@ def run(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", default=SMOLLM2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None)
+    add_step_arguments(parser, batch_size=4, seq_len=64, rounds=25, warmup=2)
     args = parser.parse_args(argv)
-    result = run(args)
-    path = args.json or os.path.join(RESULTS, f"cpu-bf16-{cpu_slug()}-{result['environment']['date']}.json")
-    write_json(path, result)
-    print(f"wrote {path}")
+    write_cpu_result(run(args), args.json, "bf16")
 
 
 if __name__ == "__main__":

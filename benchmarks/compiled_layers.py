@@ -20,14 +20,11 @@ import time
 
 import torch
 
-from benchmarks.environment import RESULTS, describe
+from benchmarks.environment import describe, write_cpu_result
 from benchmarks.roofline import interleaved
-from benchmarks.run import cpu_slug
-from benchmarks.workload import DTYPES, LORA, Variant, build_configs, build_crm_for, build_llm, make_batch
+from benchmarks.workload import LORA, Variant, add_step_arguments, build_configs, make_batch, step_workload
 from reclora.adapters import AdapterConfig, PersonalizedLLM
-from reclora.data import load_dataset
-from reclora.files import write_json
-from reclora.llm import SMOLLM2, compile_decoder_layers
+from reclora.llm import compile_decoder_layers
 from reclora.methods import ALL_PROJECTIONS
 from reclora.readout import YesNoReadout
 
@@ -46,11 +43,7 @@ def variant(method, llm, tokenizer, crm, batch, seed):
 
 
 def run(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dataset = load_dataset("synthetic", progress=False)
-    llm, tokenizer = build_llm(args.llm, DTYPES["float32"], "cpu", args.seed)
-    crm, crm_inputs = build_crm_for(dataset, "din", "cpu", args.seed)
+    dataset, llm, tokenizer, crm, crm_inputs = step_workload(args)
     batches = [
         make_batch(dataset, tokenizer, crm_inputs, args.batch_size, args.seq_len + offset, "cpu", args.seed + i)
         for i, offset in enumerate(LENGTH_OFFSETS)
@@ -104,23 +97,11 @@ def run(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", default=SMOLLM2)
     parser.add_argument("--method", choices=METHODS, default="reclora")
     parser.add_argument("--precision", choices=("bf16_autocast", "float32"), default="bf16_autocast")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None)
+    add_step_arguments(parser, batch_size=16, seq_len=256, rounds=10, warmup=1)
     args = parser.parse_args(argv)
-    result = run(args)
-    path = args.json or os.path.join(
-        RESULTS, f"cpu-compile-{args.method}-{cpu_slug()}-{result['environment']['date']}.json"
-    )
-    write_json(path, result)
-    print(f"wrote {path}")
+    write_cpu_result(run(args), args.json, f"compile-{args.method}")
 
 
 if __name__ == "__main__":

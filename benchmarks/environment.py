@@ -4,6 +4,7 @@ results files go (RESULTS)."""
 import datetime
 import os
 import platform
+import re
 import subprocess
 
 import torch
@@ -48,3 +49,18 @@ def _git_commit():
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return None
+
+
+def cpu_slug():
+    """The CPU model as a file-name part: "intel-r-xeon-r-processor-family-6-model-167"."""
+    return re.sub(r"[^a-z0-9]+", "-", cpu_features.cpu_model().lower()).strip("-")
+
+
+def write_cpu_result(result, path=None, name="cpu"):
+    """Writes result (atomically) to path, by default results/cpu-NAME-<cpu>-<date>.json; returns the path."""
+    from reclora.files import write_json
+
+    path = path or os.path.join(RESULTS, f"cpu-{name}-{cpu_slug()}-{result['environment']['date']}.json")
+    write_json(path, result)
+    print(f"wrote {path}")
+    return path

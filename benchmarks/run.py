@@ -17,7 +17,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 import torch
 
 from benchmarks import bench_gated_lora, bench_retrieval, roofline
-from benchmarks.environment import RESULTS, describe
+from benchmarks.environment import RESULTS, cpu_slug, describe
 from benchmarks.memory import peak_bytes
 from benchmarks.shapes import RETRIEVAL_CPU
 from reclora.files import write_json
@@ -139,10 +138,6 @@ def combine_tables(tables):
 
 def median_by_key(dicts):
     return {key: statistics.median(d[key] for d in dicts) for key in dicts[0]}
-
-
-def cpu_slug():
-    return re.sub(r"[^a-z0-9]+", "-", cpu_features.cpu_model().lower()).strip("-")
 
 
 def retrieval_memory():

