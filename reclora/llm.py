@@ -301,11 +301,11 @@ def compile_decoder_layers(llm) -> int:
     """torch.compile each decoder layer of llm in place; returns how many.
 
     Regional compilation: the layers share one code path, so a graph compiled for the first serves
-    them all (a minute or two on a CPU, once per process), where compiling the whole model would
-    compile its depth. The compiled layers fuse the elementwise work between the GEMMs (norms,
-    rotary embeddings, SiLU, residual adds, bf16 casts) that eager PyTorch runs op by op. Parameter
-    names, and so state dicts and checkpoints, are unchanged. A new prompt length recompiles once,
-    with dynamic shapes from then on.
+    them all (SmolLM2: about 40 s for training and 10 s for inference on 2 Xeon cores, once per
+    process), where compiling the whole model would compile its depth. The compiled layers fuse the
+    elementwise work between the GEMMs (norms, rotary embeddings, SiLU, residual adds, bf16 casts)
+    that eager PyTorch runs op by op. Parameter names, and so state dicts and checkpoints, are
+    unchanged. A new prompt length recompiles once, with dynamic shapes from then on.
     """
     decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
