@@ -13,7 +13,6 @@ benchmarks/results/cpu-compile-<cpu>-<date>.json (atomically).
 
 import argparse
 import contextlib
-import copy
 import itertools
 import os
 import time
@@ -22,24 +21,18 @@ import torch
 
 from benchmarks.environment import describe, write_cpu_result
 from benchmarks.roofline import interleaved
-from benchmarks.workload import LORA, Variant, add_step_arguments, build_configs, make_batch, step_workload
-from reclora.adapters import AdapterConfig, PersonalizedLLM
+from benchmarks.workload import add_step_arguments, build_configs, make_batch, step_workload
 from reclora.llm import compile_decoder_layers
 from reclora.methods import ALL_PROJECTIONS
-from reclora.readout import YesNoReadout
 
 LENGTH_OFFSETS = (0, -16, 16)
 METHODS = ("reclora", "lora")
 
 
 def variant(method, llm, tokenizer, crm, batch, seed):
-    if method == "reclora":
-        return build_configs(llm, tokenizer, crm, batch, ("reclora",), seed=seed)["reclora"]
-    torch.manual_seed(seed)
-    model = PersonalizedLLM(copy.deepcopy(llm), AdapterConfig.vanilla(**LORA, target_modules=ALL_PROJECTIONS))
-    params = [p for _, p in model.named_adapter_parameters()]
-    forward = lambda b: model(b["input_ids"], b["attention_mask"])
-    return Variant("lora", model, forward, params, YesNoReadout.from_tokenizer(tokenizer), batch)
+    """reclora as the other benchmarks run it, or lora_ours on lora's default projections (all seven)."""
+    name = "reclora" if method == "reclora" else "lora_ours"
+    return build_configs(llm, tokenizer, crm, batch, (name,), seed=seed, lora_targets=ALL_PROJECTIONS)[name]
 
 
 def run(args):

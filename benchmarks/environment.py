@@ -9,6 +9,7 @@ import subprocess
 
 import torch
 
+from reclora.files import write_json
 from reclora_kernels import cpu_features
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -58,8 +59,6 @@ def cpu_slug():
 
 def write_cpu_result(result, path=None, name="cpu"):
     """Writes result (atomically) to path, by default results/cpu-NAME-<cpu>-<date>.json; returns the path."""
-    from reclora.files import write_json
-
     path = path or os.path.join(RESULTS, f"cpu-{name}-{cpu_slug()}-{result['environment']['date']}.json")
     write_json(path, result)
     print(f"wrote {path}")

@@ -12,7 +12,9 @@ from benchmarks.published_reclora import PublishedRecLoRA
 from reclora.adapters import AdapterConfig, PersonalizedLLM
 from reclora.crm import build_crm
 from reclora.crm.features import CrmInputs
+from reclora.data import load_dataset
 from reclora.llm import SMOLLM2, last_token_logits, load_llm, load_tokenizer, random_llama
+from reclora.methods import PUBLISHED_PROJECTIONS
 from reclora.prompt import PromptBuilder, PromptInput
 from reclora.readout import YesNoReadout
 
@@ -136,8 +138,9 @@ def _gated_forward(model, crm):
     return forward
 
 
-def build_configs(llm, tokenizer, crm, batch, names=CONFIGS, backend=None, seed=0):
-    """{name: Variant} for names; each gets its own deep copy of llm (frozen weights included)."""
+def build_configs(llm, tokenizer, crm, batch, names=CONFIGS, backend=None, seed=0, lora_targets=PUBLISHED_PROJECTIONS):
+    """{name: Variant} for names; each gets its own deep copy of llm (frozen weights included).
+    lora_targets: the projections lora_ours and lora_peft adapt (reclora keeps RECLORA's q and v)."""
     from peft import LoraConfig, get_peft_model
 
     readout = YesNoReadout.from_tokenizer(tokenizer)
@@ -150,7 +153,7 @@ def build_configs(llm, tokenizer, crm, batch, names=CONFIGS, backend=None, seed=
             copy_.enable_input_require_grads()
             configs[name] = Variant(name, copy_, _base_forward(copy_), [], readout, batch)
         elif name == "lora_ours":
-            model = PersonalizedLLM(copy_, AdapterConfig.vanilla(**LORA, backend=backend))
+            model = PersonalizedLLM(copy_, AdapterConfig.vanilla(**LORA, target_modules=lora_targets, backend=backend))
             forward = lambda b, m=model: m(b["input_ids"], b["attention_mask"])
             configs[name] = Variant(
                 name, model, forward, [p for _, p in model.named_adapter_parameters()], readout, batch
@@ -159,7 +162,7 @@ def build_configs(llm, tokenizer, crm, batch, names=CONFIGS, backend=None, seed=
             model = get_peft_model(
                 copy_,
                 LoraConfig(
-                    r=LORA["rank"], lora_alpha=LORA["lora_alpha"], target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+                    r=LORA["rank"], lora_alpha=LORA["lora_alpha"], target_modules=list(lora_targets), lora_dropout=0.0
                 ),
             )
             params = [p for p in model.parameters() if p.requires_grad]
@@ -193,8 +196,6 @@ def add_step_arguments(parser, batch_size, seq_len, rounds, warmup):
 def step_workload(args):
     """(dataset, llm, tokenizer, crm, crm_inputs) of add_step_arguments' args: the synthetic dataset,
     the LLM in float32 on the CPU and a frozen DIN, on args.threads torch threads when given."""
-    from reclora.data import load_dataset
-
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = load_dataset("synthetic", progress=False)
