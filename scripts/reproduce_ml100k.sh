@@ -122,13 +122,16 @@ for crm in sasrec gru4rec din; do
 done
 # The recipe's Few2Many curve beyond the main budget (issue 16: "a larger budget your CPU time
 # allows"): lora (all seven projections, its default since part 11) and reclora at seed 0, fused
-# like the rows they continue (fusion-allproj-lora-seed0 and fusion-reclora-seed0 at 2,000), so
+# like the rows they continue (fusion-allproj-lora-seed0, fusion-reclora-seed0 at 2,000), so
 # each gives the LLM alone and its fusion with the CRM; with --compile (1.4x to 1.8x a training step on
 # an AMX Xeon, benchmarks/README.md), which leaves the results as they are to float rounding
 for size in ${RECIPE_CURVE_SIZES:-8000}; do
   train "recipe-curve-lora-$size" --method lora --train-size "$size" --target-modules "$ALL_PROJECTIONS" --crm-fusion \
     --compile "${RECIPE[@]}"
   train "recipe-curve-reclora-$size" --method reclora --train-size "$size" --crm-fusion --compile "${RECIPE[@]}"
+  # reclora's default projections since part 12 (paired with fusion-allproj-reclora-seed0)
+  train "recipe-curve-allproj-reclora-$size" --method reclora --train-size "$size" --target-modules "$ALL_PROJECTIONS" \
+    --crm-fusion --compile "${RECIPE[@]}"
 done
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
