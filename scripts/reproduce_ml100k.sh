@@ -129,9 +129,11 @@ for size in ${RECIPE_CURVE_SIZES:-8000}; do
   train "recipe-curve-lora-$size" --method lora --train-size "$size" --target-modules "$ALL_PROJECTIONS" --crm-fusion \
     --compile "${RECIPE[@]}"
   train "recipe-curve-reclora-$size" --method reclora --train-size "$size" --crm-fusion --compile "${RECIPE[@]}"
-  # reclora's default projections since part 12 (paired with fusion-allproj-reclora-seed0)
-  train "recipe-curve-allproj-reclora-$size" --method reclora --train-size "$size" --target-modules "$ALL_PROJECTIONS" \
-    --crm-fusion --compile "${RECIPE[@]}"
+  # reclora's default projections since part 12, over the seeds (each paired with fusion-allproj-reclora-seedS)
+  for seed in $SEEDS; do
+    train "recipe-curve-allproj-reclora-$size$([[ $seed == 0 ]] || echo "-seed$seed")" --method reclora --seed "$seed" \
+      --train-size "$size" --target-modules "$ALL_PROJECTIONS" --crm-fusion --compile "${RECIPE[@]}"
+  done
 done
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
