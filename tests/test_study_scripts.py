@@ -399,3 +399,68 @@ def test_late_fusion_chooses_the_weight_on_validation(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         late_fusion.main(args)
     assert exit_info.value.code == 2 and "noise.csv is missing" in capsys.readouterr().err
+
+
+def _add_columns(run: Path, **parts):
+    """Give a written run the user column the trainer writes, and parts (a --crm-fusion run's llm_prob
+    and crm_prob)."""
+    with np.load(run / "predictions.npz") as saved:
+        arrays = dict(saved, user=np.zeros(N, dtype=np.int64), **parts)
+    np.savez(run / "predictions.npz", **arrays)
+
+
+def test_paired_seeds_over_pairs(tmp_path, capsys):
+    from reclora.analysis import paired_seeds
+    from reclora.analysis.study import paired_bootstrap, scored
+
+    pairs = []
+    for seed in range(3):
+        write_run(tmp_path, f"base-seed{seed}", "reclora", 0.6, seed)
+        write_run(tmp_path, f"changed-seed{seed}", "reclora", 1.2, seed)
+        crm = np.load(tmp_path / f"base-seed{seed}" / "predictions.npz")["prob"]  # each seed's CRM
+        for name in ("base", "changed"):
+            run = tmp_path / f"{name}-seed{seed}"
+            _add_columns(run, llm_prob=np.load(run / "predictions.npz")["prob"], crm_prob=crm)  # LLM alone = readout
+        pairs.append((f"changed-seed{seed}", f"base-seed{seed}"))
+    args = [str(tmp_path), "--json", str(tmp_path / "s.json")]
+    for changed, base in pairs:
+        args += ["--pair", changed, base]
+    assert paired_seeds.main(args) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    differences = []
+    for seed, (row, (changed, base)) in enumerate(zip(summary["pairs"], pairs)):
+        a, b = (np.load(tmp_path / n / "predictions.npz") for n in (changed, base))
+        differences.append(auc(a["label"], a["prob"]) - auc(b["label"], b["prob"]))
+        assert row["readout minus base"]["auc_difference"] == pytest.approx(differences[-1])
+        # the base's LLM alone is its CRM here, and the changed run's CRM is the base's readout
+        assert row["base's LLM alone minus its own CRM"]["auc_difference"] == pytest.approx(0)
+        assert row["LLM alone minus its own CRM"]["auc_difference"] == pytest.approx(differences[-1])
+        assert row["seed"] == seed  # read from the run's results
+    over = summary["over_pairs"]["readout minus base"]
+    assert over["pairs"] == 3 and over["mean_auc_difference"] == pytest.approx(np.mean(differences))
+    # the interval is that of the mean of the pairs' draws, each pair drawn with its seed
+    draws = [
+        paired_bootstrap(*(scored(dict(np.load(tmp_path / n / "predictions.npz")), "prob") for n in pair), seed=s)
+        for s, pair in enumerate(pairs)
+    ]
+    assert over["paired_bootstrap_95"] == pytest.approx(list(np.percentile(np.mean(draws, axis=0), [2.5, 97.5])))
+    assert over["paired_bootstrap_95"][0] > 0  # quality 1.2 against 0.6 over 3 x 400 samples
+    llm = summary["auc_over_seeds"]["changed"]["llm"]
+    assert llm["mean"] == pytest.approx(np.mean([summary["pairs"][s]["changed_auc"]["llm"] for s in range(3)]))
+    assert llm["std"] > 0
+    out = capsys.readouterr().out
+    assert "**over 3 pairs**" in out and "LLM alone minus its own CRM" in out
+    # not fused: no LLM-alone or CRM rows; other test samples or a missing run: exit 2 with a message
+    write_run(tmp_path, "plain-a", "lora", 1.0)
+    write_run(tmp_path, "plain-b", "lora", 0.5)
+    for name in ("plain-a", "plain-b"):
+        _add_columns(tmp_path / name)
+    plain = paired_seeds.summarize(tmp_path, [("plain-a", "plain-b")])
+    assert set(plain["over_pairs"]) == {"readout minus base"}
+    assert plain["auc_over_seeds"]["changed"]["readout"]["std"] is None  # one seed: no spread
+    write_run(tmp_path, "elsewhere", "lora", 1.0, samples=np.arange(N) + 1)
+    _add_columns(tmp_path / "elsewhere")
+    assert paired_seeds.main([str(tmp_path), "--pair", "elsewhere", "base-seed0"]) == 2
+    assert paired_seeds.main([str(tmp_path), "--pair", "missing", "base-seed0"]) == 2
+    err = capsys.readouterr().err
+    assert "share their test samples" in err and "'missing' is not a finished run" in err
