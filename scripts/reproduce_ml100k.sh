@@ -134,6 +134,9 @@ for size in ${RECIPE_CURVE_SIZES:-8000}; do
     train "recipe-curve-allproj-reclora-$size$([[ $seed == 0 ]] || echo "-seed$seed")" --method reclora --seed "$seed" \
       --train-size "$size" --target-modules "$ALL_PROJECTIONS" --crm-fusion --compile "${RECIPE[@]}"
   done
+  # ... with the best CRM of these samples (SASRec) feeding the gates and inside the fusion
+  train "recipe-curve-allproj-reclora-sasrec-$size" --method reclora --crm sasrec --train-size "$size" \
+    --target-modules "$ALL_PROJECTIONS" --crm-fusion --compile "${RECIPE[@]}"
 done
 # Ablations of reclora (seed 0, the main budget)
 train ablation-k1 --method reclora --num-loras 1 --train-size "$TRAIN_SIZE"
