@@ -24,7 +24,9 @@ from reclora.files import write_json
 from reclora.metrics import auc
 from reclora.train.outputs import RunDirectory
 
-# (name, score of the changed run, score it is compared with, and whose: "base" or "own")
+# (name, first score, second score, whose): "base" compares the changed run's first score with the
+# base's second, "own" both scores within the changed run, "base_own" both within the base. "llm" is
+# the LLM's own score (see _score).
 COMPARISONS = (
     ("readout minus base", "prob", "prob", "base"),
     ("LLM alone minus base's LLM alone", "llm", "llm", "base"),
