@@ -55,11 +55,11 @@ def _score(predictions: dict, score: str):
 def pair_differences(changed: dict, base: dict, seed: int) -> dict:
     """{comparison: (AUC difference, bootstrap draws)} for one pair, the comparisons both runs allow."""
     out = {}
+    runs = {"base": (changed, base), "own": (changed, changed), "base_own": (base, base)}
     for name, mine, theirs, whose in COMPARISONS:
         if name == "LLM alone minus base's LLM alone" and "llm_prob" not in changed and "llm_prob" not in base:
             continue  # neither is fused: the readout row says it already
-        first = base if whose == "base_own" else changed
-        second = {"base": base, "own": changed, "base_own": base}[whose]
+        first, second = runs[whose]
         a, b = _score(first, mine), _score(second, theirs)
         if a is None or b is None:
             continue
