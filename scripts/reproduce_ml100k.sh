@@ -201,3 +201,13 @@ done
   $(for run in lora-s1-base lora-s1-centered lora-s1-yesno-fp32head reclora-s1-fp32head reclora-s1-centered; do
       echo --against "$SCREEN_OUT/$run"; done)
 "$PY" -m reclora.analysis.study "$OUT" --json docs/results/ml100k.json --plot docs/results/ml100k-few2many.png
+# The recipe's Few2Many curve (issue 16): the LLM alone against its training-subset size, over the
+# seeds at each size, beside the published recipe's curve (from the summary just written) and the
+# CRM inside the runs
+"$PY" -m reclora.analysis.few2many "$OUT" \
+  --curve "reclora, all seven projections" "fusion-allproj-reclora-seed*" "recipe-curve-allproj-reclora-[0-9]*" \
+  --curve "reclora, q and v" "fusion-reclora-seed*" "recipe-curve-reclora-[0-9]*" \
+  --curve "lora, all seven projections" "fusion-allproj-lora-seed*" "recipe-curve-lora-[0-9]*" \
+  --curve "reclora, all seven, SASRec's gates" "recipe-curve-allproj-reclora-sasrec-*" \
+  --published docs/results/ml100k.json --json docs/results/ml100k-few2many-recipe.json \
+  --plot docs/results/ml100k-few2many-recipe.png

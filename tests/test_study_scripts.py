@@ -464,3 +464,53 @@ def test_paired_seeds_over_pairs(tmp_path, capsys):
     assert paired_seeds.main([str(tmp_path), "--pair", "missing", "base-seed0"]) == 2
     err = capsys.readouterr().err
     assert "share their test samples" in err and "'missing' is not a finished run" in err
+
+
+def test_few2many_curves_over_seeds(tmp_path, capsys):
+    from reclora.analysis import few2many
+
+    def fused_run(name, quality, seed, size):
+        write_run(tmp_path, name, "reclora", quality, seed, train_size=size)
+        run = tmp_path / name
+        llm = np.load(run / "predictions.npz")["prob"]
+        crm = 1 / (1 + np.exp(-np.random.default_rng([seed, 9]).normal(size=N)))  # each seed's CRM
+        _add_columns(run, llm_prob=llm, crm_prob=crm)
+        (run / "config.json").write_text(json.dumps({"crm": "sim", "seed": seed}))
+        return run
+
+    runs = {(2000, s): fused_run(f"small-seed{s}", 0.6 + 0.1 * s, s, 2000) for s in range(3)}
+    runs[8000, 0] = fused_run("large", 1.5, 0, 8000)
+    runs[8000, 1] = fused_run("large-seed1", 1.4, 1, 8000)
+    (tmp_path / "large-seed2").mkdir()  # still training: no results.json
+    published = tmp_path / "study.json"
+    published.write_text(json.dumps({"few2many": {"seed0": {"lora": [[500, 0.5], [2000, 0.6]]}}}))
+    args = [str(tmp_path), "--curve", "reclora", "small-seed*", "large*", "--published", str(published)]
+    assert few2many.main([*args, "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]) == 0
+    curve = json.loads((tmp_path / "c.json").read_text())["curves"]["reclora"]
+    assert [p["size"] for p in curve["points"]] == [2000, 8000]
+    assert curve["points"][1]["seeds"] == [0, 1] and curve["unfinished"] == ["large-seed2"]
+    for point in curve["points"]:
+        llm = [
+            auc(*(np.load(runs[point["size"], s] / "predictions.npz")[k] for k in ("label", "llm_prob")))
+            for s in point["seeds"]
+        ]
+        assert point["llm"]["mean"] == pytest.approx(np.mean(llm))
+        assert point["llm"]["std"] == pytest.approx(np.std(llm, ddof=1))
+    # the CRM does not move with the size: its AUC once a seed
+    crm = [auc(*(np.load(runs[2000, s] / "predictions.npz")[k] for k in ("label", "crm_prob"))) for s in range(3)]
+    assert curve["crm"] == "sim" and curve["crm_auc_over_seeds"]["mean"] == pytest.approx(np.mean(crm))
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert "| reclora | 8000 | 0, 1 |" in capsys.readouterr().out
+    # a typo, two runs at one (size, seed), other test samples, a file that is no study summary: exit 2
+    assert few2many.main([str(tmp_path), "--curve", "reclora", "smal-seed*"]) == 2
+    assert few2many.main([str(tmp_path), "--curve", "twice", "small-seed0", "large"]) == 0  # sizes differ
+    write_run(tmp_path, "small-again", "reclora", 0.6, 0)
+    _add_columns(tmp_path / "small-again")
+    assert few2many.main([str(tmp_path), "--curve", "twice", "small-seed0", "small-again"]) == 2
+    write_run(tmp_path, "elsewhere", "reclora", 0.6, 1, samples=np.arange(N) + 1)
+    _add_columns(tmp_path / "elsewhere")
+    assert few2many.main([str(tmp_path), "--curve", "moved", "small-seed0", "elsewhere"]) == 2
+    assert few2many.main([*args[:5], "--published", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert "matches smal-seed*" in err and "both size 2000, seed 0" in err and "different test samples" in err
+    assert "not a reclora.analysis.study summary" in err
