@@ -89,7 +89,7 @@ def curve(points: list) -> list:
 
 
 def summarize(directory: Path, curves: list) -> dict:
-    """{label: {points, crm, crm_auc, unfinished}} for each (label, patterns) of `curves`."""
+    """{label: {patterns, points, crm, crm_auc_over_seeds, unfinished}} for each (label, patterns) of `curves`."""
     out = {}
     for label, patterns in curves:
         points, unfinished = family(directory, patterns)
