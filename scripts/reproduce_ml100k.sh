@@ -113,6 +113,11 @@ done
 train fusion-batch8-lora-seed0 --method lora --train-size "$TRAIN_SIZE" --batch-size 8 --crm-fusion "${RECIPE[@]}"
 train fusion-gatelr3x-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --gate-lr 3e-3 --crm-fusion "${RECIPE[@]}"
 train fusion-gatenone-reclora-seed0 --method reclora --train-size "$TRAIN_SIZE" --gate-input-norm none --crm-fusion "${RECIPE[@]}"
+for seed in $SEEDS; do  # seed 0 with q, v: +0.0120 for the LLM alone, a tie with its CRM (RESULTS.md part 15);
+  # with reclora's default projections, each paired with fusion-allproj-reclora-seedS
+  train "fusion-allproj-gatenone-reclora-seed$seed" --method reclora --train-size "$TRAIN_SIZE" --seed "$seed" \
+    --target-modules "$ALL_PROJECTIONS" --gate-input-norm none --crm-fusion "${RECIPE[@]}"
+done
 # The CRM table under the recipe (issue 16, part 3 of the issue): reclora with each CRM as its gates'
 # source and with the uniform gate (every alpha 1/K: no personalization), each paired with
 # recipe-reclora-seed0 (SIM's gates) and with its CRM alone
