@@ -25,6 +25,7 @@ import numpy as np
 from reclora.analysis.paired_seeds import load
 from reclora.files import write_json
 from reclora.metrics import auc
+from reclora.train.outputs import RunDirectory
 
 # The scores a run may hold (predictions' columns) and their names here; "llm" falls back to "prob".
 SCORES = {"llm": "llm_prob", "readout": "prob", "crm": "crm_prob"}
@@ -32,7 +33,7 @@ SCORES = {"llm": "llm_prob", "readout": "prob", "crm": "crm_prob"}
 
 def _run_point(directory: Path, name: str) -> dict:
     results, predictions = load(directory, name)
-    config_file = directory / name / "config.json"
+    config_file = RunDirectory(directory / name).config
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     aucs = {
         score: auc(predictions["label"], predictions[column])
