@@ -28,7 +28,8 @@ class Method:
     """llm: False for a CRM alone. adapters: "gated" (K meta-LoRAs mixed per sample by the gates),
     "shared" (one LoRA for every sample) or None (nothing tuned). prompt_history: the prompt's items
     when --prompt-history is auto ("semantic": retrieved; "recent": the last K_short).
-    target_modules: the projections adapted when --target-modules is not given."""
+    target_modules: the projections adapted when --target-modules is not given. gate_input_norm: what
+    the gates do to the CRM's representation when --gate-input-norm is not given (reclora.adapters)."""
 
     name: str
     description: str
@@ -36,6 +37,7 @@ class Method:
     adapters: Optional[str] = None
     prompt_history: Optional[str] = None
     target_modules: tuple[str, ...] = PUBLISHED_PROJECTIONS
+    gate_input_norm: str = "layer"  # the published code's LayerNorm
 
     @property
     def tuned(self) -> bool:
@@ -64,6 +66,7 @@ LLM_METHODS = {
             adapters="gated",
             prompt_history="semantic",
             target_modules=ALL_PROJECTIONS,  # chosen on validation at 3 seeds: docs/RESULTS.md, issue 16 part 12
+            gate_input_norm="none",  # chosen on validation at 3 seeds: docs/RESULTS.md, issue 16 part 16
         ),
         Method(
             "lora",

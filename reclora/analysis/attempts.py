@@ -22,7 +22,7 @@ import numpy as np
 from reclora.analysis.study import interval, load_runs, paired_bootstrap, rank_correlation, scored
 from reclora.files import write_json
 from reclora.metrics import auc
-from reclora.train.config import TrainConfig, as_stored
+from reclora.train.config import TrainConfig, as_stored, completed_settings
 from reclora.train.outputs import RunDirectory
 
 # Settings that name or place a run rather than change what it learns.
@@ -31,9 +31,9 @@ NOT_A_SETTING = {"out", "resume", "overwrite", "progress", "cache_dir", "checkpo
 
 def changed_settings(config: dict, base: dict) -> dict:
     """{setting: value} where config differs from base. A setting added after one of the runs was
-    written counts as its default there (every new setting's default keeps the old behaviour)."""
+    written counts as it was then (completed_settings)."""
     defaults = as_stored(TrainConfig().to_dict())
-    config, base = {**defaults, **config}, {**defaults, **base}
+    config, base = completed_settings(config, defaults), completed_settings(base, defaults)
     keys = (set(config) | set(base)) - NOT_A_SETTING
     return {key: config.get(key) for key in sorted(keys) if config.get(key) != base.get(key)}
 

@@ -27,7 +27,7 @@ import torch
 
 from reclora.files import write_json
 from reclora.train import distributed
-from reclora.train.config import make_config
+from reclora.train.config import completed_settings, make_config
 from reclora.train.crm_stage import prepare_crm
 from reclora.train.loop import load_trainable_state
 from reclora.train.outputs import RunDirectory
@@ -71,7 +71,7 @@ def analyze(run_dir: str | Path, max_samples: int | None = None) -> dict:
     run = RunDirectory(run_dir)
     if not run.config.exists():
         raise FileNotFoundError(f"{run.config} does not exist: RUN_DIR must be a run's --out directory")
-    config = make_config(json.loads(run.config.read_text()))
+    config = make_config(completed_settings(json.loads(run.config.read_text())))
     if not config.method_row.gated:
         raise ValueError(f"{run_dir} is a {config.method!r} run: only gated methods (reclora) have gates")
     if not run.checkpoint.exists():

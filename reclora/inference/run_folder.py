@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import reclora_kernels
-from reclora.train.config import ConfigError, TrainConfig, make_config
+from reclora.train.config import ConfigError, TrainConfig, completed_settings, make_config
 from reclora.train.crm_stage import INFO, WEIGHTS, crm_inputs, crm_key, new_crm
 from reclora.train.outputs import RunDirectory
 
@@ -62,7 +62,7 @@ class RunFolder(RunDirectory):
                 "(the folder mixes two runs); train it again into an empty folder"
             )
         try:
-            return make_config(values)
+            return make_config(completed_settings(values))
         except ConfigError as error:
             raise RunFolderError(f"{self.config}: settings this version cannot use: {error}") from None
 

@@ -25,7 +25,6 @@ from reclora.methods import (
     CRM_METHODS,
     GATE_INPUTS,
     METHODS,
-    PUBLISHED_PROJECTIONS,
     Method,
     describe_methods,
     method,
@@ -159,9 +158,10 @@ class TrainConfig:
     gate_hidden: int = _option(60, "hidden width of each gate", bound=AT_LEAST_1)
     gate_dropout: float = _option(0.1, "dropout inside the gates", bound=PROBABILITY)
     gate_input_norm: str = _option(
-        "layer",
+        None,
         "what each gate does to the CRM representation before its first layer: layer, a LayerNorm "
-        "(published); none, nothing (issue 16's input-normalization hypothesis)",
+        "(the published code); none, nothing. Default per method: reclora none (docs/RESULTS.md, "
+        "issue 16 part 16), layer for the others",
         GATE_INPUT_NORMS,
     )
     gate_input: str = _option(
@@ -275,9 +275,12 @@ class TrainConfig:
 
     def __post_init__(self):
         self.dataset_options = dict(self.dataset_options or {})
-        if not self.target_modules:  # the method's own default (an unknown method is refused by validate)
-            row = METHODS.get(self.method)
-            self.target_modules = list(row.target_modules if row else PUBLISHED_PROJECTIONS)
+        # The method's own defaults (an unknown method is refused by validate, here the row's defaults)
+        row = METHODS.get(self.method) or Method(self.method, "")
+        if not self.target_modules:
+            self.target_modules = list(row.target_modules)
+        if self.gate_input_norm is None:
+            self.gate_input_norm = row.gate_input_norm
         if self.method in CRM_METHODS:  # a CRM alone: stage 1 trains that CRM, whatever --crm says
             self.crm = self.method
 
@@ -383,10 +386,21 @@ class TrainConfig:
     def settings_changed_since(self, saved: dict) -> dict:
         """{name: (saved, now)} for every setting of run_fingerprint that differs from saved, a
         run_fingerprint as a checkpoint or results.json stores it. A setting added after the run was
-        written counts as its default then (every new setting's default keeps the old behaviour)."""
+        written counts as it was then (completed_settings)."""
         now = as_stored(self.run_fingerprint())
-        then = {**as_stored(TrainConfig().run_fingerprint()), **saved}
+        then = completed_settings(saved, as_stored(TrainConfig().run_fingerprint()))
         return {name: (then.get(name), value) for name, value in now.items() if then.get(name) != value}
+
+
+# The value runs had of a setting added after them whose default has changed since. Every other setting
+# a saved run lacks had its default then: a new setting's default keeps the old behaviour.
+BEFORE_THE_SETTING = {"gate_input_norm": "layer"}  # the gates always had their LayerNorm
+
+
+def completed_settings(saved: dict, defaults: Optional[dict] = None) -> dict:
+    """Saved settings (config.json, results.json's config, a checkpoint's) with each setting added after
+    they were written at the value the run had: BEFORE_THE_SETTING's, else the one in defaults."""
+    return {**(defaults or {}), **BEFORE_THE_SETTING, **saved}
 
 
 def as_stored(settings: dict) -> dict:

@@ -16,6 +16,7 @@ RUNS = {
     },
     "reclora-user-embedding": {"method": "reclora", "gate_input": "user-embedding"},
     "reclora-uniform": {"method": "reclora", "gate_input": "uniform"},
+    "reclora-gate-layernorm": {"method": "reclora", "gate_input_norm": "layer"},  # the published gates
     "lora-crm-residual": {"method": "lora", "crm_residual": True},  # the CRM in the readout, no gates
     "lora-crm-fusion": {"method": "lora", "crm_fusion": True},  # the CRM weighed into the readout after training
 }

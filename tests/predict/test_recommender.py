@@ -207,20 +207,27 @@ def test_bad_run_folders(copy_run, damage, message):
         Recommender.load(folder)
 
 
-def test_a_run_written_before_a_setting_existed_loads(copy_run, loaded):
-    """An older version's run lacks the settings added since: they read as their defaults, which
-    keep the old behaviour (what the trainer's --resume does too)."""
-    folder = copy_run("lora")
-    added_later = ("crm_holdout", "crm_holdout_users", "crm_residual", "crm_fusion")
-    for name in ("config.json", "results.json"):
-        _edit_json(folder / name, lambda c: [c.get("config", c).pop(key) for key in added_later])
+@pytest.mark.parametrize(
+    "name, added_later",
+    [
+        ("lora", ("crm_holdout", "crm_holdout_users", "crm_residual", "crm_fusion")),
+        # reclora's default became no LayerNorm after runs without the setting had theirs
+        ("reclora-gate-layernorm", ("gate_input_norm", "gate_lr")),
+    ],
+)
+def test_a_run_written_before_a_setting_existed_loads(copy_run, loaded, name, added_later):
+    """An older version's run lacks the settings added since: they read as what runs did then, their
+    defaults but where a default changed later (what the trainer's --resume does too)."""
+    folder = copy_run(name)
+    for file in ("config.json", "results.json"):
+        _edit_json(folder / file, lambda c: [c.get("config", c).pop(key) for key in added_later])
     checkpoint = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)
     for key in added_later:
         del checkpoint["identity"]["settings"][key]
     torch.save(checkpoint, folder / "checkpoints" / "last.pt")
     recommender = Recommender.load(folder)
     samples = recommender.split_samples("test")[:4]
-    assert np.allclose(recommender.score_samples(samples), loaded["lora"].score_samples(samples), atol=1e-6)
+    assert np.allclose(recommender.score_samples(samples), loaded[name].score_samples(samples), atol=1e-6)
 
 
 def test_moved_data_directory(runs, tmp_path):

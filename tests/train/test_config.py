@@ -1,5 +1,6 @@
 """The settings' rules live beside their help text, in each field's metadata: none can be forgotten."""
 
+import json
 import math
 import re
 
@@ -66,6 +67,34 @@ def test_each_method_adapts_its_own_default_projections():
     assert chosen.target_modules == ["q_proj", "v_proj"] == chosen.to_dict()["target_modules"]
     with pytest.raises(ConfigError, match="--method"):
         make_config({"method": "no-such-method"})
+
+
+def test_reclora_gates_read_the_crm_without_a_layernorm_by_default():
+    """reclora's gates drop their input LayerNorm (issue 16 part 16), every other method keeps the
+    published one; --gate-input-norm wins; configs/published.yaml restores the paper's gates."""
+    from reclora.train.config import config_from_args
+
+    assert make_config({"method": "reclora"}).gate_input_norm == "none"
+    for name in ("lora", "rella", "zero-shot", "sim"):
+        assert make_config({"method": name}).gate_input_norm == "layer"
+    assert make_config({"method": "reclora", "gate_input_norm": "layer"}).to_dict()["gate_input_norm"] == "layer"
+    assert config_from_args(["--config", "configs/published.yaml"]).gate_input_norm == "layer"
+
+
+def test_a_run_saved_before_a_default_changed_keeps_what_it_ran_with():
+    """A reclora run written before --gate-input-norm existed had the LayerNorm: its saved settings
+    read back with it, so resuming it with today's default is a change of setting, and a setting
+    absent without a changed default counts as its default."""
+    from reclora.train.config import completed_settings
+
+    saved = make_config({"method": "reclora"}).run_fingerprint()
+    del saved["gate_input_norm"], saved["gate_lr"]
+    saved = json.loads(json.dumps(saved, default=str))
+    assert completed_settings(saved)["gate_input_norm"] == "layer"
+    assert make_config(completed_settings(saved)).gate_input_norm == "layer"
+    now = make_config({"method": "reclora"})
+    assert now.settings_changed_since(saved) == {"gate_input_norm": ("layer", "none")}
+    assert make_config({"method": "reclora", "gate_input_norm": "layer"}).settings_changed_since(saved) == {}
 
 
 def test_the_centered_loss_refuses_micro_batches_of_one():
