@@ -215,7 +215,8 @@ done
 # seeds at each size, beside the published recipe's curve (from the summary just written) and the
 # CRM inside the runs
 "$PY" -m reclora.analysis.few2many "$OUT" \
-  --curve "reclora, all seven projections" "fusion-allproj-reclora-seed*" "recipe-curve-allproj-reclora-[0-9]*" \
+  --curve "reclora, all seven, no gate LayerNorm (its default)" "fusion-allproj-gatenone-reclora-seed*" \
+  --curve "reclora, all seven, gate LayerNorm" "fusion-allproj-reclora-seed*" "recipe-curve-allproj-reclora-[0-9]*" \
   --curve "reclora, q and v" "fusion-reclora-seed*" "recipe-curve-reclora-[0-9]*" \
   --curve "lora, all seven projections" "fusion-allproj-lora-seed*" "recipe-curve-lora-[0-9]*" \
   --curve "reclora, all seven, SASRec's gates" "recipe-curve-allproj-reclora-sasrec-*" \
