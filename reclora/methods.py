@@ -75,7 +75,13 @@ LLM_METHODS = {
             prompt_history="recent",
             target_modules=ALL_PROJECTIONS,  # chosen on validation at 3 seeds: docs/RESULTS.md, issue 16 part 11
         ),
-        Method("rella", "one shared LoRA, retrieved prompt", adapters="shared", prompt_history="semantic"),
+        Method(
+            "rella",
+            "one shared LoRA, retrieved prompt",
+            adapters="shared",
+            prompt_history="semantic",
+            target_modules=ALL_PROJECTIONS,  # chosen on validation at seed 0: docs/RESULTS.md, issue 16 part 18
+        ),
         Method("zero-shot", "the LLM untuned", prompt_history="semantic"),
     )
 }

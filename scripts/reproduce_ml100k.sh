@@ -104,7 +104,7 @@ done
 for seed in $SEEDS; do  # seed 0: +0.0075 for the LLM alone, 0.004 below its CRM (RESULTS.md part 12)
   train "fusion-allproj-reclora-seed$seed" --method reclora --train-size "$TRAIN_SIZE" --seed "$seed" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
 done
-# ... and rella, each paired with recipe-rella-seedS (rella has no fused rows)
+# ... and rella, each paired with recipe-rella-seedS (rella has no fused rows); its default since part 18
 for seed in $SEEDS; do
   train "recipe-allproj-rella-seed$seed" --method rella --train-size "$TRAIN_SIZE" --seed "$seed" \
     --target-modules "$ALL_PROJECTIONS" "${RECIPE[@]}"

@@ -173,9 +173,9 @@ class TrainConfig:
     )
     target_modules: list = _option(
         None,
-        "the LLM projections to adapt, comma-separated; default per method: lora all seven of a "
-        "LLaMA-family layer, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (docs/RESULTS.md, "
-        "issue 16 part 11), rella and reclora the paper's q_proj,v_proj",
+        "the LLM projections to adapt, comma-separated; default for the tuned methods (lora, rella, "
+        "reclora): all seven of a LLaMA-family layer, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj (docs/RESULTS.md, issue 16 parts 11, 12 and 18); the paper's: q_proj,v_proj",
     )
     backend: Optional[str] = _option(
         None, "kernel backend for the ops (default: the fastest available)", BACKENDS, run_only=True

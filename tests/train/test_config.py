@@ -57,12 +57,12 @@ def test_the_default_loss_is_the_centered_one_and_published_keeps_its_own():
 
 
 def test_each_method_adapts_its_own_default_projections():
-    """lora and reclora adapt every projection of a layer (issue 16 parts 11 and 12), rella the paper's
-    q and v; an explicit --target-modules wins, and the stored config holds the list the run used."""
-    for name in ("lora", "reclora"):
+    """The tuned methods adapt every projection of a layer (issue 16 parts 11, 12 and 18), an untuned
+    one names the paper's q and v; an explicit --target-modules wins, and the stored config holds the
+    list the run used."""
+    for name in ("lora", "rella", "reclora"):
         assert make_config({"method": name}).target_modules == list(ALL_PROJECTIONS)
-    for name in ("rella", "zero-shot"):
-        assert make_config({"method": name}).target_modules == list(PUBLISHED_PROJECTIONS)
+    assert make_config({"method": "zero-shot"}).target_modules == list(PUBLISHED_PROJECTIONS)
     chosen = make_config({"method": "lora", "target_modules": ["q_proj", "v_proj"]})
     assert chosen.target_modules == ["q_proj", "v_proj"] == chosen.to_dict()["target_modules"]
     with pytest.raises(ConfigError, match="--method"):
