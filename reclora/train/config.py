@@ -275,7 +275,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.dataset_options = dict(self.dataset_options or {})
-        # The method's own defaults (an unknown method is refused by validate, here the row's defaults)
+        # The method's own defaults (an unknown method gets a plain row's here; validate refuses it)
         row = METHODS.get(self.method) or Method(self.method, "")
         if not self.target_modules:
             self.target_modules = list(row.target_modules)
