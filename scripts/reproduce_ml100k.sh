@@ -101,6 +101,10 @@ ALL_PROJECTIONS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj  # lora'
 for seed in $SEEDS; do  # +0.026 for lora's LLM alone over these seeds (RESULTS.md parts 10, 11): its default now
   train "fusion-allproj-lora-seed$seed" --method lora --train-size "$TRAIN_SIZE" --seed "$seed" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
 done
+for seed in $SEEDS; do  # three epochs (+0.029 for lora's LLM alone with q, v at seed 0, part 19), each paired with the above
+  train "fusion-allproj-epochs3-lora-seed$seed" --method lora --train-size "$TRAIN_SIZE" --seed "$seed" \
+    --target-modules "$ALL_PROJECTIONS" --epochs 3 --crm-fusion "${RECIPE[@]}"
+done
 for seed in $SEEDS; do  # seed 0: +0.0075 for the LLM alone, 0.004 below its CRM (RESULTS.md part 12)
   train "fusion-allproj-reclora-seed$seed" --method reclora --train-size "$TRAIN_SIZE" --seed "$seed" --target-modules "$ALL_PROJECTIONS" --crm-fusion "${RECIPE[@]}"
 done
