@@ -226,3 +226,43 @@ done
   --curve "reclora, all seven, SASRec's gates" "recipe-curve-allproj-reclora-sasrec-*" \
   --published docs/results/ml100k.json --json docs/results/ml100k-few2many-recipe.json \
   --plot docs/results/ml100k-few2many-recipe.png
+# Issue 16's hypotheses table (RESULTS.md): each attempt against its base run, paired on the same test
+# samples at each seed both have finished, with the validation AUCs the decision read
+pairs() {  # pairs SUMMARY CHANGED BASE: CHANGED-seedS against BASE-seedS, into docs/results/ml100k-SUMMARY.json
+  local summary=$1 changed=$2 base=$3 args=() seed
+  for seed in $SEEDS; do
+    if [[ -f "$OUT/$changed-seed$seed/results.json" && -f "$OUT/$base-seed$seed/results.json" ]]; then
+      args+=(--pair "$changed-seed$seed" "$base-seed$seed")
+    fi
+  done
+  if ((${#args[@]})); then
+    "$PY" -m reclora.analysis.paired_seeds "$OUT" "${args[@]}" --json "docs/results/ml100k-$summary.json"
+  fi
+}
+pairs allproj-lora fusion-allproj-lora fusion-lora
+pairs allproj-reclora fusion-allproj-reclora fusion-reclora
+pairs allproj-rella recipe-allproj-rella recipe-rella
+pairs allproj-gatenone-reclora fusion-allproj-gatenone-reclora fusion-allproj-reclora
+pairs gatenone-reclora fusion-gatenone-reclora fusion-reclora
+pairs gatelr3x-reclora fusion-gatelr3x-reclora fusion-reclora
+pairs epochs3-lora fusion-epochs3-lora fusion-lora
+pairs allproj-epochs3-lora fusion-allproj-epochs3-lora fusion-allproj-lora
+pairs epochs3-reclora fusion-epochs3-reclora fusion-reclora
+pairs rank16-lora fusion-rank16-lora fusion-lora
+pairs batch8-lora fusion-batch8-lora fusion-lora
+pairs outof5-lora fusion-outof5-lora fusion-lora
+pairs kshort5-lora fusion-kshort5-lora fusion-lora
+# ... and the learning curves of the three-epoch runs beside their one-epoch bases (a validation after
+# each epoch: was a run still learning when it stopped?)
+for method in lora reclora; do
+  runs=()
+  for run in "$OUT"/fusion-*epochs3-"$method"-seed*; do
+    run=$(basename "$run")
+    [[ -f "$OUT/$run/results.json" ]] && runs+=("$run")
+    [[ -f "$OUT/${run/epochs3-/}/results.json" ]] && runs+=("${run/epochs3-/}")
+  done
+  if ((${#runs[@]})) && [[ -f "$OUT/fusion-$method-seed0/results.json" ]]; then
+    "$PY" -m reclora.analysis.attempts "$OUT" --base "fusion-$method-seed0" --runs "${runs[@]}" \
+      --plot "docs/results/ml100k-epochs3-$method-curves.png" > /dev/null
+  fi
+done

@@ -278,6 +278,10 @@ def test_attempts_against_a_base_run(tmp_path, capsys):
     assert "(test samples differ)" in out and "its LLM alone" in out and "minus its own CRM" in out
     assert plot.stat().st_size > 0
     assert attempts.main([str(tmp_path), "--base", "missing"]) == 2
+    # --runs: only the runs named, beside the base; a name that is no finished run is refused
+    assert set(attempts.summarize(tmp_path, "base", ["faster"])["runs"]) == {"base", "faster"}
+    assert attempts.main([str(tmp_path), "--base", "base", "--runs", "faster", "missing"]) == 2
+    assert "'missing' is not a finished run" in capsys.readouterr().err
     # two fused runs: their LLMs alone are paired with each other as well
     with np.load(tmp_path / "base" / "predictions.npz") as saved:
         arrays = dict(saved, llm_prob=1 - saved["prob"], crm_prob=saved["prob"])
@@ -422,6 +426,10 @@ def test_paired_seeds_over_pairs(tmp_path, capsys):
             run = tmp_path / f"{name}-seed{seed}"
             _add_columns(run, llm_prob=np.load(run / "predictions.npz")["prob"], crm_prob=crm)  # LLM alone = readout
         pairs.append((f"changed-seed{seed}", f"base-seed{seed}"))
+    # what a decision reads: the changed run at seed 0 validated twice and fused on validation
+    results_file = tmp_path / "changed-seed0" / "results.json"
+    validated = {"epochs": [{"valid_auc": 0.6}, {"valid_auc": 0.7}], "valid_auc": 0.7, "crm_fusion": {"auc": 0.75}}
+    results_file.write_text(json.dumps({**json.loads(results_file.read_text()), **validated}))
     args = [str(tmp_path), "--json", str(tmp_path / "s.json")]
     for changed, base in pairs:
         args += ["--pair", changed, base]
@@ -445,11 +453,14 @@ def test_paired_seeds_over_pairs(tmp_path, capsys):
     ]
     assert over["paired_bootstrap_95"] == pytest.approx(list(np.percentile(np.mean(draws, axis=0), [2.5, 97.5])))
     assert over["paired_bootstrap_95"][0] > 0  # quality 1.2 against 0.6 over 3 x 400 samples
+    assert summary["pairs"][0]["changed_valid"] == {"per_validation": [0.6, 0.7], "kept": 0.7, "fused": 0.75}
+    assert summary["pairs"][0]["base_valid"] == {"per_validation": [], "kept": None}  # never validated
     llm = summary["auc_over_seeds"]["changed"]["llm"]
     assert llm["mean"] == pytest.approx(np.mean([summary["pairs"][s]["changed_auc"]["llm"] for s in range(3)]))
     assert llm["std"] > 0
     out = capsys.readouterr().out
     assert "**over 3 pairs**" in out and "LLM alone minus its own CRM" in out
+    assert "| 0.600, 0.700 (kept 0.700); fused 0.750 / - |" in out
     # not fused: no LLM-alone or CRM rows; other test samples or a missing run: exit 2 with a message
     write_run(tmp_path, "plain-a", "lora", 1.0)
     write_run(tmp_path, "plain-b", "lora", 0.5)

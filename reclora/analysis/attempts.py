@@ -1,9 +1,9 @@
 """Screening attempts against a base run: what each changed, where it ended, and its learning curve.
 
-For each finished run of a directory (each a reclora.train --out): the settings in which its
-config.json differs from the base run's, its test AUC with the paired bootstrap interval of its
-difference from the base (the runs must share their test samples), and its validation AUC and
-training loss at each validation (metrics.jsonl). For --crm-fusion runs also the LLM alone (against
+For each finished run of a directory (each a reclora.train --out), or the runs --runs names: the
+settings in which its config.json differs from the base run's, its test AUC with the paired
+bootstrap interval of its difference from the base (the runs must share their test samples), and
+its validation AUC and training loss at each validation (metrics.jsonl). For --crm-fusion runs also the LLM alone (against
 the base, and the base's LLM alone when it is fused too), the readout and the LLM alone against the
 CRM inside it, and how alike the LLM ranks the test samples with that CRM and with the base's LLM
 (Spearman). The plot overlays the curves, so a reader sees whether an attempt was still learning
@@ -11,6 +11,7 @@ when it stopped.
 
   python -m reclora.analysis.attempts runs/screen --base lora-s1-base --json docs/results/screen.json \\
       --plot docs/results/screen-curves.png
+  python -m reclora.analysis.attempts runs/ml100k --base fusion-reclora-seed0 --runs fusion-epochs3-reclora-seed0
 """
 
 import argparse
@@ -44,10 +45,14 @@ def curve(run_dir: Path) -> list:
     return [(row["step"], row.get("train_loss"), row.get("valid_auc")) for row in rows if "step" in row]
 
 
-def summarize(directory: Path, base: str) -> dict:
+def summarize(directory: Path, base: str, only: list | None = None) -> dict:
+    """Every finished run of directory against base, or only the runs named (and the base)."""
     runs = load_runs(directory)
-    if base not in runs:
-        raise ValueError(f"--base {base!r} is not a finished run under {directory} (found: {sorted(runs)})")
+    for name in [base, *(only or [])]:
+        if name not in runs:
+            raise ValueError(f"{name!r} is not a finished run under {directory} (found: {sorted(runs)})")
+    if only:
+        runs = {name: runs[name] for name in runs if name == base or name in only}
     base_results, base_predictions = runs[base]
     out = {"base": base, "runs": {}}
     for name, (results, predictions) in sorted(runs.items()):
@@ -164,11 +169,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path)
     parser.add_argument("--base", required=True, help="the run the others are compared with")
+    parser.add_argument("--runs", nargs="+", metavar="RUN", help="only these runs against the base (default: all)")
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--plot", type=Path, help="write the curves here (PNG)")
     args = parser.parse_args(argv)
     try:
-        summary = summarize(args.directory, args.base)
+        summary = summarize(args.directory, args.base, args.runs)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

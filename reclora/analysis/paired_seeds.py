@@ -1,9 +1,10 @@
 """A change measured over seeds: one pair of runs a seed (the run with the change, its base), each
 pair on the same test samples.
 
-For each pair: the test AUC of the readout of each run and the difference; for --crm-fusion runs
-also the LLM alone (its margin without the CRM: RecLoRA's own readout), and each run's LLM alone
-and readout against the CRM inside it. Over the pairs: the mean of the differences and the 95%
+For each pair: each run's validation AUC (what a decision reads: at each validation, the one kept
+and, for --crm-fusion runs, the fused readout's), the test AUC of the readout of each run and the
+difference; for --crm-fusion runs also the LLM alone (its margin without the CRM: RecLoRA's own
+readout), and each run's LLM alone and readout against the CRM inside it. Over the pairs: the mean of the differences and the 95%
 interval of the mean of their paired bootstrap draws (each pair drawn with its run's seed), and each
 run family's mean AUC with its standard deviation over the seeds: what RESULTS.md's over-seed tables
 report.
@@ -70,16 +71,29 @@ def pair_differences(changed: dict, base: dict, seed: int) -> dict:
     return out
 
 
+def validation(results: dict) -> dict:
+    """A run's validation AUC: at each validation (of the LLM alone), the kept one, and under
+    --crm-fusion the fused readout's at the weight it chose."""
+    out = {
+        "per_validation": [entry.get("valid_auc") for entry in results.get("epochs", [])],
+        "kept": results.get("valid_auc"),
+    }
+    if "crm_fusion" in results:
+        out["fused"] = results["crm_fusion"]["auc"]
+    return out
+
+
 def summarize(directory: Path, pairs: list) -> dict:
     """Each pair's differences and, over the pairs, their mean with the interval of the mean draws."""
     per_pair, draws = [], {}
     family_aucs = {"changed": {}, "base": {}}
     for changed_name, base_name in pairs:
         changed_results, changed = load(directory, changed_name)
-        base = load(directory, base_name)[1]
+        base_results, base = load(directory, base_name)
         seed = int(changed_results.get("config", {}).get("seed", changed_results.get("seed", 0)))
         differences = pair_differences(changed, base, seed)
         row = {"changed": changed_name, "base": base_name, "seed": seed}
+        row["changed_valid"], row["base_valid"] = validation(changed_results), validation(base_results)
         for role, predictions in (("changed", changed), ("base", base)):
             aucs = {"readout": auc(predictions["label"], predictions["prob"])}
             for column in ("llm_prob", "crm_prob"):
@@ -116,14 +130,25 @@ def _paired(entry: dict, key: str = "auc_difference") -> str:
     return f"{entry[key]:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
+def _valid(entry: dict) -> str:
+    """A run's validation: 0.695, 0.705, 0.706 (kept 0.706; fused 0.750)."""
+    text = ", ".join("-" if v is None else f"{v:.3f}" for v in entry["per_validation"])
+    kept = "-" if entry["kept"] is None else f"{entry['kept']:.3f}"
+    if len(entry["per_validation"]) != 1:
+        text += f" (kept {kept})" if text else kept
+    return text + (f"; fused {entry['fused']:.3f}" if "fused" in entry else "")
+
+
 def markdown(summary: dict) -> str:
     names = [name for name, *_ in COMPARISONS if any(name in row for row in summary["pairs"])]
-    lines = ["| pair (seed) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    header = ["pair (seed)", "valid AUC, changed / base", *names]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row in summary["pairs"]:
-        cells = [_paired(row[name]) if name in row else "-" for name in names]
+        valid = f"{_valid(row['changed_valid'])} / {_valid(row['base_valid'])}"
+        cells = [valid, *(_paired(row[name]) if name in row else "-" for name in names)]
         lines.append(f"| {row['changed']} - {row['base']} ({row['seed']}) | " + " | ".join(cells) + " |")
     over = summary["over_pairs"]
-    cells = [_paired(over[name], "mean_auc_difference") if name in over else "-" for name in names]
+    cells = ["", *(_paired(over[name], "mean_auc_difference") if name in over else "-" for name in names)]
     lines.append(f"| **over {len(summary['pairs'])} pairs** | " + " | ".join(cells) + " |")
     for role, aucs in summary["auc_over_seeds"].items():
         text = ", ".join(
