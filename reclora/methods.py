@@ -80,7 +80,7 @@ LLM_METHODS = {
             "one shared LoRA, retrieved prompt",
             adapters="shared",
             prompt_history="semantic",
-            target_modules=ALL_PROJECTIONS,  # chosen on validation at seed 0: docs/RESULTS.md, issue 16 part 18
+            target_modules=ALL_PROJECTIONS,  # chosen on validation at 3 seeds: docs/RESULTS.md, issue 16 parts 18, 21
         ),
         Method("zero-shot", "the LLM untuned", prompt_history="semantic"),
     )
