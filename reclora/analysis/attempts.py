@@ -2,12 +2,12 @@
 
 For each finished run of a directory (each a reclora.train --out), or the runs --runs names: the
 settings in which its config.json differs from the base run's, its test AUC with the paired
-bootstrap interval of its difference from the base (the runs must share their test samples), and
-its validation AUC and training loss at each validation (metrics.jsonl). For --crm-fusion runs also the LLM alone (against
-the base, and the base's LLM alone when it is fused too), the readout and the LLM alone against the
-CRM inside it, and how alike the LLM ranks the test samples with that CRM and with the base's LLM
-(Spearman). The plot overlays the curves, so a reader sees whether an attempt was still learning
-when it stopped.
+bootstrap interval of its difference from the base (the runs must share their test samples), and its
+validation AUC and training loss at each validation (metrics.jsonl). For --crm-fusion runs also the
+LLM alone (against the base, and the base's LLM alone when it is fused too), the readout and the LLM
+alone against the CRM inside it, and how alike the LLM ranks the test samples with that CRM and with
+the base's LLM (Spearman). The plot overlays the curves, so a reader sees whether an attempt was
+still learning when it stopped.
 
   python -m reclora.analysis.attempts runs/screen --base lora-s1-base --json docs/results/screen.json \\
       --plot docs/results/screen-curves.png

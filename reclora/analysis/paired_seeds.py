@@ -4,10 +4,10 @@ pair on the same test samples.
 For each pair: each run's validation AUC (what a decision reads: at each validation, the one kept
 and, for --crm-fusion runs, the fused readout's), the test AUC of the readout of each run and the
 difference; for --crm-fusion runs also the LLM alone (its margin without the CRM: RecLoRA's own
-readout), and each run's LLM alone and readout against the CRM inside it. Over the pairs: the mean of the differences and the 95%
-interval of the mean of their paired bootstrap draws (each pair drawn with its run's seed), and each
-run family's mean AUC with its standard deviation over the seeds: what RESULTS.md's over-seed tables
-report.
+readout), and each run's LLM alone and readout against the CRM inside it. Over the pairs: the mean
+of the differences and the 95% interval of the mean of their paired bootstrap draws (each pair drawn
+with its run's seed), and each run family's mean AUC with its standard deviation over the seeds:
+what RESULTS.md's over-seed tables report.
 
   python -m reclora.analysis.paired_seeds runs/ml100k \\
       --pair fusion-allproj-reclora-seed0 fusion-reclora-seed0 \\
