@@ -175,7 +175,7 @@ class TrainConfig:
         None,
         "the LLM projections to adapt, comma-separated; default for the tuned methods (lora, rella, "
         "reclora): all seven of a LLaMA-family layer, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-        "down_proj (docs/RESULTS.md, issue 16 parts 11, 12 and 18); the paper's: q_proj,v_proj",
+        "down_proj (docs/RESULTS.md, issue 16 parts 11, 12, 18 and 21); the paper's: q_proj,v_proj",
     )
     backend: Optional[str] = _option(
         None, "kernel backend for the ops (default: the fastest available)", BACKENDS, run_only=True
