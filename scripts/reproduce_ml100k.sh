@@ -227,6 +227,7 @@ done
   --curve "reclora, q and v" "fusion-reclora-seed*" "recipe-curve-reclora-[0-9]*" \
   --curve "lora, all seven projections" "fusion-allproj-lora-seed*" "recipe-curve-lora-[0-9]*" \
   --curve "reclora, all seven, SASRec's gates" "recipe-curve-allproj-reclora-sasrec-*" \
+  --readout "lora, all seven projections" \
   --published docs/results/ml100k.json --json docs/results/ml100k-few2many-recipe.json \
   --plot docs/results/ml100k-few2many-recipe.png
 # Issue 16's hypotheses table (RESULTS.md): each attempt against its base run, paired on the same test
@@ -256,6 +257,8 @@ pairs rank16-lora fusion-rank16-lora fusion-lora
 pairs batch8-lora fusion-batch8-lora fusion-lora
 pairs outof5-lora fusion-outof5-lora fusion-lora
 pairs kshort5-lora fusion-kshort5-lora fusion-lora
+# ... and the two defaults against each other: reclora's gated LLM against lora's, each with its own fusion
+pairs reclora-against-lora fusion-allproj-gatenone-reclora fusion-allproj-lora
 # ... and the learning curves of the three-epoch runs beside their one-epoch bases (a validation after
 # each epoch: was a run still learning when it stopped?)
 for method in lora reclora; do

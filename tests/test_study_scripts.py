@@ -512,6 +512,22 @@ def test_few2many_curves_over_seeds(tmp_path, capsys):
     assert curve["crm"] == "sim" and curve["crm_auc_over_seeds"]["mean"] == pytest.approx(np.mean(crm))
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "| reclora | 8000 | 0, 1 |" in capsys.readouterr().out
+    # --readout draws the fused readout beside the LLM alone, in the curve's colour; a name that is no curve: exit 2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axis = plt.figure().add_subplot()
+    few2many._draw_curves(axis, few2many.summarize(tmp_path, [("reclora", ["small-seed*", "large*"])]), ("reclora",))
+    llm, readout = axis.containers
+    assert readout.get_label() == "reclora: fused readout, mean ± sd over seeds"
+    assert list(readout.lines[0].get_ydata()) == pytest.approx([p["readout"]["mean"] for p in curve["points"]])
+    assert readout.lines[0].get_color() == llm.lines[0].get_color()
+    assert few2many.main([*args, "--readout", "reclora", "--plot", str(tmp_path / "r.png")]) == 0
+    with pytest.raises(SystemExit) as exit_code:
+        few2many.main([*args, "--readout", "lora"])
+    assert exit_code.value.code == 2 and "--readout names no --curve: lora" in capsys.readouterr().err
     # a typo, two runs at one (size, seed), other test samples, a file that is no study summary: exit 2
     assert few2many.main([str(tmp_path), "--curve", "reclora", "smal-seed*"]) == 2
     assert few2many.main([str(tmp_path), "--curve", "twice", "small-seed0", "large"]) == 0  # sizes differ

@@ -7,7 +7,9 @@ the CRM: RecLoRA's own readout, the curve drawn), the fused readout and the CRM 
 on the whole training split, so it does not move with the size: drawn as a line at its mean over the
 seeds). A run without the fusion gives its P(Yes) as its LLM alone. --published adds the seed-0 curves
 of an earlier study summary (reclora.analysis.study --json), drawn in gray, whose runs need not be on
-disk any more. Folders without results.json (runs still training) are listed as unfinished.
+disk any more. --readout LABEL also draws that curve's fused readout, dashed in the curve's colour (for
+`lora` under --crm-fusion the readout, not the LLM alone, is what rises above the CRM). Folders without
+results.json (runs still training) are listed as unfinished.
 
   python -m reclora.analysis.few2many runs/ml100k \\
       --curve "reclora, all seven" "fusion-allproj-reclora-seed*" "recipe-curve-allproj-reclora-[0-9]*" \\
@@ -127,13 +129,22 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _draw_curves(axis, summary: dict) -> None:
+def _draw_score(axis, points: list, score: str, label: str, **style):
+    """One score's mean ± sd over the seeds against the size, as error bars."""
+    sizes = [p["size"] for p in points]
+    means = [p[score]["mean"] for p in points]
+    sds = [p[score]["std"] or 0 for p in points]
+    return axis.errorbar(sizes, means, yerr=sds, capsize=3, label=f"{label}, mean ± sd over seeds", **style)
+
+
+def _draw_curves(axis, summary: dict, readouts: tuple = ()) -> None:
     crm_lines = {}
     for label, c in summary.items():
-        sizes = [p["size"] for p in c["points"]]
-        means = [p["llm"]["mean"] for p in c["points"]]
-        sds = [p["llm"]["std"] or 0 for p in c["points"]]
-        axis.errorbar(sizes, means, yerr=sds, fmt="o-", capsize=3, label=f"{label}: LLM alone, mean ± sd over seeds")
+        llm = _draw_score(axis, c["points"], "llm", f"{label}: LLM alone", fmt="o-")
+        if label in readouts:
+            _draw_score(
+                axis, c["points"], "readout", f"{label}: fused readout", fmt="s--", color=llm.lines[0].get_color()
+            )
         if c["crm_auc_over_seeds"]:
             crm_lines.setdefault(c["crm"], c["crm_auc_over_seeds"]["mean"])
     for (kind, value), style in zip(sorted(crm_lines.items()), (":", "--", "-.")):
@@ -143,9 +154,9 @@ def _draw_curves(axis, summary: dict) -> None:
     axis.grid(alpha=0.3)
 
 
-def plot(summary: dict, path: Path, published: dict | None = None) -> None:
-    """The curves with the CRM lines; with `published`, a first panel adds the published recipe's curves
-    (whose scale would flatten the others)."""
+def plot(summary: dict, path: Path, published: dict | None = None, readouts: tuple = ()) -> None:
+    """The curves with the CRM lines (and the fused readout of the curves named in `readouts`); with
+    `published`, a first panel adds the published recipe's curves (whose scale would flatten the others)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +172,7 @@ def plot(summary: dict, path: Path, published: dict | None = None) -> None:
         axes[0, 0].set_title("with the published recipe's curves", fontsize=9)
         axes[0, 1].set_title("the runs' curves", fontsize=9)
     for axis in axes[0]:
-        _draw_curves(axis, summary)
+        _draw_curves(axis, summary, readouts)
         axis.legend(fontsize=7)
     axes[0, 0].set_ylabel("test AUC")
     figure.tight_layout()
@@ -184,11 +195,17 @@ def main(argv=None) -> int:
         "--curve", nargs="+", action="append", required=True, metavar="LABEL PATTERN", help="a label, then globs"
     )
     parser.add_argument("--published", type=Path, help="an earlier reclora.analysis.study summary (JSON)")
+    parser.add_argument(
+        "--readout", action="append", default=[], metavar="LABEL", help="also draw this curve's fused readout"
+    )
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
     args = parser.parse_args(argv)
     if any(len(c) < 2 for c in args.curve):
         parser.error("each --curve takes a label and at least one pattern")
+    unknown = sorted(set(args.readout) - {c[0] for c in args.curve})
+    if unknown:
+        parser.error(f"--readout names no --curve: {', '.join(unknown)}")
     try:
         summary = summarize(args.directory, [(c[0], c[1:]) for c in args.curve])
         published = published_curves(args.published) if args.published else None
@@ -199,7 +216,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, {"curves": summary, "published_seed0": published})
     if args.plot:
-        plot(summary, args.plot, published)
+        plot(summary, args.plot, published, tuple(args.readout))
     return 0
 
 
