@@ -259,6 +259,29 @@ pairs outof5-lora fusion-outof5-lora fusion-lora
 pairs kshort5-lora fusion-kshort5-lora fusion-lora
 # ... and the two defaults against each other: reclora's gated LLM against lora's, each with its own fusion
 pairs reclora-against-lora fusion-allproj-gatenone-reclora fusion-allproj-lora
+# The recipe's Few2Many rows beyond the main budget, each against the run it continues (and SASRec's
+# gates against SIM's), paired on the same test samples
+pair() {  # pair SUMMARY CHANGED BASE: one pair of finished runs, into docs/results/ml100k-SUMMARY.json
+  if [[ -f "$OUT/$2/results.json" && -f "$OUT/$3/results.json" ]]; then
+    "$PY" -m reclora.analysis.paired_seeds "$OUT" --pair "$2" "$3" --json "docs/results/ml100k-$1.json"
+  fi
+}
+for size in ${RECIPE_CURVE_SIZES:-8000}; do
+  pair "curve-lora-$size" "recipe-curve-lora-$size" fusion-allproj-lora-seed0
+  pair "curve-reclora-$size" "recipe-curve-reclora-$size" fusion-reclora-seed0
+  pair "curve-allproj-reclora-$size" "recipe-curve-allproj-reclora-$size" fusion-allproj-reclora-seed0
+  pair "curve-allproj-reclora-sasrec-$size" "recipe-curve-allproj-reclora-sasrec-$size" "recipe-curve-allproj-reclora-$size"
+  args=()
+  for seed in $SEEDS; do
+    run="recipe-curve-allproj-reclora-$size$([[ $seed == 0 ]] || echo "-seed$seed")"
+    if [[ -f "$OUT/$run/results.json" && -f "$OUT/fusion-allproj-reclora-seed$seed/results.json" ]]; then
+      args+=(--pair "$run" "fusion-allproj-reclora-seed$seed")
+    fi
+  done
+  if ((${#args[@]})); then
+    "$PY" -m reclora.analysis.paired_seeds "$OUT" "${args[@]}" --json "docs/results/ml100k-curve-allproj-reclora-$size-seeds.json"
+  fi
+done
 # ... and the learning curves of the three-epoch runs beside their one-epoch bases (a validation after
 # each epoch: was a run still learning when it stopped?)
 for method in lora reclora; do
