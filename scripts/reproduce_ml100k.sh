@@ -232,16 +232,22 @@ done
   --plot docs/results/ml100k-few2many-recipe.png
 # Issue 16's hypotheses table (RESULTS.md): each attempt against its base run, paired on the same test
 # samples at each seed both have finished, with the validation AUCs the decision read
-pairs() {  # pairs SUMMARY CHANGED BASE: CHANGED-seedS against BASE-seedS, into docs/results/ml100k-SUMMARY.json
-  local summary=$1 changed=$2 base=$3 args=() seed
-  for seed in $SEEDS; do
-    if [[ -f "$OUT/$changed-seed$seed/results.json" && -f "$OUT/$base-seed$seed/results.json" ]]; then
-      args+=(--pair "$changed-seed$seed" "$base-seed$seed")
-    fi
+pair() {  # pair SUMMARY CHANGED BASE [CHANGED BASE ...]: the pairs both of whose runs have finished,
+          # into docs/results/ml100k-SUMMARY.json
+  local summary=$1 args=()
+  shift
+  while (($#)); do
+    if [[ -f "$OUT/$1/results.json" && -f "$OUT/$2/results.json" ]]; then args+=(--pair "$1" "$2"); fi
+    shift 2
   done
   if ((${#args[@]})); then
     "$PY" -m reclora.analysis.paired_seeds "$OUT" "${args[@]}" --json "docs/results/ml100k-$summary.json"
   fi
+}
+pairs() {  # pairs SUMMARY CHANGED BASE: CHANGED-seedS against BASE-seedS over the seeds
+  local summary=$1 changed=$2 base=$3 names=() seed
+  for seed in $SEEDS; do names+=("$changed-seed$seed" "$base-seed$seed"); done
+  pair "$summary" "${names[@]}"
 }
 pairs allproj-lora fusion-allproj-lora fusion-lora
 pairs allproj-reclora fusion-allproj-reclora fusion-reclora
@@ -261,26 +267,16 @@ pairs kshort5-lora fusion-kshort5-lora fusion-lora
 pairs reclora-against-lora fusion-allproj-gatenone-reclora fusion-allproj-lora
 # The recipe's Few2Many rows beyond the main budget, each against the run it continues (and SASRec's
 # gates against SIM's), paired on the same test samples
-pair() {  # pair SUMMARY CHANGED BASE: one pair of finished runs, into docs/results/ml100k-SUMMARY.json
-  if [[ -f "$OUT/$2/results.json" && -f "$OUT/$3/results.json" ]]; then
-    "$PY" -m reclora.analysis.paired_seeds "$OUT" --pair "$2" "$3" --json "docs/results/ml100k-$1.json"
-  fi
-}
 for size in ${RECIPE_CURVE_SIZES:-8000}; do
   pair "curve-lora-$size" "recipe-curve-lora-$size" fusion-allproj-lora-seed0
   pair "curve-reclora-$size" "recipe-curve-reclora-$size" fusion-reclora-seed0
   pair "curve-allproj-reclora-$size" "recipe-curve-allproj-reclora-$size" fusion-allproj-reclora-seed0
   pair "curve-allproj-reclora-sasrec-$size" "recipe-curve-allproj-reclora-sasrec-$size" "recipe-curve-allproj-reclora-$size"
-  args=()
+  names=()
   for seed in $SEEDS; do
-    run="recipe-curve-allproj-reclora-$size$([[ $seed == 0 ]] || echo "-seed$seed")"
-    if [[ -f "$OUT/$run/results.json" && -f "$OUT/fusion-allproj-reclora-seed$seed/results.json" ]]; then
-      args+=(--pair "$run" "fusion-allproj-reclora-seed$seed")
-    fi
+    names+=("recipe-curve-allproj-reclora-$size$([[ $seed == 0 ]] || echo "-seed$seed")" "fusion-allproj-reclora-seed$seed")
   done
-  if ((${#args[@]})); then
-    "$PY" -m reclora.analysis.paired_seeds "$OUT" "${args[@]}" --json "docs/results/ml100k-curve-allproj-reclora-$size-seeds.json"
-  fi
+  pair "curve-allproj-reclora-$size-seeds" "${names[@]}"
 done
 # ... and the learning curves of the three-epoch runs beside their one-epoch bases (a validation after
 # each epoch: was a run still learning when it stopped?)
